@@ -1,0 +1,44 @@
+# The two README commands: `make demo` and `make test`. Both start from nothing:
+# they create .venv, install the package, and run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# On a machine without an NVIDIA GPU, pin torch to the CPU wheel so pip does not
+# pull a multi-GB CUDA build; with `nvidia-smi` present, pip resolves the
+# CUDA build from PyPI. Override with `make TORCH_SPEC=... install`.
+TORCH_CPU_SPEC ?= torch==2.13.0
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+TORCH_SPEC ?= $(if $(HAS_GPU),,$(TORCH_CPU_SPEC))
+WORKDIR ?= runs/demo
+
+.PHONY: install demo test lint bench-prepare clean
+
+$(BIN)/rerank: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	@if [ -n "$(TORCH_SPEC)" ]; then \
+	  echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt; \
+	  echo "installing with constraint $(TORCH_SPEC) (CPU-only machine)"; \
+	  $(BIN)/python -m pip install --quiet -c $(VENV)/torch-constraint.txt -e ".[dev]"; \
+	else \
+	  $(BIN)/python -m pip install --quiet -e ".[dev]"; \
+	fi
+	touch $(BIN)/rerank
+
+install: $(BIN)/rerank
+
+demo: install
+	$(BIN)/rerank demo --workdir $(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check ray_app jobs tests
+	$(BIN)/ruff format --check ray_app jobs tests
+
+bench-prepare: install
+	$(BIN)/python jobs/bench_prepare.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

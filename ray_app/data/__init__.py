@@ -1,0 +1,1 @@
+"""Data: readers, adapters, validation, sequences, splits, negatives, item text."""

@@ -1,0 +1,49 @@
+"""Connecting to Ray: a cluster address, or a local instance on 127.0.0.1."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ray_app.config import RayConfig
+
+logger = logging.getLogger(__name__)
+
+
+def ensure_ray(cfg: RayConfig) -> None:
+    """Initialise Ray once per process.
+
+    With no address (and none in RAY_ADDRESS, which `ray job submit` sets) a
+    local Ray starts in-process, bound to 127.0.0.1, without the dashboard.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = cfg.address or os.environ.get("RAY_ADDRESS")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address:
+        logger.info("connecting to Ray at %s", address)
+        ray.init(address=address, log_to_driver=True)
+    else:
+        kwargs = {}
+        if cfg.object_store_memory_mb:
+            kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+        logger.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus or "all")
+        ray.init(
+            num_cpus=cfg.num_cpus,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            configure_logging=False,
+            **kwargs,
+        )
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = cfg.show_progress
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

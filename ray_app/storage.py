@@ -1,0 +1,247 @@
+"""Paths, filesystems and atomic publication of stage outputs.
+
+Every stage writes into a staging directory next to its output and publishes
+it with a rename once `manifest.json` and `_SUCCESS` are in place, so a run
+killed half-way never leaves an output that looks complete. Local paths and
+any URI pyarrow understands (s3://, gs://, hdfs://, ...) go through the same
+code; on object stores, where a rename is not atomic, `_SUCCESS` is the mark
+readers check.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+import posixpath
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = "_SUCCESS"
+MANIFEST = "manifest.json"
+_GLOB_CHARS = "*?["
+
+
+class InputError(ValueError):
+    """An input path or file is missing, unreadable, truncated or corrupt."""
+
+
+class IncompleteOutputError(RuntimeError):
+    """A stage output has no `_SUCCESS` marker: its run did not finish."""
+
+
+@dataclass(frozen=True)
+class InputFile:
+    path: str  # as the filesystem names it (no scheme for local paths)
+    size: int
+    mtime: float | None
+
+
+def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
+    """Filesystem and in-filesystem path for a local path or URI."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except Exception as e:  # pyarrow raises several types for unknown schemes
+        raise InputError(f"cannot open {uri!r}: {e}") from e
+
+
+def _is_data_file(name: str) -> bool:
+    base = posixpath.basename(name)
+    return not base.startswith((".", "_"))
+
+
+def expand_paths(spec: str | list[str]) -> tuple[pafs.FileSystem, list[InputFile]]:
+    """Files named by a file, a directory (recursively), a glob or a URI, in a stable order.
+
+    Inside a directory, hidden entries and markers (`.x`, `_SUCCESS`) are skipped. All entries must be
+    on one filesystem. An entry that matches nothing is an error naming it.
+    """
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if not specs:
+        raise InputError("no input paths given")
+    fs: pafs.FileSystem | None = None
+    out: list[InputFile] = []
+    for s in specs:
+        this_fs, path = resolve(s)
+        if fs is None:
+            fs = this_fs
+        elif type(this_fs) is not type(fs):
+            raise InputError(f"all inputs must be on one filesystem; {s!r} is not")
+        found = _expand_one(this_fs, path)
+        if not found:
+            raise InputError(f"input path {s!r} matched no files")
+        out.extend(found)
+    assert fs is not None
+    return fs, out
+
+
+def _expand_one(fs: pafs.FileSystem, path: str) -> list[InputFile]:
+    if any(c in path for c in _GLOB_CHARS):
+        first = min(path.index(c) for c in _GLOB_CHARS if c in path)
+        base = path[:first].rsplit("/", 1)[0] or "/"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        files = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            return []
+        if info.type == pafs.FileType.File:
+            files = [info]
+        else:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = [
+                i for i in infos
+                if i.type == pafs.FileType.File
+                and all(_is_data_file(c) for c in posixpath.relpath(i.path, path).split("/"))
+            ]
+    files.sort(key=lambda i: i.path)
+    return [
+        InputFile(
+            path=i.path,
+            size=int(i.size or 0),
+            mtime=i.mtime.timestamp() if i.mtime is not None else None,
+        )
+        for i in files
+    ]
+
+
+def join(base: str, *parts: str) -> str:
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return os.path.join(base, *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = resolve(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def write_text(uri: str, text: str) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(text.encode())
+
+
+def read_text(uri: str) -> str:
+    fs, path = resolve(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def write_json(uri: str, data: Any) -> None:
+    write_text(uri, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_text(uri))
+
+
+class StagedOutput:
+    """A stage's output directory, written in staging and published at the end.
+
+    ``with StagedOutput(out) as stage: ... stage.publish(manifest)``. Leaving the
+    block without `publish` (an exception, a kill) leaves the previous output
+    untouched and the staging directory behind for inspection.
+    """
+
+    def __init__(self, output: str, overwrite: bool = True) -> None:
+        self.output = output.rstrip("/")
+        self.fs, self._out_path = resolve(self.output)
+        self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+        parent, name = posixpath.split(self._out_path)
+        self._parent, self._name = parent, name
+        self._staging_path = posixpath.join(parent, f".{name}.staging-{self.run_id}")
+        self.staging = self._uri(self._staging_path)
+        self.overwrite = overwrite
+        self.published = False
+
+    def _uri(self, fs_path: str) -> str:
+        if "://" in self.output:
+            scheme = self.output.split("://", 1)[0]
+            return f"{scheme}://{fs_path}"
+        return fs_path
+
+    def __enter__(self) -> StagedOutput:
+        if not self.overwrite and is_complete(self.output):
+            raise FileExistsError(f"{self.output} already holds a complete output (overwrite=false)")
+        self.fs.create_dir(self._staging_path, recursive=True)
+        logger.info("staging output in %s", self.staging)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and not self.published:
+            logger.error("run failed; nothing published; partial output kept in %s", self.staging)
+
+    def path(self, *parts: str) -> str:
+        return join(self.staging, *parts)
+
+    def publish(self, manifest: dict[str, Any]) -> None:
+        """Write manifest and `_SUCCESS`, then swap the staging directory into place."""
+        write_json(self.path(MANIFEST), manifest)
+        write_text(self.path(SUCCESS), self.run_id + "\n")
+        old = posixpath.join(self._parent, f".{self._name}.old-{self.run_id}")
+        had_old = self.fs.get_file_info(self._out_path).type != pafs.FileType.NotFound
+        if had_old:
+            self.fs.move(self._out_path, old)
+        self.fs.move(self._staging_path, self._out_path)
+        if had_old:
+            self.fs.delete_dir(old)
+        self.published = True
+        self._remove_stale()
+        logger.info("published %s", self.output)
+
+    def _remove_stale(self) -> None:
+        sel = pafs.FileSelector(self._parent, recursive=False, allow_not_found=True)
+        prefix = f".{self._name}.staging-"
+        for info in self.fs.get_file_info(sel):
+            if posixpath.basename(info.path).startswith(prefix):
+                logger.info("removing stale staging directory %s", info.path)
+                self.fs.delete_dir(info.path)
+
+
+def is_complete(uri: str) -> bool:
+    return exists(join(uri, SUCCESS))
+
+
+def require_complete(uri: str) -> dict[str, Any]:
+    """The manifest of a published output; an error if its run never finished."""
+    if not is_complete(uri):
+        raise IncompleteOutputError(
+            f"{uri} is not a complete stage output (no {SUCCESS}); re-run the stage that writes it"
+        )
+    return read_json(join(uri, MANIFEST))
+
+
+def code_version() -> dict[str, str]:
+    """Package version and, when run from a git checkout, the commit."""
+    from ray_app import __version__
+
+    info = {"package": __version__, "git": "unknown"}
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode == 0:
+            info["git"] = sha.stdout.strip()
+            dirty = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here, capture_output=True, text=True, timeout=5,
+            )
+            if dirty.stdout.strip():
+                info["git"] += "-dirty"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
