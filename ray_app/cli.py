@@ -33,7 +33,11 @@ def _setup_logging(verbose: bool) -> None:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", "-c", help="YAML config file for this stage")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config key, e.g. --set split.max_history=100 (repeatable)",
     )
 
@@ -52,8 +56,12 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     cfg = load_config(PrepareConfig, args.config, args.overrides)
     manifest = run_prepare(cfg)
-    print(json.dumps({"output": cfg.output, "counts": manifest["counts"],
-                      "timings": manifest["timings"]}, indent=2))
+    print(
+        json.dumps(
+            {"output": cfg.output, "counts": manifest["counts"], "timings": manifest["timings"]},
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -67,13 +75,22 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     gen = load_config(GenerateConfig, None, [f"output={raw}", f"num_events={args.events}"])
     generate(gen)
     prep = load_config(
-        PrepareConfig, None,
-        [f"input.interactions={join(raw, 'interactions')}", f"input.items={join(raw, 'items')}",
-         f"output={join(args.workdir, 'prepared')}", *args.overrides],
+        PrepareConfig,
+        None,
+        [
+            f"input.interactions={join(raw, 'interactions')}",
+            f"input.items={join(raw, 'items')}",
+            f"output={join(args.workdir, 'prepared')}",
+            *args.overrides,
+        ],
     )
     manifest = run_prepare(prep)
-    print(json.dumps({"prepared": prep.output, "counts": manifest["counts"],
-                      "timings": manifest["timings"]}, indent=2))
+    print(
+        json.dumps(
+            {"prepared": prep.output, "counts": manifest["counts"], "timings": manifest["timings"]},
+            indent=2,
+        )
+    )
     return 0
 
 
@@ -87,27 +104,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("generate", help="write synthetic interaction logs and a catalogue",
-                       description="Synthetic logs with topic-driven users, Zipf popularity and "
-                       "text that carries signal. Example: rerank generate --set output=runs/raw "
-                       "--set num_events=1000000")
+    p = sub.add_parser(
+        "generate",
+        help="write synthetic interaction logs and a catalogue",
+        description="Synthetic logs with topic-driven users, Zipf popularity and "
+        "text that carries signal. Example: rerank generate --set output=runs/raw "
+        "--set num_events=1000000",
+    )
     _add_config_args(p)
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("prepare", help="validate logs and build sequences/examples (Ray Data)",
-                       description="Read, validate, dedupe, split and build training examples. "
-                       "Example: rerank prepare --set input.adapter=movielens "
-                       "--set input.path=ml-latest-small --set output=runs/ml/prepared")
+    p = sub.add_parser(
+        "prepare",
+        help="validate logs and build sequences/examples (Ray Data)",
+        description="Read, validate, dedupe, split and build training examples. "
+        "Example: rerank prepare --set input.adapter=movielens "
+        "--set input.path=ml-latest-small --set output=runs/ml/prepared",
+    )
     _add_config_args(p)
     p.set_defaults(func=_cmd_prepare)
 
-    p = sub.add_parser("demo", help="the whole pipeline on generated sample data, local Ray",
-                       description="Generate sample data and run every stage on a local Ray. "
-                       "Example: rerank demo --workdir runs/demo")
+    p = sub.add_parser(
+        "demo",
+        help="the whole pipeline on generated sample data, local Ray",
+        description="Generate sample data and run every stage on a local Ray. "
+        "Example: rerank demo --workdir runs/demo",
+    )
     p.add_argument("--workdir", default="runs/demo", help="where data and outputs go")
     p.add_argument("--events", type=int, default=200_000, help="events to generate")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a prepare config key")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a prepare config key",
+    )
     p.set_defaults(func=_cmd_demo)
     return parser
 
@@ -120,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except Exception as e:  # noqa: BLE001 - the entrypoint turns failures into one clear line
+    except Exception as e:
         from ray_app.errors import describe
 
         print(f"error: {describe(e)}", file=sys.stderr)

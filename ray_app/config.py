@@ -82,7 +82,13 @@ class ValidationConfig(_Strict):
 
     event_types: list[str] = Field(
         default_factory=lambda: [
-            "view", "click", "cart", "purchase", "rating", "review", "interaction",
+            "view",
+            "click",
+            "cart",
+            "purchase",
+            "rating",
+            "review",
+            "interaction",
         ],
         min_length=1,
     )
@@ -236,7 +242,9 @@ def _apply(data: dict[str, Any], keys: list[str], value: Any) -> None:
         if nxt is None:
             nxt = node[k] = {}
         if not isinstance(nxt, dict):
-            raise ConfigError(f"override {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section")
+            raise ConfigError(
+                f"override {'.'.join(keys)}: {'.'.join(keys[: i + 1])} is not a section"
+            )
         node = nxt
     node[keys[-1]] = value
 
@@ -291,7 +299,9 @@ def load_config(
 def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = (
+            _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        )
     return out
 
 

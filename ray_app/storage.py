@@ -64,8 +64,8 @@ def _is_data_file(name: str) -> bool:
 def expand_paths(spec: str | list[str]) -> tuple[pafs.FileSystem, list[InputFile]]:
     """Files named by a file, a directory (recursively), a glob or a URI, in a stable order.
 
-    Inside a directory, hidden entries and markers (`.x`, `_SUCCESS`) are skipped. All entries must be
-    on one filesystem. An entry that matches nothing is an error naming it.
+    Inside a directory, hidden entries and markers (`.x`, `_SUCCESS`) are skipped. All
+    entries must be on one filesystem. An entry that matches nothing is an error naming it.
     """
     specs = [spec] if isinstance(spec, str) else list(spec)
     if not specs:
@@ -101,7 +101,8 @@ def _expand_one(fs: pafs.FileSystem, path: str) -> list[InputFile]:
         else:
             infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
             files = [
-                i for i in infos
+                i
+                for i in infos
                 if i.type == pafs.FileType.File
                 and all(_is_data_file(c) for c in posixpath.relpath(i.path, path).split("/"))
             ]
@@ -175,7 +176,9 @@ class StagedOutput:
 
     def __enter__(self) -> StagedOutput:
         if not self.overwrite and is_complete(self.output):
-            raise FileExistsError(f"{self.output} already holds a complete output (overwrite=false)")
+            raise FileExistsError(
+                f"{self.output} already holds a complete output (overwrite=false)"
+            )
         self.fs.create_dir(self._staging_path, recursive=True)
         logger.info("staging output in %s", self.staging)
         return self
@@ -238,7 +241,10 @@ def code_version() -> dict[str, str]:
             info["git"] = sha.stdout.strip()
             dirty = subprocess.run(
                 ["git", "status", "--porcelain", "--untracked-files=no"],
-                cwd=here, capture_output=True, text=True, timeout=5,
+                cwd=here,
+                capture_output=True,
+                text=True,
+                timeout=5,
             )
             if dirty.stdout.strip():
                 info["git"] += "-dirty"

@@ -22,9 +22,25 @@ from ray_app.storage import InputError, InputFile, expand_paths, join
 _PROVENANCE = (S.SOURCE_FILE, S.SOURCE_ROW, S.REASON)
 
 ML100K_GENRES = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
-    "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
-    "Romance", "Sci-Fi", "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 
 
@@ -48,7 +64,9 @@ class ColumnMap:
     def apply(self, table: pa.Table, path_hint: str) -> pa.Table:
         n = table.num_rows
         out: dict[str, pa.ChunkedArray | pa.Array] = {}
-        has_valid = table.column(S.REASON).null_count > 0 if S.REASON in table.column_names else True
+        has_valid = (
+            table.column(S.REASON).null_count > 0 if S.REASON in table.column_names else True
+        )
         for contract, candidates in self.columns.items():
             src = next((c for c in candidates if c in table.column_names), None)
             if src is not None:
@@ -88,7 +106,9 @@ class Adapter:
         )
         unknown = set(cfg.interaction_columns) - set(S.INTERACTION_COLUMNS)
         if unknown:
-            raise InputError(f"input.interaction_columns: unknown contract columns {sorted(unknown)}")
+            raise InputError(
+                f"input.interaction_columns: unknown contract columns {sorted(unknown)}"
+            )
         unknown = set(cfg.item_columns) - set(S.ITEM_COLUMNS)
         if unknown:
             raise InputError(f"input.item_columns: unknown contract columns {sorted(unknown)}")
@@ -136,7 +156,9 @@ class MovieLensAdapter(Adapter):
         super().__init__(cfg)
         self.interaction_map = ColumnMap(
             columns={
-                S.USER_ID: ("userId",), S.ITEM_ID: ("movieId",), S.TIMESTAMP: ("timestamp",),
+                S.USER_ID: ("userId",),
+                S.ITEM_ID: ("movieId",),
+                S.TIMESTAMP: ("timestamp",),
                 S.VALUE: ("rating",),
             },
             constants={S.EVENT_TYPE: "rating"},
@@ -169,7 +191,8 @@ class MovieLensAdapter(Adapter):
 
             g = out.column(S.GENRES)
             out = out.set_column(
-                out.column_names.index(S.GENRES), S.GENRES,
+                out.column_names.index(S.GENRES),
+                S.GENRES,
                 pc.if_else(pc.equal(g, "(no genres listed)"), pa.scalar(None, pa.string()), g),
             )
         return out
@@ -190,7 +213,9 @@ class MovieLensAdapter(Adapter):
                 if "movieId" not in block.column_names or "tag" not in block.column_names:
                     raise InputError(f"{fi.path}: tags file needs movieId and tag columns")
                 for mid, tag in zip(
-                    block.column("movieId").to_pylist(), block.column("tag").to_pylist(), strict=True
+                    block.column("movieId").to_pylist(),
+                    block.column("tag").to_pylist(),
+                    strict=True,
                 ):
                     if mid and tag and tag.strip():
                         counts.setdefault(mid.strip(), Counter())[tag.strip().lower()] += 1
@@ -209,7 +234,9 @@ class MovieLens100kAdapter(MovieLensAdapter):
         super().__init__(cfg)
         self.interaction_map = ColumnMap(
             columns={
-                S.USER_ID: ("user",), S.ITEM_ID: ("item",), S.TIMESTAMP: ("timestamp",),
+                S.USER_ID: ("user",),
+                S.ITEM_ID: ("item",),
+                S.TIMESTAMP: ("timestamp",),
                 S.VALUE: ("rating",),
             },
             constants={S.EVENT_TYPE: "rating"},
@@ -219,28 +246,44 @@ class MovieLens100kAdapter(MovieLensAdapter):
     def interaction_source(self) -> Source:
         fs, files = expand_paths(self._file(self.cfg.interactions, "u.data"))
         return Source(
-            fs, files,
-            ReadSpec(format="csv", delimiter="\t", header=False, quoting=False,
-                     column_names=("user", "item", "rating", "timestamp")),
+            fs,
+            files,
+            ReadSpec(
+                format="csv",
+                delimiter="\t",
+                header=False,
+                quoting=False,
+                column_names=("user", "item", "rating", "timestamp"),
+            ),
         )
 
     def item_source(self) -> Source:
         fs, files = expand_paths(self._file(self.cfg.items, "u.item"))
-        names = ("movie", "title", "release", "video_release", "url") + tuple(
-            f"g{i}" for i in range(len(ML100K_GENRES))
-        )
+        genre_flags = tuple(f"g{i}" for i in range(len(ML100K_GENRES)))
+        names = ("movie", "title", "release", "video_release", "url", *genre_flags)
         return Source(
-            fs, files,
-            ReadSpec(format="csv", delimiter="|", header=False, quoting=False,
-                     column_names=names, encoding="latin-1"),
+            fs,
+            files,
+            ReadSpec(
+                format="csv",
+                delimiter="|",
+                header=False,
+                quoting=False,
+                column_names=names,
+                encoding="latin-1",
+            ),
         )
 
     def to_items(self, table: pa.Table) -> pa.Table:
         flags = [table.column(f"g{i}").to_pylist() for i in range(len(ML100K_GENRES))]
-        genres = [
-            "|".join(g for g, f in zip(ML100K_GENRES, row, strict=True) if f == "1") or None
-            for row in zip(*flags, strict=True)
-        ] if table.num_rows else []
+        genres = (
+            [
+                "|".join(g for g, f in zip(ML100K_GENRES, row, strict=True) if f == "1") or None
+                for row in zip(*flags, strict=True)
+            ]
+            if table.num_rows
+            else []
+        )
         return pa.table(
             {
                 S.ITEM_ID: table.column("movie"),
@@ -298,8 +341,10 @@ class AmazonAdapter(Adapter):
             raw = pd.Series(table.column("timestamp").to_pylist(), dtype=object)
             num = pd.to_numeric(raw, errors="coerce")
             ts = pa.array(
-                [None if r is None else (str(int(v // 1000)) if v == v else r)
-                 for r, v in zip(raw, num, strict=True)],
+                [
+                    None if r is None else (str(int(v // 1000)) if v == v else r)
+                    for r, v in zip(raw, num, strict=True)
+                ],
                 pa.string(),
             )
         elif table.column(S.REASON).null_count == 0:

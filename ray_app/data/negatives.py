@@ -51,7 +51,7 @@ class NegativeSampler:
 
     @classmethod
     def from_counts(cls, counts: np.ndarray, kind: str, alpha: float, seed: int) -> NegativeSampler:
-        """`uniform`, or `popularity`: weight (count + 1) ** alpha, so unseen items stay possible."""
+        """`uniform`, or `popularity`: weight (count + 1) ** alpha (unseen items stay possible)."""
         if kind == "uniform":
             w = np.ones(len(counts))
         else:
@@ -100,10 +100,12 @@ class NegativeSampler:
             todo = todo[filled[todo] < k]
         for r in todo:  # users who own most of the catalogue: draw from the complement
             mine = items[codes == row_user[r]]
-            allowed = np.setdiff1d(np.flatnonzero(np.diff(np.concatenate([[0.0], self.cdf])) > 0), mine)
+            allowed = np.setdiff1d(
+                np.flatnonzero(np.diff(np.concatenate([[0.0], self.cdf])) > 0), mine
+            )
             if len(allowed) == 0:
                 raise ValueError("negative sampling: a user has interacted with every item")
             u = uniforms(self.seed, row_key[r] ^ np.arange(1, k + 1, dtype=np.uint64) * _M1)
             rest = k - filled[r]
-            out[r, filled[r]:] = allowed[(u[:rest] * len(allowed)).astype(np.int64)]
+            out[r, filled[r] :] = allowed[(u[:rest] * len(allowed)).astype(np.int64)]
         return out

@@ -22,10 +22,13 @@ Output (published atomically, see `storage.StagedOutput`)::
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import time
 from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -35,7 +38,7 @@ import pyarrow.parquet as pq
 
 from ray_app.config import PrepareConfig, dump_config, parse_time
 from ray_app.data import schema as S
-from ray_app.data.adapters import Adapter, make_adapter
+from ray_app.data.adapters import Adapter, Source, make_adapter
 from ray_app.data.negatives import NegativeSampler, user_hash
 from ray_app.data.readers import detect_format, read_raw
 from ray_app.data.sequences import (
@@ -48,7 +51,10 @@ from ray_app.data.sequences import (
 )
 from ray_app.data.text import ItemTokenizer, TextRenderer
 from ray_app.data.validation import (
+    BELOW_MIN_INTERACTIONS,
+    DUPLICATE_EVENT,
     DUPLICATE_ITEM,
+    REJECTED_SCHEMA,
     UNKNOWN_ITEM,
     Rules,
     normalize_interactions,
@@ -69,7 +75,9 @@ class RejectedShareError(RuntimeError):
 
 def resolve_rules(cfg: PrepareConfig) -> Rules:
     v = cfg.validation
-    max_ts = parse_time(v.max_timestamp) if v.max_timestamp is not None else int(time.time()) + 86_400
+    max_ts = (
+        parse_time(v.max_timestamp) if v.max_timestamp is not None else int(time.time()) + 86_400
+    )
     return Rules(
         event_types=tuple(e.lower() for e in v.event_types),
         default_event_type=v.default_event_type.lower(),
@@ -108,7 +116,10 @@ def _batch_name(table: pa.Table) -> str:
 
 def _counts_table(counts: Counter) -> pa.Table:
     return pa.table(
-        {"key": pa.array(list(counts), pa.string()), "count": pa.array(list(counts.values()), pa.int64())}
+        {
+            "key": pa.array(list(counts), pa.string()),
+            "count": pa.array(list(counts.values()), pa.int64()),
+        }
     )
 
 
@@ -122,20 +133,30 @@ def parse_items(table: pa.Table, adapter: Adapter, rules: Rules, files: list[str
     frame["record"] = None
     out = pa.Table.from_pandas(frame[~bad], preserve_index=False, schema=_ITEM_ROWS)
     if rej.num_rows:
-        rows = pd.DataFrame({S.REASON: rej.column("reason").to_pylist(),
-                             "record": rej.column("record").to_pylist(),
-                             S.SOURCE_FILE: frame[S.SOURCE_FILE].to_numpy()[bad],
-                             S.SOURCE_ROW: frame[S.SOURCE_ROW].to_numpy()[bad]})
-        out = pa.concat_tables([out, pa.Table.from_pandas(rows, preserve_index=False, schema=_ITEM_ROWS)],
-                               promote_options="default")
+        rows = pd.DataFrame(
+            {
+                S.REASON: rej.column("reason").to_pylist(),
+                "record": rej.column("record").to_pylist(),
+                S.SOURCE_FILE: frame[S.SOURCE_FILE].to_numpy()[bad],
+                S.SOURCE_ROW: frame[S.SOURCE_ROW].to_numpy()[bad],
+            }
+        )
+        out = pa.concat_tables(
+            [out, pa.Table.from_pandas(rows, preserve_index=False, schema=_ITEM_ROWS)],
+            promote_options="default",
+        )
     return out
 
 
 _ITEM_ROWS = pa.schema(
     [pa.field(S.ITEM_ID, pa.string())]
     + [pa.field(f, pa.string()) for f in S.ITEM_TEXT_FIELDS]
-    + [pa.field(S.SOURCE_FILE, pa.int32()), pa.field(S.SOURCE_ROW, pa.int64()),
-       pa.field(S.REASON, pa.string()), pa.field("record", pa.string())]
+    + [
+        pa.field(S.SOURCE_FILE, pa.int32()),
+        pa.field(S.SOURCE_ROW, pa.int64()),
+        pa.field(S.REASON, pa.string()),
+        pa.field("record", pa.string()),
+    ]
 )
 
 
@@ -143,8 +164,14 @@ class InteractionValidator:
     """Pass 1 (Ray Data actor): validate a raw batch, bucket valid rows by user, keep rejects."""
 
     def __init__(
-        self, adapter: Adapter, rules: Rules, item_ids: Any, num_buckets: int,
-        work_dir: str, rejected_dir: str, files: list[str],
+        self,
+        adapter: Adapter,
+        rules: Rules,
+        item_ids: Any,
+        num_buckets: int,
+        work_dir: str,
+        rejected_dir: str,
+        files: list[str],
     ) -> None:
         import ray
 
@@ -157,14 +184,26 @@ class InteractionValidator:
         if raw.num_rows == 0:
             return _counts_table(Counter())
         return validate_and_bucket(
-            raw, self.adapter, self.rules, self.index, self.num_buckets,
-            self.work_dir, self.rejected_dir, self.files,
+            raw,
+            self.adapter,
+            self.rules,
+            self.index,
+            self.num_buckets,
+            self.work_dir,
+            self.rejected_dir,
+            self.files,
         )
 
 
 def validate_and_bucket(
-    raw: pa.Table, adapter: Adapter, rules: Rules, index: pd.Index, num_buckets: int,
-    work_dir: str, rejected_dir: str, files: list[str],
+    raw: pa.Table,
+    adapter: Adapter,
+    rules: Rules,
+    index: pd.Index,
+    num_buckets: int,
+    work_dir: str,
+    rejected_dir: str,
+    files: list[str],
 ) -> pa.Table:
     contract = adapter.to_interactions(raw)
     frame, reasons = normalize_interactions(contract, rules)
@@ -182,8 +221,10 @@ def validate_and_bucket(
     bucket = (user_hash(good[S.USER_ID].to_numpy()) % np.uint64(num_buckets)).astype(np.int64)
     for b in np.unique(bucket):
         part = good[bucket == b]
-        _write(pa.Table.from_pandas(part, preserve_index=False),
-               join(work_dir, f"b={b:05d}", f"{name}.parquet"))
+        _write(
+            pa.Table.from_pandas(part, preserve_index=False),
+            join(work_dir, f"b={b:05d}", f"{name}.parquet"),
+        )
     return _counts_table(counts)
 
 
@@ -194,12 +235,25 @@ def _read_bucket(work_dir: str, bucket: int) -> pd.DataFrame:
     from pyarrow.fs import FileType
 
     if fs.get_file_info(path).type == FileType.NotFound:
-        return pd.DataFrame(columns=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE, S.EVENT_IDX,
-                                     S.VALUE, S.SOURCE_FILE, S.SOURCE_ROW, S.ITEM_IDX])
+        return pd.DataFrame(
+            columns=[
+                S.USER_ID,
+                S.ITEM_ID,
+                S.TIMESTAMP,
+                S.EVENT_TYPE,
+                S.EVENT_IDX,
+                S.VALUE,
+                S.SOURCE_FILE,
+                S.SOURCE_ROW,
+                S.ITEM_IDX,
+            ]
+        )
     return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
 
 
-def sequence_bucket(events: pd.DataFrame, spec: SplitSpec) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def sequence_bucket(
+    events: pd.DataFrame, spec: SplitSpec
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Order, dedupe, filter, split one bucket: (kept, duplicates, filtered)."""
     events, dups = order_and_dedupe(events)
     kept, filtered = assign_splits(events, spec)
@@ -219,18 +273,28 @@ class BucketSequencer:
     def _one(self, b: int) -> dict[str, Any]:
         kept, dups, filtered = sequence_bucket(_read_bucket(self.work_dir, b), self.spec)
         if not dups.empty:
-            _write(rejected_events(dups, self.files),
-                   join(self.out_dir, "rejected", "interactions", f"dup-{b:05d}.parquet"))
+            _write(
+                rejected_events(dups, self.files),
+                join(self.out_dir, "rejected", "interactions", f"dup-{b:05d}.parquet"),
+            )
         if not filtered.empty:
-            _write(rejected_events(filtered, self.files), join(self.out_dir, "filtered", f"part-{b:05d}.parquet"))
+            _write(
+                rejected_events(filtered, self.files),
+                join(self.out_dir, "filtered", f"part-{b:05d}.parquet"),
+            )
         if not kept.empty:
-            _write(_interactions_table(kept), join(self.out_dir, "interactions", f"part-{b:05d}.parquet"))
+            _write(
+                _interactions_table(kept),
+                join(self.out_dir, "interactions", f"part-{b:05d}.parquet"),
+            )
         train = kept[kept[S.SPLIT] == "train"] if not kept.empty else kept
         items, cnt = np.unique(train[S.ITEM_IDX].to_numpy(np.int64), return_counts=True)
         return {
             "bucket": b,
             "stats": {
-                "kept": len(kept), "duplicates": len(dups), "filtered": len(filtered),
+                "kept": len(kept),
+                "duplicates": len(dups),
+                "filtered": len(filtered),
                 "users_kept": int(kept[S.USER_ID].nunique()) if len(kept) else 0,
                 "users_filtered": int(filtered[S.USER_ID].nunique()) if len(filtered) else 0,
                 **{f"split:{k}": int(v) for k, v in kept[S.SPLIT].value_counts().items()},
@@ -241,8 +305,11 @@ class BucketSequencer:
 
 
 def _interactions_table(kept: pd.DataFrame) -> pa.Table:
-    return pa.Table.from_pandas(kept[[f.name for f in S.INTERACTIONS_SCHEMA]], schema=S.INTERACTIONS_SCHEMA,
-                                preserve_index=False)
+    return pa.Table.from_pandas(
+        kept[[f.name for f in S.INTERACTIONS_SCHEMA]],
+        schema=S.INTERACTIONS_SCHEMA,
+        preserve_index=False,
+    )
 
 
 class BucketExampleBuilder:
@@ -267,10 +334,20 @@ class BucketExampleBuilder:
         events = pq.read_table(path, filesystem=fs).to_pandas()
         counts: dict[str, int] = {}
         for split, rows in target_rows(events, self.spec).items():
-            for i, table in enumerate(build_examples(events, rows, self.spec, self.sampler, self.k)):
-                _write(table, join(self.out_dir, "examples", split, f"part-{b:05d}-{i:04d}.parquet"))
+            for i, table in enumerate(
+                build_examples(events, rows, self.spec, self.sampler, self.k)
+            ):
+                _write(
+                    table, join(self.out_dir, "examples", split, f"part-{b:05d}-{i:04d}.parquet")
+                )
                 counts[split] = counts.get(split, 0) + table.num_rows
         return counts
+
+
+def _pool(cpus: int):
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=cpus)
 
 
 def _auto_buckets(cfg: PrepareConfig, files, fmt: str, cpus: int) -> int:
@@ -278,6 +355,191 @@ def _auto_buckets(cfg: PrepareConfig, files, fmt: str, cpus: int) -> int:
         return cfg.num_buckets
     est_events = sum(f.size for f in files) / _BYTES_PER_EVENT.get(fmt, 32)
     return max(cpus, math.ceil(est_events / EVENTS_PER_BUCKET))
+
+
+@dataclass
+class _Run:
+    """What the passes share: resolved settings, the staging area, the file list."""
+
+    cfg: PrepareConfig
+    rules: Rules
+    spec: SplitSpec
+    adapter: Adapter
+    stage: StagedOutput
+    files: list[str]
+    cpus: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _prepare_items(run: _Run, src: Source, file_offset: int) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read, validate and dedupe the catalogue; tokenize and write `items/`."""
+    import ray
+    import ray.data
+
+    rows = read_raw(src.files, src.fs, src.spec, file_offset=file_offset).map_batches(
+        parse_items,
+        fn_args=(run.adapter, run.rules, run.files),
+        batch_format="pyarrow",
+        batch_size=None,
+    )
+    table = pa.concat_tables(ray.get(list(rows.to_arrow_refs())), promote_options="default")
+    frame = table.to_pandas().sort_values([S.SOURCE_FILE, S.SOURCE_ROW], kind="stable")
+    rejected = frame[frame[S.REASON].notna()]
+    valid = frame[frame[S.REASON].isna()]
+    dup = valid[S.ITEM_ID].duplicated(keep="first").to_numpy()
+    dups = valid[dup].assign(**{S.REASON: DUPLICATE_ITEM})
+    if not dups.empty:
+        dups = dups.assign(
+            record=[
+                json.dumps({k: v for k, v in r.items() if v is not None})
+                for r in dups[list(S.ITEM_COLUMNS)].to_dict("records")
+            ]
+        )
+    valid = valid[~dup].reset_index(drop=True)
+    rejected = pd.concat([rejected, dups], ignore_index=True)
+    counts: dict[str, Any] = {
+        "read": len(frame),
+        "valid": len(valid),
+        "rejected": len(rejected),
+        "rejected_by_reason": {k: int(v) for k, v in Counter(rejected[S.REASON]).items()},
+    }
+    if len(rejected):
+        _write(
+            pa.table(
+                {
+                    "reason": pa.array(rejected[S.REASON].astype(str)),
+                    "source_file": pa.array([run.files[i] for i in rejected[S.SOURCE_FILE]]),
+                    "source_row": pa.array(rejected[S.SOURCE_ROW].to_numpy(np.int64)),
+                    "record": pa.array(rejected["record"].astype(str)),
+                },
+                schema=REJECTED_SCHEMA,
+            ),
+            run.stage.path("rejected", "items", "part-00000.parquet"),
+        )
+    _check_share(
+        "items",
+        counts,
+        run.cfg.validation.max_rejected_fraction,
+        run.stage.path("rejected", "items"),
+    )
+    if valid.empty:
+        raise InputError("the item catalogue has no valid rows")
+    extra = run.adapter.extra_item_text()
+    for name in sorted({k for d in extra.values() for k in d}):
+        valid[name] = [
+            extra.get(i, {}).get(name) or old
+            for i, old in zip(valid[S.ITEM_ID], valid[name], strict=True)
+        ]
+    valid[S.ITEM_IDX] = np.arange(1, len(valid) + 1, dtype=np.int32)
+    (
+        ray.data.from_pandas(valid[[S.ITEM_IDX, *S.ITEM_COLUMNS]])
+        .map_batches(
+            ItemTokenizer,
+            fn_constructor_args=(run.cfg.text,),
+            batch_size=2048,
+            batch_format="pyarrow",
+            compute=_pool(run.cpus),
+        )
+        .write_parquet(run.stage.path("items"))
+    )
+    return valid, counts
+
+
+def _validate_interactions(
+    run: _Run, src: Source, item_ids: np.ndarray, num_buckets: int
+) -> dict[str, Any]:
+    """Pass 1: every raw interaction is either bucketed (valid) or written to rejected/."""
+    import ray
+
+    stats = (
+        read_raw(src.files, src.fs, src.spec)
+        .map_batches(
+            InteractionValidator,
+            fn_constructor_args=(
+                run.adapter,
+                run.rules,
+                ray.put(item_ids),
+                num_buckets,
+                run.stage.path("_work"),
+                run.stage.path("rejected", "interactions"),
+                run.files,
+            ),
+            batch_format="pyarrow",
+            batch_size=None,
+            compute=_pool(run.cpus),
+        )
+        .to_pandas()
+    )
+    totals = stats.groupby("key")["count"].sum()
+    by_reason = {k.split(":", 1)[1]: int(v) for k, v in totals.items() if k.startswith("rejected:")}
+    counts = {"read": int(totals.get("read", 0)), "rejected_by_reason": by_reason}
+    counts["rejected"] = sum(by_reason.values())
+    _check_share(
+        "interactions",
+        counts,
+        run.cfg.validation.max_rejected_fraction,
+        run.stage.path("rejected", "interactions"),
+    )
+    return counts
+
+
+def _sequence(
+    run: _Run, buckets, n_items: int, counts: dict[str, Any]
+) -> tuple[np.ndarray, dict[str, int]]:
+    """Pass 2: order, dedupe, filter and split each bucket; returns train item counts."""
+    seq = buckets.map_batches(
+        BucketSequencer,
+        fn_constructor_args=(run.spec, run.stage.path("_work"), run.stage.staging, run.files),
+        batch_size=1,
+        compute=_pool(run.cpus),
+    ).to_pandas()
+    totals: Counter = Counter()
+    train_counts = np.zeros(n_items + 1, dtype=np.int64)
+    for _, row in seq.iterrows():
+        totals.update(row["stats"])
+        np.add.at(
+            train_counts, np.asarray(row["items"], np.int64), np.asarray(row["counts"], np.int64)
+        )
+    by_reason = counts["rejected_by_reason"]
+    if totals["duplicates"]:
+        by_reason[DUPLICATE_EVENT] = int(totals["duplicates"])
+    counts["rejected"] = sum(by_reason.values())
+    counts["filtered"] = int(totals["filtered"])
+    counts["filtered_by_reason"] = (
+        {BELOW_MIN_INTERACTIONS: int(totals["filtered"])} if totals["filtered"] else {}
+    )
+    counts["kept"] = int(totals["kept"])
+    counts["by_split"] = {k: int(totals.get(f"split:{k}", 0)) for k in S.SPLITS}
+    accounted = counts["kept"] + counts["rejected"] + counts["filtered"]
+    if accounted != counts["read"]:
+        raise RuntimeError(f"internal error: {counts['read']} rows read, {accounted} accounted for")
+    _check_share(
+        "interactions",
+        counts,
+        run.cfg.validation.max_rejected_fraction,
+        run.stage.path("rejected", "interactions"),
+    )
+    users = {"kept": int(totals["users_kept"]), "filtered": int(totals["users_filtered"])}
+    users["total"] = users["kept"] + users["filtered"]
+    return train_counts, users
+
+
+def _examples(run: _Run, buckets, train_counts: np.ndarray) -> dict[str, int]:
+    """Pass 3: history windows, targets and negatives for every bucket."""
+    import ray
+
+    neg = run.cfg.negatives
+    sampler = NegativeSampler.from_counts(train_counts, neg.sampler, neg.popularity_alpha, neg.seed)
+    ex = buckets.map_batches(
+        BucketExampleBuilder,
+        fn_constructor_args=(run.spec, ray.put(sampler), neg.num_negatives, run.stage.staging),
+        batch_size=1,
+        compute=_pool(run.cpus),
+    ).to_pandas()
+    totals: Counter = Counter()
+    for st in ex["stats"]:
+        totals.update(st)
+    return {k: int(totals.get(k, 0)) for k in S.SPLITS}
 
 
 def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
@@ -288,144 +550,34 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
     from ray_app.runtime import cluster_cpus, ensure_ray
 
     t_start = time.time()
-    timings: dict[str, float] = {}
-    rules = resolve_rules(cfg)
-    spec = split_spec(cfg)
-    TextRenderer(cfg.text)  # template errors before any work
+    rules, spec = resolve_rules(cfg), split_spec(cfg)
+    TextRenderer(cfg.text)  # template errors surface before any work
     adapter = make_adapter(cfg.input)
-    isrc = adapter.interaction_source()
-    tsrc = adapter.item_source()
+    isrc, tsrc = adapter.interaction_source(), adapter.item_source()
     files = [f.path for f in isrc.files] + [f.path for f in tsrc.files]
-    n_int_files = len(isrc.files)
     ensure_ray(cfg.ray)
     cpus = cluster_cpus()
-    pool = (1, cpus)
 
     with StagedOutput(cfg.output, overwrite=cfg.overwrite) as stage:
-        # ---- items
-        t = time.time()
-        item_rows = (
-            read_raw(tsrc.files, tsrc.fs, tsrc.spec, file_offset=n_int_files)
-            .map_batches(parse_items, fn_args=(adapter, rules, files), batch_format="pyarrow",
-                         batch_size=None)
-        )
-        item_tab = pa.concat_tables(ray.get(list(item_rows.to_arrow_refs())), promote_options="default")
-        items_df = item_tab.to_pandas().sort_values([S.SOURCE_FILE, S.SOURCE_ROW], kind="stable")
-        rejected_items = items_df[items_df[S.REASON].notna()]
-        valid = items_df[items_df[S.REASON].isna()]
-        dup = valid[S.ITEM_ID].duplicated(keep="first").to_numpy()
-        dup_rows = valid[dup].assign(**{S.REASON: DUPLICATE_ITEM})
-        valid = valid[~dup].reset_index(drop=True)
-        if not dup_rows.empty:
-            dup_rows = dup_rows.assign(record=[
-                pd.Series(r).dropna().to_json() for r in dup_rows[list(S.ITEM_COLUMNS)].to_dict("records")
-            ])
-        all_rej = pd.concat([rejected_items, dup_rows], ignore_index=True)
-        item_counts = {
-            "read": len(items_df),
-            "valid": len(valid),
-            "rejected": len(all_rej),
-            "rejected_by_reason": dict(Counter(all_rej[S.REASON])) if len(all_rej) else {},
-        }
-        if len(all_rej):
-            _write(
-                pa.table({
-                    "reason": pa.array(all_rej[S.REASON].astype(str)),
-                    "source_file": pa.array([files[i] for i in all_rej[S.SOURCE_FILE]], pa.string()),
-                    "source_row": pa.array(all_rej[S.SOURCE_ROW].to_numpy(np.int64)),
-                    "record": pa.array(all_rej["record"].astype(str)),
-                }),
-                stage.path("rejected", "items", "part-00000.parquet"),
-            )
-        _check_share("items", item_counts, cfg.validation.max_rejected_fraction, stage.path("rejected", "items"))
-        if valid.empty:
-            raise InputError("the item catalogue has no valid rows")
-        extra = adapter.extra_item_text()
-        for field in {k for d in extra.values() for k in d}:
-            valid[field] = [
-                (extra.get(i, {}).get(field) or old) for i, old in zip(valid[S.ITEM_ID], valid[field], strict=True)
-            ]
-        valid[S.ITEM_IDX] = np.arange(1, len(valid) + 1, dtype=np.int32)
-        (
-            ray.data.from_pandas(valid[[S.ITEM_IDX, *S.ITEM_COLUMNS]])
-            .map_batches(ItemTokenizer, fn_constructor_args=(cfg.text,), batch_size=2048,
-                         batch_format="pyarrow", concurrency=pool)
-            .write_parquet(stage.path("items"))
-        )
-        timings["items_s"] = round(time.time() - t, 3)
-
-        # ---- pass 1: validate and bucket interactions
-        t = time.time()
+        run = _Run(cfg, rules, spec, adapter, stage, files, cpus)
+        timer = _Timer(run.timings)
+        with timer("items_s"):
+            items, item_counts = _prepare_items(run, tsrc, file_offset=len(isrc.files))
         fmt = detect_format(isrc.files[0].path, isrc.spec.format)
         num_buckets = _auto_buckets(cfg, isrc.files, fmt, cpus)
-        work = stage.path("_work")
-        ids_ref = ray.put(valid[S.ITEM_ID].to_numpy(dtype=object))
-        stats = (
-            read_raw(isrc.files, isrc.fs, isrc.spec)
-            .map_batches(
-                InteractionValidator,
-                fn_constructor_args=(adapter, rules, ids_ref, num_buckets, work,
-                                     stage.path("rejected", "interactions"), files),
-                batch_format="pyarrow", batch_size=None, concurrency=pool,
+        with timer("validate_s"):
+            counts = _validate_interactions(
+                run, isrc, items[S.ITEM_ID].to_numpy(dtype=object), num_buckets
             )
-            .to_pandas()
+        buckets = ray.data.from_items(
+            [{"bucket": b} for b in range(num_buckets)], override_num_blocks=num_buckets
         )
-        c1 = Counter(dict(stats.groupby("key")["count"].sum().astype(int)))
-        rejected_by_reason = {k.split(":", 1)[1]: int(v) for k, v in c1.items() if k.startswith("rejected:")}
-        inter_counts = {"read": int(c1["read"]), "rejected_by_reason": rejected_by_reason}
-        inter_counts["rejected"] = sum(rejected_by_reason.values())
-        _check_share("interactions", inter_counts, cfg.validation.max_rejected_fraction,
-                     stage.path("rejected", "interactions"))
-        timings["validate_s"] = round(time.time() - t, 3)
-
-        # ---- pass 2: order, dedupe, split per bucket
-        t = time.time()
-        buckets = ray.data.from_items([{"bucket": b} for b in range(num_buckets)],
-                                      override_num_blocks=num_buckets)
-        seq = buckets.map_batches(
-            BucketSequencer, fn_constructor_args=(spec, work, stage.staging, files),
-            batch_size=1, concurrency=pool,
-        ).to_pandas()
-        s2: Counter = Counter()
-        n_items_total = len(valid) + 1
-        train_counts = np.zeros(n_items_total, dtype=np.int64)
-        for _, row in seq.iterrows():
-            s2.update(row["stats"])
-            np.add.at(train_counts, np.asarray(row["items"], dtype=np.int64), np.asarray(row["counts"], dtype=np.int64))
-        if s2["duplicates"]:
-            rejected_by_reason["duplicate_event"] = int(s2["duplicates"])
-        inter_counts["rejected"] = sum(rejected_by_reason.values())
-        inter_counts.update({
-            "filtered": int(s2["filtered"]),
-            "filtered_by_reason": {"user_below_min_interactions": int(s2["filtered"])} if s2["filtered"] else {},
-            "kept": int(s2["kept"]),
-            "by_split": {k: int(s2.get(f"split:{k}", 0)) for k in S.SPLITS},
-        })
-        accounted = inter_counts["kept"] + inter_counts["rejected"] + inter_counts["filtered"]
-        if accounted != inter_counts["read"]:
-            raise RuntimeError(
-                f"internal error: {inter_counts['read']} interactions read but {accounted} accounted for"
-            )
-        _check_share("interactions", inter_counts, cfg.validation.max_rejected_fraction,
-                     stage.path("rejected", "interactions"))
-        stage.fs.delete_dir(resolve(work)[1])
-        timings["sequence_s"] = round(time.time() - t, 3)
-
-        # ---- pass 3: examples with negatives
-        t = time.time()
-        neg = cfg.negatives
-        sampler = NegativeSampler.from_counts(train_counts, neg.sampler, neg.popularity_alpha, neg.seed)
-        ex = buckets.map_batches(
-            BucketExampleBuilder,
-            fn_constructor_args=(spec, ray.put(sampler), neg.num_negatives, stage.staging),
-            batch_size=1, concurrency=pool,
-        ).to_pandas()
-        ex_counts: Counter = Counter()
-        for st in ex["stats"]:
-            ex_counts.update(st)
-        timings["examples_s"] = round(time.time() - t, 3)
-        timings["total_s"] = round(time.time() - t_start, 3)
-
+        with timer("sequence_s"):
+            train_counts, users = _sequence(run, buckets, len(items), counts)
+            stage.fs.delete_dir(resolve(stage.path("_work"))[1])
+        with timer("examples_s"):
+            examples = _examples(run, buckets, train_counts)
+        run.timings["total_s"] = round(time.time() - t_start, 3)
         item_counts["with_train_interactions"] = int((train_counts[1:] > 0).sum())
         manifest = {
             "stage": "prepare",
@@ -435,26 +587,42 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
             "ray_version": ray.__version__,
             "inputs": {
                 "adapter": cfg.input.adapter,
-                "files": [{"path": f.path, "size": f.size, "mtime": f.mtime} for f in isrc.files + tsrc.files],
+                "files": [
+                    {"path": f.path, "size": f.size, "mtime": f.mtime}
+                    for f in isrc.files + tsrc.files
+                ],
             },
             "config": dump_config(cfg),
             "resolved": {
-                "min_timestamp": rules.min_timestamp, "max_timestamp": rules.max_timestamp,
-                "num_buckets": num_buckets, "event_types": list(rules.event_types),
-                "num_items": len(valid), "item_idx_padding": S.PAD_IDX,
+                "min_timestamp": rules.min_timestamp,
+                "max_timestamp": rules.max_timestamp,
+                "num_buckets": num_buckets,
+                "event_types": list(rules.event_types),
+                "num_items": len(items),
+                "item_idx_padding": S.PAD_IDX,
             },
             "counts": {
-                "interactions": inter_counts,
-                "users": {"kept": int(s2["users_kept"]), "filtered": int(s2["users_filtered"]),
-                          "total": int(s2["users_kept"] + s2["users_filtered"])},
+                "interactions": counts,
+                "users": users,
                 "items": item_counts,
-                "examples": {k: int(ex_counts.get(k, 0)) for k in S.SPLITS},
+                "examples": examples,
             },
-            "timings": timings,
+            "timings": run.timings,
         }
         stage.publish(manifest)
-    logger.info("prepare done in %.1fs: %s", timings["total_s"], manifest["counts"])
+    logger.info("prepare done in %.1fs: %s", run.timings["total_s"], manifest["counts"])
     return manifest
+
+
+class _Timer:
+    def __init__(self, into: dict[str, float]) -> None:
+        self.into = into
+
+    @contextmanager
+    def __call__(self, key: str):
+        t = time.time()
+        yield
+        self.into[key] = round(time.time() - t, 3)
 
 
 def _check_share(what: str, counts: dict[str, Any], limit: float, where: str) -> None:

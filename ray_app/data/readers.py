@@ -37,9 +37,17 @@ MALFORMED_JSON = "malformed_json"
 INVALID_UTF8 = "invalid_utf8"
 
 _FORMAT_BY_EXT = {
-    ".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".psv": "csv", ".dat": "csv", ".txt": "csv",
-    ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-    ".parquet": "parquet", ".pq": "parquet",
+    ".csv": "csv",
+    ".tsv": "tsv",
+    ".tab": "tsv",
+    ".psv": "csv",
+    ".dat": "csv",
+    ".txt": "csv",
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".parquet": "parquet",
+    ".pq": "parquet",
 }
 _COMPRESSION_EXT = (".gz", ".bz2", ".zst", ".lz4", ".br")
 BLOCK_ROWS = 262_144
@@ -207,12 +215,16 @@ def read_csv_stream(
                 row += len(bad_rows)
                 bad_rows.clear()
     except (pa.ArrowInvalid, OSError) as e:
-        raise InputError(f"{path}: cannot read as delimited text (corrupt or truncated?): {e}") from e
+        raise InputError(
+            f"{path}: cannot read as delimited text (corrupt or truncated?): {e}"
+        ) from e
     tail = stream.last_chunk
     if last_bad is not None and tail and not tail.endswith(b"\n"):
         last_line = tail.rsplit(b"\n", 1)[-1].decode(spec.encoding, errors="backslashreplace")
         if last_line.rstrip("\r") == last_bad.rstrip("\r"):
-            raise InputError(f"{path}: file is truncated (last line incomplete: {last_line[:80]!r})")
+            raise InputError(
+                f"{path}: file is truncated (last line incomplete: {last_line[:80]!r})"
+            )
 
 
 def _malformed_block(
@@ -309,9 +321,7 @@ def read_parquet_file(f: pa.NativeFile, path: str, file_idx: int) -> Iterator[pa
         raise InputError(f"{path}: not a readable Parquet file (corrupt or truncated?): {e}") from e
 
 
-def read_file(
-    fs: pafs.FileSystem, path: str, file_idx: int, spec: ReadSpec
-) -> Iterator[pa.Table]:
+def read_file(fs: pafs.FileSystem, path: str, file_idx: int, spec: ReadSpec) -> Iterator[pa.Table]:
     """Every block of one file, with provenance. Used by Ray read tasks and by tests."""
     fmt = detect_format(path, spec.format)
     if fmt == "parquet":
@@ -355,11 +365,14 @@ class RawDatasource(Datasource):
         fs, spec = self._fs, self._spec
         tasks = []
         for i, fi in enumerate(self._files):
+
             def _read(fi: InputFile = fi, idx: int = self._offset + i) -> Iterator[pa.Table]:
                 yield from read_file(fs, fi.path, idx, spec)
 
             meta = BlockMetadata(
-                num_rows=None, size_bytes=fi.size * 2 or None, input_files=[fi.path],
+                num_rows=None,
+                size_bytes=fi.size * 2 or None,
+                input_files=[fi.path],
                 exec_stats=None,
             )
             tasks.append(ReadTask(_read, meta, per_task_row_limit=per_task_row_limit))

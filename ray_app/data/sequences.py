@@ -128,7 +128,7 @@ def build_examples(
     uhash = user_hash(user)
     window = np.arange(-spec.max_history, 0)
     for lo in range(0, len(targets), chunk_rows):
-        t = targets[lo: lo + chunk_rows]
+        t = targets[lo : lo + chunk_rows]
         hist_start = np.maximum(user_start[t], t - spec.max_history)
         hist_len = (t - hist_start).astype(np.int32)
         pos = t[:, None] + window[None, :]
@@ -138,7 +138,9 @@ def build_examples(
         gaps = (ts[t][:, None] - ts[np.maximum(pos, 0)])[valid]
         target_pos = (t - user_start[t]).astype(np.uint64)
         if sampler is not None and num_negatives > 0:
-            negs = _negatives(sampler, user, uhash, item_idx, starts, lengths, t, target_pos, num_negatives)
+            negs = _negatives(
+                sampler, user, uhash, item_idx, starts, lengths, t, target_pos, num_negatives
+            )
         else:
             negs = np.zeros((len(t), 0), dtype=np.int32)
         neg_offsets = (np.arange(len(t) + 1) * negs.shape[1]).astype(np.int32)
@@ -149,9 +151,13 @@ def build_examples(
                 S.TARGET_ITEM_IDX: pa.array(item_idx[t]),
                 S.TARGET_TIMESTAMP: pa.array(ts[t]),
                 S.TARGET_EVENT_IDX: pa.array(ev[t]),
-                S.HIST_ITEM_IDX: pa.ListArray.from_arrays(pa.array(offsets), pa.array(item_idx[flat])),
+                S.HIST_ITEM_IDX: pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(item_idx[flat])
+                ),
                 S.HIST_EVENT_IDX: pa.ListArray.from_arrays(pa.array(offsets), pa.array(ev[flat])),
-                S.HIST_GAP: pa.ListArray.from_arrays(pa.array(offsets), pa.array(gaps.astype(np.int64))),
+                S.HIST_GAP: pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(gaps.astype(np.int64))
+                ),
                 S.HIST_LEN: pa.array(hist_len),
                 S.NEGATIVES: pa.ListArray.from_arrays(
                     pa.array(neg_offsets), pa.array(negs.reshape(-1).astype(np.int32))
@@ -198,7 +204,9 @@ def rejected_events(frame: pd.DataFrame, files: list[str]) -> pa.Table:
     return pa.table(
         {
             "reason": pa.array(frame[S.REASON].astype(str).to_numpy(), pa.string()),
-            "source_file": pa.array([files[i] for i in frame[S.SOURCE_FILE].to_numpy()], pa.string()),
+            "source_file": pa.array(
+                [files[i] for i in frame[S.SOURCE_FILE].to_numpy()], pa.string()
+            ),
             "source_row": pa.array(frame[S.SOURCE_ROW].to_numpy(np.int64)),
             "record": pa.array(
                 [json.dumps(r, default=str) for r in records.to_dict(orient="records")], pa.string()

@@ -54,7 +54,9 @@ class TextRenderer:
         known = set(S.ITEM_TEXT_FIELDS) | {S.ITEM_ID}
         unknown = {f for _, fields in self.parts for f in fields} - known
         if unknown:
-            raise ValueError(f"text.template: unknown fields {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(
+                f"text.template: unknown fields {sorted(unknown)}; known: {sorted(known)}"
+            )
 
     def _field(self, value: str | None) -> str:
         from ray_app.data.adapters import flatten_text

@@ -56,8 +56,9 @@ class Reasons:
         if initial is None:
             self.values = np.full(n, None, dtype=object)
         else:
-            self.values = np.asarray(initial.to_pylist() if initial.null_count < n else [None] * n,
-                                     dtype=object)
+            self.values = np.asarray(
+                initial.to_pylist() if initial.null_count < n else [None] * n, dtype=object
+            )
 
     def add(self, mask: np.ndarray, reason: str) -> None:
         free = pd.isna(self.values)
@@ -99,7 +100,11 @@ def parse_timestamps(col: pa.ChunkedArray | pa.Array | None, n: int, unit: str =
         return pc.cast(vals, pa.int64()).to_numpy(), missing, bad
     if pa.types.is_integer(t) or pa.types.is_floating(t):
         missing = col.is_null().to_numpy(zero_copy_only=False)
-        v = col.fill_null(0).to_numpy(zero_copy_only=False).astype(np.float64 if pa.types.is_floating(t) else np.int64)
+        v = (
+            col.fill_null(0)
+            .to_numpy(zero_copy_only=False)
+            .astype(np.float64 if pa.types.is_floating(t) else np.int64)
+        )
         if pa.types.is_floating(t):
             bad = ~np.isfinite(v) & ~missing
             v = np.where(np.isfinite(v), v, 0)
@@ -180,7 +185,9 @@ def normalize_interactions(table: pa.Table, rules: Rules) -> tuple[pd.DataFrame,
     return frame, reasons.values
 
 
-def normalize_items(table: pa.Table, max_id_chars: int, max_text_chars: int) -> tuple[pd.DataFrame, np.ndarray]:
+def normalize_items(
+    table: pa.Table, max_id_chars: int, max_text_chars: int
+) -> tuple[pd.DataFrame, np.ndarray]:
     """Contract-named catalogue batch -> item frame (text fields as str) and reasons."""
     n = table.num_rows
     reasons = Reasons(_column(table, S.REASON), n)

@@ -1,0 +1,411 @@
+"""Synthetic interaction logs and catalogue: the embedded default data.
+
+Users have latent topic preferences that drift over their lifetime; items
+belong to topics, and their titles, descriptions, genres and tags are drawn
+from the topic's vocabulary, so a model that reads item text can learn what
+a user wants. Popularity within a topic is Zipf-like; users re-consume
+recent items sometimes; events come in sessions of view/click/cart/purchase.
+
+Generation streams: users are produced in chunks and each chunk is written
+as its own Parquet file, so any size fits in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm.auto import tqdm
+
+from ray_app.config import GenerateConfig, parse_time
+from ray_app.data import schema as S
+from ray_app.storage import join, resolve
+
+logger = logging.getLogger(__name__)
+
+TOPICS: dict[str, list[str]] = {
+    "space": [
+        "galaxy",
+        "rocket",
+        "orbit",
+        "planet",
+        "astronaut",
+        "nebula",
+        "comet",
+        "starship",
+        "lunar",
+        "cosmic",
+        "telescope",
+        "asteroid",
+        "gravity",
+        "mars",
+        "satellite",
+    ],
+    "cooking": [
+        "recipe",
+        "kitchen",
+        "spice",
+        "bake",
+        "pasta",
+        "grill",
+        "flavor",
+        "sauce",
+        "chef",
+        "oven",
+        "garlic",
+        "dough",
+        "soup",
+        "herb",
+        "skillet",
+    ],
+    "fitness": [
+        "workout",
+        "muscle",
+        "cardio",
+        "yoga",
+        "strength",
+        "run",
+        "stretch",
+        "protein",
+        "endurance",
+        "gym",
+        "training",
+        "sprint",
+        "core",
+        "weights",
+        "pilates",
+    ],
+    "travel": [
+        "journey",
+        "passport",
+        "island",
+        "beach",
+        "voyage",
+        "hotel",
+        "backpack",
+        "route",
+        "coast",
+        "map",
+        "luggage",
+        "resort",
+        "flight",
+        "harbor",
+        "tour",
+    ],
+    "garden": [
+        "seed",
+        "soil",
+        "bloom",
+        "orchard",
+        "compost",
+        "tulip",
+        "greenhouse",
+        "pruning",
+        "shrub",
+        "vine",
+        "harvest",
+        "roses",
+        "mulch",
+        "seedling",
+        "trellis",
+    ],
+    "jazz": [
+        "saxophone",
+        "swing",
+        "trumpet",
+        "improvisation",
+        "bebop",
+        "groove",
+        "piano",
+        "trio",
+        "blues",
+        "rhythm",
+        "ballad",
+        "quartet",
+        "melody",
+        "bass",
+        "club",
+    ],
+    "mystery": [
+        "detective",
+        "clue",
+        "murder",
+        "suspect",
+        "alibi",
+        "secret",
+        "crime",
+        "witness",
+        "motive",
+        "riddle",
+        "inspector",
+        "shadow",
+        "case",
+        "evidence",
+        "noir",
+    ],
+    "finance": [
+        "invest",
+        "stock",
+        "budget",
+        "savings",
+        "market",
+        "portfolio",
+        "dividend",
+        "loan",
+        "credit",
+        "tax",
+        "retirement",
+        "bond",
+        "income",
+        "wealth",
+        "broker",
+    ],
+    "kids": [
+        "toy",
+        "puzzle",
+        "crayon",
+        "cartoon",
+        "puppet",
+        "blocks",
+        "storybook",
+        "lullaby",
+        "playground",
+        "balloon",
+        "dinosaur",
+        "unicorn",
+        "teddy",
+        "glitter",
+        "sticker",
+    ],
+    "fantasy": [
+        "dragon",
+        "wizard",
+        "sword",
+        "kingdom",
+        "elf",
+        "quest",
+        "spell",
+        "castle",
+        "knight",
+        "sorcery",
+        "prophecy",
+        "dwarf",
+        "realm",
+        "enchanted",
+        "throne",
+    ],
+    "outdoors": [
+        "hiking",
+        "trail",
+        "camping",
+        "tent",
+        "summit",
+        "canyon",
+        "river",
+        "forest",
+        "compass",
+        "kayak",
+        "wilderness",
+        "lantern",
+        "ridge",
+        "campfire",
+        "boots",
+    ],
+    "gaming": [
+        "console",
+        "controller",
+        "arcade",
+        "pixel",
+        "boss",
+        "level",
+        "multiplayer",
+        "quest",
+        "score",
+        "joystick",
+        "speedrun",
+        "loot",
+        "respawn",
+        "guild",
+        "strategy",
+    ],
+}
+_GENERIC = [
+    "edition",
+    "guide",
+    "collection",
+    "deluxe",
+    "classic",
+    "essential",
+    "complete",
+    "ultimate",
+    "series",
+    "volume",
+    "set",
+    "pack",
+    "story",
+    "book",
+    "kit",
+]
+EVENT_MIX = (("view", 0.6), ("click", 0.25), ("cart", 0.1), ("purchase", 0.05))
+
+
+@dataclass(frozen=True)
+class _World:
+    topic_names: list[str]
+    vocab: list[list[str]]
+    item_topic: np.ndarray  # (items,)
+    topic_items: list[np.ndarray]  # item indices per topic, by popularity rank
+    topic_cdf: list[np.ndarray]
+
+
+def _topics(n: int, rng: np.random.Generator) -> tuple[list[str], list[list[str]]]:
+    names = list(TOPICS)[:n]
+    vocab = [TOPICS[t] for t in names]
+    syll = ["ka", "lo", "mi", "ra", "te", "su", "no", "vi", "be", "da", "ro", "zi", "fa", "lu"]
+    while len(names) < n:
+        words = ["".join(rng.choice(syll, 3)) for _ in range(15)]
+        names.append(f"topic{len(names)}")
+        vocab.append(words)
+    return names, vocab
+
+
+def _item_table(
+    cfg: GenerateConfig, n_items: int, rng: np.random.Generator
+) -> tuple[pa.Table, _World]:
+    names, vocab = _topics(cfg.num_topics, rng)
+    item_topic = rng.integers(0, cfg.num_topics, n_items)
+    titles, descs, genres, tags = [], [], [], []
+    for i in range(n_items):
+        t = item_topic[i]
+        words = vocab[t]
+        other = vocab[rng.integers(0, cfg.num_topics)]
+        title_words = list(rng.choice(words, rng.integers(1, 3), replace=False))
+        title_words.append(rng.choice(_GENERIC))
+        titles.append(" ".join(w.capitalize() for w in title_words) + f" {i % 97 + 1}")
+        body = list(rng.choice(words, 6)) + list(rng.choice(other, 2))
+        rng.shuffle(body)
+        descs.append("A " + " ".join(body) + " " + rng.choice(_GENERIC) + ".")
+        g = [names[t]]
+        if rng.random() < 0.3:
+            g.append(names[rng.integers(0, cfg.num_topics)])
+        genres.append("|".join(dict.fromkeys(g)))
+        tags.append("|".join(rng.choice(words, 2, replace=False)))
+    topic_items, topic_cdf = [], []
+    for t in range(cfg.num_topics):
+        members = rng.permutation(np.flatnonzero(item_topic == t))
+        w = 1.0 / np.arange(1, len(members) + 1) ** 1.1
+        topic_items.append(members)
+        topic_cdf.append(np.cumsum(w) / w.sum() if len(w) else np.array([1.0]))
+    table = pa.table(
+        {
+            S.ITEM_ID: [f"i{i:07d}" for i in range(n_items)],
+            S.TITLE: titles,
+            S.DESCRIPTION: descs,
+            S.GENRES: genres,
+            S.TAGS: tags,
+        }
+    )
+    return table, _World(names, vocab, item_topic, topic_items, topic_cdf)
+
+
+def _events_for_users(
+    users: np.ndarray,
+    counts: np.ndarray,
+    world: _World,
+    cfg: GenerateConfig,
+    rng: np.random.Generator,
+    t0: int,
+) -> pa.Table:
+    n_topics = cfg.num_topics
+    total = int(counts.sum())
+    uidx = np.repeat(np.arange(len(users)), counts)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    pos = np.arange(total) - np.repeat(starts, counts)
+    frac = pos / np.maximum(np.repeat(counts, counts) - 1, 1)
+    p0 = rng.dirichlet(np.full(n_topics, 0.3), len(users))
+    p1 = rng.dirichlet(np.full(n_topics, 0.3), len(users))
+    drift = rng.uniform(0.0, 1.0, len(users))[uidx][:, None]
+    pref = (1 - drift * frac[:, None]) * p0[uidx] + drift * frac[:, None] * p1[uidx]
+    topic = (pref.cumsum(axis=1) < rng.random(total)[:, None]).sum(axis=1).clip(0, n_topics - 1)
+    item = np.zeros(total, dtype=np.int64)
+    u = rng.random(total)
+    for t in range(n_topics):
+        m = topic == t
+        members = world.topic_items[t]
+        if len(members) == 0:
+            item[m] = rng.integers(0, len(world.item_topic), m.sum())
+            continue
+        item[m] = members[np.minimum(np.searchsorted(world.topic_cdf[t], u[m]), len(members) - 1)]
+    back = rng.integers(1, 6, total)
+    repeat = (rng.random(total) < 0.08) & (pos >= back)
+    item[repeat] = item[np.flatnonzero(repeat) - back[repeat]]
+    in_session = rng.random(total) < 0.8
+    gaps = np.where(in_session, rng.exponential(90.0, total), rng.exponential(1.5 * 86_400, total))
+    gaps[pos == 0] = 0
+    csum = np.cumsum(gaps)
+    offset = csum - np.repeat(csum[starts], counts)
+    horizon = cfg.days * 86_400
+    user_start = rng.uniform(0, horizon * 0.7, len(users))
+    ts = t0 + np.minimum(user_start[uidx] + offset, horizon).astype(np.int64)
+    kinds = [k for k, _ in EVENT_MIX]
+    probs = np.array([p for _, p in EVENT_MIX])
+    ev = np.searchsorted(np.cumsum(probs), rng.random(total)).clip(0, len(kinds) - 1)
+    value = np.where(np.isin(ev, [0, 1]), np.round(rng.lognormal(3.0, 1.0, total), 1), 1.0)
+    order = np.lexsort((uidx, ts))
+    return pa.table(
+        {
+            S.USER_ID: pa.array(np.asarray([f"u{x:08d}" for x in users])[uidx[order]]),
+            S.ITEM_ID: pa.array(np.char.add("i", np.char.zfill(item[order].astype(str), 7))),
+            S.TIMESTAMP: pa.array(ts[order]),
+            S.EVENT_TYPE: pa.array(np.asarray(kinds)[ev[order]]),
+            S.VALUE: pa.array(value[order].astype(np.float32)),
+        }
+    )
+
+
+def generate(cfg: GenerateConfig) -> dict:
+    """Write `items/items.parquet` and `interactions/part-*.parquet` under `cfg.output`."""
+    t_start = time.time()
+    rng = np.random.default_rng(cfg.seed)
+    n_users = cfg.num_users or max(10, cfg.num_events // 40)
+    n_items = cfg.num_items or int(np.clip(cfg.num_events // 100, 200, 200_000))
+    fs, root = resolve(cfg.output)
+    fs.create_dir(root, recursive=True)
+    items, world = _item_table(cfg, n_items, rng)
+    fs.create_dir(join(root, "items"), recursive=True)
+    pq.write_table(items, join(root, "items", "items.parquet"), filesystem=fs)
+    weights = rng.lognormal(0.0, 1.0, n_users)
+    counts = 3 + rng.multinomial(max(cfg.num_events - 3 * n_users, 0), weights / weights.sum())
+    while counts.sum() > cfg.num_events and counts.max() > 3:  # num_events < 3 * users
+        counts[np.argmax(counts)] -= 1
+    t0 = parse_time(cfg.start)
+    fs.create_dir(join(root, "interactions"), recursive=True)
+    written, part, lo = 0, 0, 0
+    cum = np.cumsum(counts)
+    with tqdm(total=int(counts.sum()), desc="generate", unit="ev", disable=None) as bar:
+        while lo < n_users:
+            hi = int(np.searchsorted(cum, (cum[lo - 1] if lo else 0) + cfg.events_per_file)) + 1
+            hi = min(max(hi, lo + 1), n_users)
+            users = np.arange(lo, hi)
+            table = _events_for_users(users, counts[lo:hi], world, cfg, rng, t0)
+            pq.write_table(
+                table, join(root, "interactions", f"part-{part:05d}.parquet"), filesystem=fs
+            )
+            written += table.num_rows
+            bar.update(table.num_rows)
+            part += 1
+            lo = hi
+    summary = {
+        "output": cfg.output,
+        "events": written,
+        "users": n_users,
+        "items": n_items,
+        "files": part,
+        "seconds": round(time.time() - t_start, 2),
+    }
+    logger.info("generated %s", summary)
+    return summary
