@@ -86,12 +86,24 @@ def expand_paths(spec: str | list[str]) -> tuple[pafs.FileSystem, list[InputFile
     return fs, out
 
 
+def _glob_match(path: str, pattern: str) -> bool:
+    """Shell-style match where `*` stays inside one directory and `**` spans several."""
+    if not _is_data_file(posixpath.basename(path)):
+        return False
+    if "**" in pattern:
+        return fnmatch.fnmatch(path, pattern)
+    parts, pats = path.split("/"), pattern.split("/")
+    return len(parts) == len(pats) and all(
+        fnmatch.fnmatch(a, b) for a, b in zip(parts, pats, strict=True)
+    )
+
+
 def _expand_one(fs: pafs.FileSystem, path: str) -> list[InputFile]:
     if any(c in path for c in _GLOB_CHARS):
         first = min(path.index(c) for c in _GLOB_CHARS if c in path)
         base = path[:first].rsplit("/", 1)[0] or "/"
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
-        files = [i for i in infos if i.type == pafs.FileType.File and fnmatch.fnmatch(i.path, path)]
+        files = [i for i in infos if i.type == pafs.FileType.File and _glob_match(i.path, path)]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:

@@ -128,24 +128,12 @@ def parse_items(table: pa.Table, adapter: Adapter, rules: Rules, files: list[str
     contract = adapter.to_items(table)
     frame, reasons = normalize_items(contract, rules.max_id_chars, rules.max_text_chars)
     bad = ~pd.isna(reasons)
-    rej = rejected_table(table, bad, reasons, files)
-    frame[S.REASON] = None
-    frame["record"] = None
-    out = pa.Table.from_pandas(frame[~bad], preserve_index=False, schema=_ITEM_ROWS)
-    if rej.num_rows:
-        rows = pd.DataFrame(
-            {
-                S.REASON: rej.column("reason").to_pylist(),
-                "record": rej.column("record").to_pylist(),
-                S.SOURCE_FILE: frame[S.SOURCE_FILE].to_numpy()[bad],
-                S.SOURCE_ROW: frame[S.SOURCE_ROW].to_numpy()[bad],
-            }
-        )
-        out = pa.concat_tables(
-            [out, pa.Table.from_pandas(rows, preserve_index=False, schema=_ITEM_ROWS)],
-            promote_options="default",
-        )
-    return out
+    frame[S.REASON] = reasons
+    records = np.full(len(frame), None, dtype=object)
+    if bad.any():
+        records[bad] = rejected_table(table, bad, reasons, files).column("record").to_pylist()
+    frame["record"] = records
+    return pa.Table.from_pandas(frame, preserve_index=False, schema=_ITEM_ROWS)
 
 
 _ITEM_ROWS = pa.schema(
@@ -266,9 +254,16 @@ class BucketSequencer:
     def __init__(self, spec: SplitSpec, work_dir: str, out_dir: str, files: list[str]) -> None:
         self.spec, self.work_dir, self.out_dir, self.files = spec, work_dir, out_dir, files
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         results = [self._one(int(b)) for b in batch["bucket"]]
-        return {k: np.array([r[k] for r in results], dtype=object) for k in results[0]}
+        return pa.table(
+            {
+                "bucket": pa.array([r["bucket"] for r in results], pa.int64()),
+                "stats": pa.array([json.dumps(r["stats"]) for r in results]),
+                "items": pa.array([r["items"] for r in results], pa.list_(pa.int64())),
+                "counts": pa.array([r["counts"] for r in results], pa.list_(pa.int64())),
+            }
+        )
 
     def _one(self, b: int) -> dict[str, Any]:
         kept, dups, filtered = sequence_bucket(_read_bucket(self.work_dir, b), self.spec)
@@ -321,9 +316,9 @@ class BucketExampleBuilder:
         self.sampler = ray.get(sampler) if isinstance(sampler, ray.ObjectRef) else sampler
         self.spec, self.k, self.out_dir = spec, num_negatives, out_dir
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        counts = [self._one(int(b)) for b in batch["bucket"]]
-        return {"bucket": batch["bucket"], "stats": np.array(counts, dtype=object)}
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        counts = [json.dumps(self._one(int(b))) for b in batch["bucket"]]
+        return pa.table({"bucket": pa.array(batch["bucket"]), "stats": pa.array(counts)})
 
     def _one(self, b: int) -> dict[str, int]:
         fs, path = resolve(join(self.out_dir, "interactions", f"part-{b:05d}.parquet"))
@@ -496,7 +491,7 @@ def _sequence(
     totals: Counter = Counter()
     train_counts = np.zeros(n_items + 1, dtype=np.int64)
     for _, row in seq.iterrows():
-        totals.update(row["stats"])
+        totals.update(json.loads(row["stats"]))
         np.add.at(
             train_counts, np.asarray(row["items"], np.int64), np.asarray(row["counts"], np.int64)
         )
@@ -538,7 +533,7 @@ def _examples(run: _Run, buckets, train_counts: np.ndarray) -> dict[str, int]:
     ).to_pandas()
     totals: Counter = Counter()
     for st in ex["stats"]:
-        totals.update(st)
+        totals.update(json.loads(st))
     return {k: int(totals.get(k, 0)) for k in S.SPLITS}
 
 

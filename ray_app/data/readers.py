@@ -147,12 +147,15 @@ def read_csv_stream(
     """Stream a delimited file as string columns with per-record rejection."""
     from pyarrow import csv as pacsv
 
-    head = b""
-    while b"\n" not in head:
-        chunk = f.read(1 << 16)
-        if not chunk:
-            break
-        head += chunk
+    try:
+        head = b""
+        while b"\n" not in head:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                break
+            head += chunk
+    except OSError as e:
+        raise InputError(f"{path}: cannot read (corrupt or truncated?): {e}") from e
     if not head.strip():
         return
     if spec.column_names is not None:
@@ -175,6 +178,7 @@ def read_csv_stream(
         return "skip"
 
     stream = _Prefixed(head, f)
+    row = 0
     try:
         reader = pacsv.open_csv(
             stream,
@@ -197,7 +201,6 @@ def read_csv_stream(
                 null_values=[],
             ),
         )
-        row = 0
         for batch in reader:
             table = pa.Table.from_batches([batch])
             reasons = np.full(table.num_rows, None, dtype=object)
@@ -218,6 +221,9 @@ def read_csv_stream(
         raise InputError(
             f"{path}: cannot read as delimited text (corrupt or truncated?): {e}"
         ) from e
+    if bad_rows:
+        last_bad = bad_rows[-1]
+        yield _malformed_block(bad_rows, names, file_idx, row, MALFORMED_ROW)
     tail = stream.last_chunk
     if last_bad is not None and tail and not tail.endswith(b"\n"):
         last_line = tail.rsplit(b"\n", 1)[-1].decode(spec.encoding, errors="backslashreplace")

@@ -1,0 +1,48 @@
+"""Shared fixtures: one local Ray per test session, small data written per test."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SHARED_MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray on 127.0.0.1 with 2 CPUs, shared by every test that needs Ray."""
+    import ray
+    import ray.data
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        configure_logging=False,
+        object_store_memory=512 * 1024 * 1024,
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def write(tmp_path: Path):
+    """write("a/b.csv", text_or_bytes) -> path, under this test's tmp dir."""
+
+    def _write(rel: str, content: str | bytes) -> Path:
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, str):
+            p.write_text(content)
+        else:
+            p.write_bytes(content)
+        return p
+
+    return _write

@@ -1,0 +1,91 @@
+from __future__ import annotations
+
+import pytest
+
+from ray_app.cli import main
+from ray_app.config import ConfigError, PrepareConfig, load_config, parse_time
+
+BASE = ["input.interactions=a.csv", "input.items=b.csv", "output=out"]
+
+
+def test_yaml_and_overrides_merge(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text(
+        "input: {interactions: x.parquet, items: y.parquet}\noutput: o\nsplit: {max_history: 20}\n"
+    )
+    cfg = load_config(PrepareConfig, f, ["split.max_history=7", "negatives.sampler=uniform"])
+    assert cfg.split.max_history == 7
+    assert cfg.negatives.sampler == "uniform"
+    assert cfg.input.interactions == "x.parquet"
+    assert cfg.split.min_interactions == 5  # default kept
+
+
+@pytest.mark.parametrize(
+    ("override", "names"),
+    [
+        ("split.max_histroy=5", "split.max_histroy: unknown key"),
+        ("split.max_history=abc", "split.max_history"),
+        ("negatives.sampler=zipf", "negatives.sampler"),
+        ("validation.max_rejected_fraction=1.5", "validation.max_rejected_fraction"),
+        ("nonsense=1", "nonsense: unknown key"),
+    ],
+)
+def test_bad_key_or_type_names_the_key(override, names):
+    with pytest.raises(ConfigError) as e:
+        load_config(PrepareConfig, None, [*BASE, override])
+    assert names in str(e.value)
+
+
+def test_missing_required_key_is_named():
+    with pytest.raises(ConfigError, match="output: required key is missing"):
+        load_config(PrepareConfig, None, BASE[:2])
+
+
+def test_time_split_needs_cutoffs():
+    with pytest.raises(ConfigError, match="valid_start and test_start"):
+        load_config(PrepareConfig, None, [*BASE, "split.method=time"])
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="must look like"):
+        load_config(PrepareConfig, None, ["output"])
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(PrepareConfig, None, [*BASE, "output.x=1"])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(PrepareConfig, tmp_path / "nope.yaml")
+    f = tmp_path / "list.yaml"
+    f.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(PrepareConfig, f)
+
+
+def test_cli_stops_before_work_on_bad_config(capsys, tmp_path):
+    out = tmp_path / "never"
+    rc = main(
+        [
+            "prepare",
+            "--set",
+            "input.interactions=a",
+            "--set",
+            "input.items=b",
+            "--set",
+            f"output={out}",
+            "--set",
+            "split.bogus=1",
+        ]
+    )
+    assert rc == 2
+    assert "split.bogus: unknown key" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_parse_time():
+    assert parse_time(0) == 0
+    assert parse_time("1700000000") == 1_700_000_000
+    assert parse_time("2024-01-01T00:00:00Z") == 1_704_067_200
+    assert parse_time("2024-01-01") == 1_704_067_200  # naive means UTC
+    with pytest.raises(ValueError, match="not an ISO-8601"):
+        parse_time("yesterday")
