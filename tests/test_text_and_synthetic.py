@@ -29,10 +29,19 @@ def test_bundled_tokenizer_loads_offline_and_truncates():
 
     assert (default_encoder_path() / "tokenizer.json").exists()
     tok = ItemTokenizer(TextConfig(max_length=8))
-    out = tok(pa.table({S.ITEM_IDX: pa.array([1, 2], pa.int32()), S.ITEM_ID: ["a", "b"],
-                        S.TITLE: ["Heat", "A very long title " * 10],
-                        S.GENRES: ["Crime", None], S.TAGS: [None, None],
-                        S.DESCRIPTION: [None, None], S.CATEGORIES: [None, None]}))
+    out = tok(
+        pa.table(
+            {
+                S.ITEM_IDX: pa.array([1, 2], pa.int32()),
+                S.ITEM_ID: ["a", "b"],
+                S.TITLE: ["Heat", "A very long title " * 10],
+                S.GENRES: ["Crime", None],
+                S.TAGS: [None, None],
+                S.DESCRIPTION: [None, None],
+                S.CATEGORIES: [None, None],
+            }
+        )
+    )
     ids = out.column(S.INPUT_IDS).to_pylist()
     assert len(ids[1]) == 8 and ids[0][0] == 101 and ids[0][-1] == 102  # [CLS] ... [SEP]
     assert out.column(S.TEXT).to_pylist()[0] == "Heat. Genres: Crime"
@@ -55,14 +64,19 @@ def test_generator_streams_files_exactly_and_text_carries_signal(tmp_path):
     from ray_app.data.synthetic import TOPICS
 
     words = items[S.DESCRIPTION].str.lower().str.split()
-    hits = [np.mean([w in TOPICS[g.split("|")[0]] for w in ws]) for ws, g in
-            zip(words, items[S.GENRES], strict=True)]
+    hits = [
+        np.mean([w in TOPICS[g.split("|")[0]] for w in ws])
+        for ws, g in zip(words, items[S.GENRES], strict=True)
+    ]
     assert np.mean(hits) > 0.5
     # Popularity is skewed (Zipf-like): the top 10% of items get a large share of events.
     counts = ev[S.ITEM_ID].value_counts()
     assert counts.iloc[: len(counts) // 10].sum() / len(ev) > 0.3
     # Same seed, same data.
-    generate(GenerateConfig(output=str(tmp_path / "again"), num_events=30_000,
-                            events_per_file=10_000, seed=1))
+    generate(
+        GenerateConfig(
+            output=str(tmp_path / "again"), num_events=30_000, events_per_file=10_000, seed=1
+        )
+    )
     again = pq.read_table(tmp_path / "again" / "interactions").to_pandas()
     assert again.equals(ev.drop(columns="topic"))

@@ -339,10 +339,12 @@ class BucketExampleBuilder:
         return counts
 
 
-def _pool(cpus: int):
+def _pool(cpus: int, work_units: int | None = None):
+    """An actor pool that starts at full size: every pass here has work for all of it."""
     import ray.data
 
-    return ray.data.ActorPoolStrategy(min_size=1, max_size=cpus)
+    size = max(1, min(cpus, work_units or cpus))
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size)
 
 
 def _auto_buckets(cfg: PrepareConfig, files, fmt: str, cpus: int) -> int:
@@ -433,7 +435,7 @@ def _prepare_items(run: _Run, src: Source, file_offset: int) -> tuple[pd.DataFra
             fn_constructor_args=(run.cfg.text,),
             batch_size=2048,
             batch_format="pyarrow",
-            compute=_pool(run.cpus),
+            compute=_pool(run.cpus, math.ceil(len(valid) / 2048)),
         )
         .write_parquet(run.stage.path("items"))
     )
@@ -486,7 +488,7 @@ def _sequence(
         BucketSequencer,
         fn_constructor_args=(run.spec, run.stage.path("_work"), run.stage.staging, run.files),
         batch_size=1,
-        compute=_pool(run.cpus),
+        compute=_pool(run.cpus, buckets.count()),
     ).to_pandas()
     totals: Counter = Counter()
     train_counts = np.zeros(n_items + 1, dtype=np.int64)
@@ -529,7 +531,7 @@ def _examples(run: _Run, buckets, train_counts: np.ndarray) -> dict[str, int]:
         BucketExampleBuilder,
         fn_constructor_args=(run.spec, ray.put(sampler), neg.num_negatives, run.stage.staging),
         batch_size=1,
-        compute=_pool(run.cpus),
+        compute=_pool(run.cpus, buckets.count()),
     ).to_pandas()
     totals: Counter = Counter()
     for st in ex["stats"]:
