@@ -138,6 +138,12 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000])
     ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
     ap.add_argument(
+        "--reference-max-events",
+        type=int,
+        default=5_000_000,
+        help="run the in-memory pandas reference only up to this size",
+    )
+    ap.add_argument(
         "--workdir", default=None, help="where generated data goes (default: a temp dir)"
     )
     ap.add_argument("--pandas-reference", nargs=2, metavar=("RAW", "OUT"), help=argparse.SUPPRESS)
@@ -199,28 +205,45 @@ def main() -> None:
             flush=True,
         )
 
-    print(f"\nprepare benchmark ({args.cpus} CPUs for Ray; pandas is one process)")
+    report(results, args.cpus)
+
+
+def report(results: list[dict], cpus: int) -> None:
+    print(f"\nprepare benchmark ({cpus} CPUs for Ray; pandas is one process)")
     print(
         f"{'events':>11} {'ray ev/s':>10} {'pandas ev/s':>12} {'speed ray/pd':>13} "
         f"{'ray peak MB':>12} {'pd peak MB':>11} {'mem ray/pd':>11}"
     )
     for r in results:
-        e = r["events"]
-        rs, ps = e / r["ray"]["seconds"], e / r["pandas"]["seconds"]
+        e, ray_r, pd_r = r["events"], r["ray"], r["pandas"]
+        rs = e / ray_r["seconds"]
+        cells = ["-"] * 4
+        if pd_r:
+            ps = e / pd_r["seconds"]
+            cells = [
+                f"{ps:,.0f}",
+                f"{rs / ps:.2f}",
+                f"{pd_r['peak_mb']:,.0f}",
+                f"{ray_r['peak_mb'] / pd_r['peak_mb']:.2f}",
+            ]
         print(
-            f"{e:>11,} {rs:>10,.0f} {ps:>12,.0f} {rs / ps:>13.2f} "
-            f"{r['ray']['peak_mb']:>12,.0f} {r['pandas']['peak_mb']:>11,.0f} "
-            f"{r['ray']['peak_mb'] / r['pandas']['peak_mb']:>11.2f}"
+            f"{e:>11,} {rs:>10,.0f} {cells[0]:>12} {cells[1]:>13} "
+            f"{ray_r['peak_mb']:>12,.0f} {cells[2]:>11} {cells[3]:>11}"
         )
-    if len(results) > 1:
-        a, b = results[0], results[-1]
-        k = b["events"] / a["events"]
-        print(f"\ngrowth from {a['events']:,} to {b['events']:,} events (x{k:g}):")
-        for name in ("ray", "pandas"):
-            print(
-                f"  {name:>6}: time x{b[name]['seconds'] / a[name]['seconds']:.2f}, "
-                f"peak memory x{b[name]['peak_mb'] / a[name]['peak_mb']:.2f}"
-            )
+    for name in ("ray", "pandas"):
+        runs = [r for r in results if r[name]]
+        if len(runs) < 2:
+            continue
+        a, b = runs[0], runs[-1]
+        d_events = b["events"] - a["events"]
+        d_secs = b[name]["seconds"] - a[name]["seconds"]
+        print(
+            f"{name:>6}: {a['events']:,} -> {b['events']:,} events "
+            f"(x{b['events'] / a['events']:g}): "
+            f"time x{b[name]['seconds'] / a[name]['seconds']:.2f}, "
+            f"peak memory x{b[name]['peak_mb'] / a[name]['peak_mb']:.2f}, "
+            f"marginal cost {d_secs / d_events * 1e6:.1f} us/event"
+        )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,14 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
     try:
         return pafs.FileSystem.from_uri(uri)
-    except Exception as e:  # pyarrow raises several types for unknown schemes
-        raise InputError(f"cannot open {uri!r}: {e}") from e
+    except Exception as arrow_error:  # pyarrow raises several types for unknown schemes
+        try:  # schemes only fsspec knows (az://, memory://, ...)
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(uri)
+        except Exception as e:
+            raise InputError(f"cannot open {uri!r}: {arrow_error}; fsspec: {e}") from e
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
 def _is_data_file(name: str) -> bool:

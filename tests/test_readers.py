@@ -110,3 +110,15 @@ def test_format_detection():
     assert detect_format("r.anything", "parquet") == "parquet"
     with pytest.raises(InputError, match="cannot tell the format"):
         detect_format("data.bin")
+
+
+def test_fsspec_only_scheme_is_read_through_fsspec():
+    import fsspec
+
+    mem = fsspec.filesystem("memory")
+    with mem.open("/bucket/logs/a.csv", "wb") as f:
+        f.write(b"user,item\nu1,i1\n")
+    fs, files = expand_paths("memory://bucket/logs/*.csv")
+    assert [f.path.rsplit("/", 1)[1] for f in files] == ["a.csv"]
+    (block,) = read_file(fs, files[0].path, 0, ReadSpec())
+    assert block.column("item").to_pylist() == ["i1"]

@@ -7,7 +7,6 @@ and validation are shared (`validation`), so every format gets the same rules.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -93,6 +92,8 @@ class Adapter:
 
     def __init__(self, cfg: InputConfig) -> None:
         self.cfg = cfg
+        # Files read beside the two main sources (e.g. MovieLens tags), for the manifest.
+        self.side_files: list[str] = []
         self.interaction_map = ColumnMap(
             columns={
                 c: (cfg.interaction_columns.get(c, c),)
@@ -208,6 +209,7 @@ class MovieLensAdapter(Adapter):
                 raise
             return {}
         counts: dict[str, Counter[str]] = {}
+        self.side_files = [fi.path for fi in files]
         for fi in files:
             for block in read_file(fs, fi.path, 0, ReadSpec(format="csv")):
                 if "movieId" not in block.column_names or "tag" not in block.column_names:
@@ -355,27 +357,6 @@ class AmazonAdapter(Adapter):
                 f"{[c for c in table.column_names if c not in _PROVENANCE]}"
             )
         return out.append_column(S.TIMESTAMP, ts)
-
-
-def flatten_text(value: str | None) -> str | None:
-    """JSON list text (Amazon `categories`, `description`) -> 'a, b, c'; other text as is."""
-    if not value or value[0] != "[":
-        return value
-    try:
-        obj = json.loads(value)
-    except ValueError:
-        return value
-    parts: list[str] = []
-
-    def walk(o) -> None:
-        if isinstance(o, list):
-            for x in o:
-                walk(x)
-        elif o is not None and str(o).strip():
-            parts.append(str(o).strip())
-
-    walk(obj)
-    return "|".join(dict.fromkeys(parts)) or None
 
 
 ADAPTERS: dict[str, type[Adapter]] = {

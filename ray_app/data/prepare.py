@@ -588,6 +588,7 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
                     {"path": f.path, "size": f.size, "mtime": f.mtime}
                     for f in isrc.files + tsrc.files
                 ],
+                "side_files": adapter.side_files,
             },
             "config": dump_config(cfg),
             "resolved": {

@@ -6,6 +6,7 @@ per batch. Token ids are stored unpadded so training pads per batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -43,6 +44,27 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=local, use_fast=True)
 
 
+def flatten_text(value: str | None) -> str | None:
+    """JSON list text (Amazon `categories`, `description`) -> 'a|b|c'; other text as is."""
+    if not value or value[0] != "[":
+        return value
+    try:
+        obj = json.loads(value)
+    except ValueError:
+        return value
+    parts: list[str] = []
+
+    def walk(o) -> None:
+        if isinstance(o, list):
+            for x in o:
+                walk(x)
+        elif o is not None and str(o).strip():
+            parts.append(str(o).strip())
+
+    walk(obj)
+    return "|".join(dict.fromkeys(parts)) or None
+
+
 class TextRenderer:
     """Renders `template` parts, dropping parts whose fields are all empty."""
 
@@ -59,8 +81,6 @@ class TextRenderer:
             )
 
     def _field(self, value: str | None) -> str:
-        from ray_app.data.adapters import flatten_text
-
         value = flatten_text(value)
         if not value:
             return ""
