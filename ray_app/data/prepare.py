@@ -193,6 +193,10 @@ def validate_and_bucket(
     rejected_dir: str,
     files: list[str],
 ) -> pa.Table:
+    """Validate one raw batch; write valid rows to user buckets, rejects to `rejected_dir`.
+
+    Returns the batch's counts (read, valid, rejected by reason) as a small table.
+    """
     contract = adapter.to_interactions(raw)
     frame, reasons = normalize_interactions(contract, rules)
     item_idx = index.get_indexer(frame[S.ITEM_ID].to_numpy())
