@@ -30,8 +30,9 @@ def _setup_logging(verbose: bool) -> None:
     )
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", "-c", help="YAML config file for this stage")
+def _add_config_args(p: argparse.ArgumentParser, with_file: bool = True) -> None:
+    if with_file:
+        p.add_argument("--config", "-c", help="YAML config file for this stage")
     p.add_argument(
         "--set",
         dest="overrides",
@@ -132,14 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", default="runs/demo", help="where data and outputs go")
     p.add_argument("--events", type=int, default=200_000, help="events to generate")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a prepare config key",
-    )
+    _add_config_args(p, with_file=False)
     p.set_defaults(func=_cmd_demo)
     return parser
 
