@@ -1,0 +1,1 @@
+"""Evaluation: ranking metrics, protocols, baselines, reports."""
