@@ -17,7 +17,13 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from ray_app.config import ConfigError, GenerateConfig, PrepareConfig, load_config
+from ray_app.config import (
+    ConfigError,
+    EvaluateConfig,
+    GenerateConfig,
+    PrepareConfig,
+    load_config,
+)
 
 logger = logging.getLogger("ray_app")
 
@@ -63,6 +69,16 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from ray_app.evaluation.evaluate import run_evaluate
+    from ray_app.evaluation.report import markdown
+
+    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    metrics = run_evaluate(cfg)
+    print(markdown(metrics))
     return 0
 
 
@@ -124,6 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=_cmd_prepare)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="score baselines on a prepared split: both protocols, report and plots",
+        description="Fit popularity, item-kNN, EASE and a SASRec-style model on train, tune on "
+        "valid, score valid and test (sampled and full ranking). Example: rerank evaluate "
+        "--set prepared=runs/ml/prepared --set output=runs/ml/eval",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
         "demo",

@@ -179,6 +179,27 @@ class PrepareConfig(_Strict):
     overwrite: bool = True
 
 
+BaselineName = Literal["popularity", "item_knn", "ease", "sasrec"]
+
+
+class EvaluateConfig(_Strict):
+    """Config of the `evaluate` stage: what to score, on which prepared data, how."""
+
+    prepared: PathLike
+    output: PathLike
+    k: int = Field(default=10, ge=1, le=1000)
+    num_negatives: int = Field(default=99, ge=1)
+    seed: int = 0
+    baselines: list[BaselineName] = Field(
+        default_factory=lambda: ["popularity", "item_knn", "ease", "sasrec"]
+    )
+    ease_lambdas: list[float] = Field(
+        default_factory=lambda: [10.0, 30.0, 100.0, 300.0, 1000.0], min_length=1
+    )
+    knn_neighbours: list[int] = Field(default_factory=lambda: [5, 10, 20, 50, 100], min_length=1)
+    sasrec_epochs: int = Field(default=300, ge=1)
+
+
 class GenerateConfig(_Strict):
     """Config of the synthetic data generator (the embedded default data)."""
 

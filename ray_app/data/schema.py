@@ -49,6 +49,9 @@ TARGET_ITEM_IDX = "target_item_idx"
 TARGET_ITEM_ID = "target_item_id"
 TARGET_TIMESTAMP = "target_timestamp"
 TARGET_EVENT_IDX = "target_event_idx"
+# Position of the target in its user's time-ordered events (0-based), so the
+# full history of any example is that user's first `target_pos` events.
+TARGET_POS = "target_pos"
 NEGATIVES = "neg_item_idx"
 
 SPLITS = ("train", "valid", "test")
@@ -79,6 +82,7 @@ EXAMPLES_SCHEMA = pa.schema(
         pa.field(TARGET_ITEM_IDX, pa.int32(), nullable=False),
         pa.field(TARGET_TIMESTAMP, pa.int64(), nullable=False),
         pa.field(TARGET_EVENT_IDX, pa.int8(), nullable=False),
+        pa.field(TARGET_POS, pa.int32(), nullable=False),
         pa.field(HIST_ITEM_IDX, pa.list_(pa.int32()), nullable=False),
         pa.field(HIST_EVENT_IDX, pa.list_(pa.int8()), nullable=False),
         pa.field(HIST_GAP, pa.list_(pa.int64()), nullable=False),

@@ -151,6 +151,7 @@ def build_examples(
                 S.TARGET_ITEM_IDX: pa.array(item_idx[t]),
                 S.TARGET_TIMESTAMP: pa.array(ts[t]),
                 S.TARGET_EVENT_IDX: pa.array(ev[t]),
+                S.TARGET_POS: pa.array(target_pos.astype(np.int32)),
                 S.HIST_ITEM_IDX: pa.ListArray.from_arrays(
                     pa.array(offsets), pa.array(item_idx[flat])
                 ),

@@ -1,0 +1,169 @@
+"""Baselines the language-model re-ranker must beat: each has `fit` and `score_all`.
+
+`score_all(histories)` returns scores for every item index (column 0 is
+padding) given each user's time-ordered history; `score(histories,
+candidates)` gathers the candidates' columns. All are fitted on the train
+split only; their few hyper-parameters are tuned on the validation split by
+`evaluate.tune`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ray_app.data import schema as S
+
+logger = logging.getLogger(__name__)
+
+
+class Baseline:
+    name = "baseline"
+
+    @property
+    def params(self) -> dict:
+        return {}
+
+    def fit(self, train: pd.DataFrame, num_items: int) -> Baseline:
+        raise NotImplementedError
+
+    def score_all(self, histories: list[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def score(self, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
+        full = self.score_all(histories)
+        return np.take_along_axis(full, candidates, axis=1)
+
+
+def _user_item_matrix(train: pd.DataFrame, num_items: int) -> sp.csr_matrix:
+    users, codes = np.unique(train[S.USER_ID].to_numpy(), return_inverse=True)
+    x = sp.csr_matrix(
+        (np.ones(len(train), np.float32), (codes, train[S.ITEM_IDX].to_numpy())),
+        shape=(len(users), num_items + 1),
+    )
+    x.data[:] = 1.0  # implicit feedback: repeats count once
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x
+
+
+def _history_matrix(histories: list[np.ndarray], num_items: int) -> sp.csr_matrix:
+    rows = np.repeat(np.arange(len(histories)), [len(h) for h in histories])
+    cols = np.concatenate(histories) if histories else np.zeros(0, int)
+    x = sp.csr_matrix(
+        (np.ones(len(cols), np.float32), (rows, cols)), shape=(len(histories), num_items + 1)
+    )
+    x.sum_duplicates()
+    x.data[:] = 1.0
+    return x
+
+
+@dataclass
+class Popularity(Baseline):
+    """Train interaction count; the same list for everyone."""
+
+    name: str = "popularity"
+
+    def fit(self, train: pd.DataFrame, num_items: int) -> Popularity:
+        self.counts = np.bincount(train[S.ITEM_IDX].to_numpy(), minlength=num_items + 1)
+        self.counts = self.counts.astype(np.float64)
+        self.counts[0] = -np.inf
+        return self
+
+    def score_all(self, histories: list[np.ndarray]) -> np.ndarray:
+        return np.broadcast_to(self.counts, (len(histories), len(self.counts))).copy()
+
+
+@dataclass
+class ItemKNN(Baseline):
+    """Item-based kNN: cosine similarity of item co-occurrence, top-`k` neighbours per item."""
+
+    k: int = 100
+    shrink: float = 10.0
+    name: str = "item_knn"
+
+    @property
+    def params(self) -> dict:
+        return {"k": self.k, "shrink": self.shrink}
+
+    def fit(self, train: pd.DataFrame, num_items: int) -> ItemKNN:
+        x = _user_item_matrix(train, num_items)
+        co = (x.T @ x).toarray().astype(np.float32)
+        norms = np.sqrt(np.diag(co))
+        self.full_sim = co / (np.outer(norms, norms) + self.shrink + 1e-9)
+        np.fill_diagonal(self.full_sim, 0.0)
+        self.num_items = num_items
+        return self._prune()
+
+    def with_k(self, k: int) -> ItemKNN:
+        """Another neighbourhood size from the cached similarities."""
+        other = ItemKNN(k=k, shrink=self.shrink)
+        other.full_sim, other.num_items = self.full_sim, self.num_items
+        return other._prune()
+
+    def _prune(self) -> ItemKNN:
+        sim = self.full_sim.copy()
+        if self.k < sim.shape[0]:
+            cut = np.argpartition(-sim, self.k, axis=0)[self.k :]
+            np.put_along_axis(sim, cut, 0.0, axis=0)
+        self.sim = sim
+        return self
+
+    def score_all(self, histories: list[np.ndarray]) -> np.ndarray:
+        out = np.asarray(_history_matrix(histories, self.num_items) @ self.sim, dtype=np.float64)
+        out[:, 0] = -np.inf
+        return out
+
+
+@dataclass
+class EASE(Baseline):
+    """EASE (Steck 2019): closed-form item-item weights, L2 strength `lam`."""
+
+    lam: float = 500.0
+    name: str = "ease"
+
+    @property
+    def params(self) -> dict:
+        return {"lam": self.lam}
+
+    def fit(self, train: pd.DataFrame, num_items: int) -> EASE:
+        x = _user_item_matrix(train, num_items)
+        self.gram = (x.T @ x).toarray().astype(np.float64)
+        self.num_items = num_items
+        return self._solve()
+
+    def with_lambda(self, lam: float) -> EASE:
+        """Refit for another `lam` from the cached Gram matrix (cheap hyper-parameter search)."""
+        other = EASE(lam=lam)
+        other.gram, other.num_items = self.gram, self.num_items
+        return other._solve()
+
+    def _solve(self) -> EASE:
+        from scipy.linalg import lapack
+
+        t = time.time()
+        g = self.gram.astype(np.float32)
+        g[np.diag_indices_from(g)] += self.lam
+        # Cholesky inverse of the SPD matrix: about a third of a general inverse's work.
+        c, info = lapack.spotrf(g, lower=False, overwrite_a=True)
+        if info != 0:
+            raise np.linalg.LinAlgError(
+                f"EASE: Gram matrix + {self.lam} I is not positive definite"
+            )
+        p, info = lapack.spotri(c, lower=False, overwrite_c=True)
+        p = np.triu(p) + np.triu(p, 1).T
+        b = p / (-np.diag(p))
+        np.fill_diagonal(b, 0.0)
+        self.b = b.astype(np.float32)
+        logger.debug("EASE lam=%s solved in %.1fs", self.lam, time.time() - t)
+        return self
+
+    def score_all(self, histories: list[np.ndarray]) -> np.ndarray:
+        out = np.asarray(_history_matrix(histories, self.num_items) @ self.b, dtype=np.float64)
+        out[:, 0] = -np.inf
+        return out

@@ -1,0 +1,287 @@
+"""The `evaluate` stage: baselines (and later model artifacts) on the same held-out users.
+
+Two protocols per split. *Sampled*: the held-out item among `num_negatives`
+items the user never touched (uniform, fixed seed), written to Parquet so
+any system can be scored on the very same lists. *Full*: the held-out item
+ranked against the whole catalogue minus the user's earlier items.
+Hyper-parameters are chosen on the validation split only; the test split is
+scored once with the chosen values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+
+from ray_app.config import EvaluateConfig, dump_config
+from ray_app.data import schema as S
+from ray_app.evaluation import metrics as M
+from ray_app.evaluation.baselines import EASE, Baseline, ItemKNN, Popularity
+from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared
+from ray_app.evaluation.sasrec import SASRec, SASRecConfig
+from ray_app.storage import StagedOutput, code_version, resolve
+
+logger = logging.getLogger(__name__)
+
+HISTORY_BUCKETS = (1, 11, 21, 51, 101, 201)  # lower edges
+CHUNK = 1024
+
+
+def sampled_candidates(data: EvalData, split: str, n_neg: int, seed: int) -> np.ndarray:
+    """(users, 1 + n_neg) item indices: the target first, then never-touched items."""
+    targets = data.splits[split]
+    rng = np.random.default_rng([seed, 0 if split == "valid" else 1])
+    out = np.zeros((len(targets), 1 + n_neg), dtype=np.int64)
+    for i, (u, t) in enumerate(zip(targets.user_ids, targets.targets, strict=True)):
+        owned = data.user_items[u]
+        if data.num_items - len(np.unique(owned)) < n_neg:
+            raise ValueError(f"user {u!r} has touched almost every item: cannot sample {n_neg}")
+        picked: list[int] = []
+        while len(picked) < n_neg:
+            draw = rng.integers(1, data.num_items + 1, size=2 * n_neg)
+            draw = draw[~np.isin(draw, owned)]
+            picked.extend(x for x in dict.fromkeys(draw.tolist()) if x not in set(picked))
+        out[i, 0] = t
+        out[i, 1:] = picked[:n_neg]
+    return out
+
+
+def write_candidates(path: str, targets: SplitTargets, cand: np.ndarray) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+    table = pa.table(
+        {
+            S.USER_ID: pa.array(targets.user_ids, pa.string()),
+            S.TARGET_ITEM_IDX: pa.array(targets.targets.astype(np.int32)),
+            "candidates": pa.array(list(cand.astype(np.int32)), pa.list_(pa.int32())),
+        }
+    )
+    pq.write_table(table, p, filesystem=fs)
+
+
+def _token_bags(data: EvalData) -> sp.csr_matrix:
+    """Items as normalised bags of text tokens, for intra-list diversity."""
+    ids = data.items[S.INPUT_IDS].tolist()
+    rows = np.repeat(np.arange(len(ids)), [len(v) for v in ids])
+    cols = np.concatenate([np.asarray(v) for v in ids])
+    m = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(ids), int(cols.max()) + 1))
+    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())
+    return sp.diags(1.0 / np.maximum(norms, 1e-12)) @ m
+
+
+def _diversity(topk: np.ndarray, bags: sp.csr_matrix) -> float:
+    vals = []
+    for t in topk:
+        e = bags[t]
+        sim = (e @ e.T).toarray()
+        m = len(t)
+        vals.append(1.0 - (sim.sum() - np.trace(sim)) / (m * (m - 1)))
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def score_split(
+    model: Baseline, data: EvalData, split: str, cand: np.ndarray, k: int, seed: int = 0
+) -> dict[str, Any]:
+    """Per-user rank statistics for both protocols plus each user's top-k list."""
+    targets = data.splits[split]
+    rng = np.random.default_rng(seed)
+    full, samp, tops = [], [], []
+    for lo in range(0, len(targets), CHUNK):
+        hist = targets.histories[lo : lo + CHUNK]
+        tgt = targets.targets[lo : lo + CHUNK]
+        scores = model.score_all(hist)
+        competing = np.ones(scores.shape, dtype=bool)
+        competing[:, 0] = False
+        for i, h in enumerate(hist):
+            competing[i, h] = False
+        full.append(M.rank_stats(scores, tgt, competing))
+        c = cand[lo : lo + CHUNK]
+        samp.append(M.rank_stats(np.take_along_axis(scores, c, 1), np.zeros(len(c), int)))
+        # Top-k lists break ties at random (seeded), like the expected-rank metrics.
+        jitter = rng.random(scores.shape) * 1e-9 * (np.abs(scores[np.isfinite(scores)]).max() + 1)
+        masked = np.where(competing, scores + jitter, -np.inf)
+        part = np.argpartition(-masked, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(masked, part, 1), axis=1)
+        tops.append(np.take_along_axis(part, order, 1))
+
+    def cat(stats: list[M.RankStats]) -> M.RankStats:
+        return M.RankStats(
+            *(np.concatenate([getattr(s, f) for s in stats]) for f in ("greater", "ties", "less"))
+        )
+
+    return {"full": cat(full), "sampled": cat(samp), "topk": np.concatenate(tops)}
+
+
+def summarize(res: dict[str, Any], data: EvalData, k: int, bags: sp.csr_matrix) -> dict[str, Any]:
+    s, f, topk = res["sampled"], res["full"], res["topk"]
+    per_user_auc = M.auc(s)
+    return {
+        "sampled": {
+            f"hr@{k}": M.mean_defined(M.hit_rate(s, k)),
+            f"ndcg@{k}": M.mean_defined(M.ndcg(s, k)),
+            "mrr": M.mean_defined(M.mrr(s)),
+            "auc": M.mean_defined(per_user_auc),
+            "gauc": M.gauc(per_user_auc),
+        },
+        "full": {
+            f"recall@{k}": M.mean_defined(M.hit_rate(f, k)),
+            f"ndcg@{k}": M.mean_defined(M.ndcg(f, k)),
+            "mrr": M.mean_defined(M.mrr(f)),
+            f"coverage@{k}": M.coverage(list(topk), data.num_items, k),
+            f"long_tail_share@{k}": M.long_tail_share(list(topk), data.train_counts, k),
+            f"diversity@{k}": _diversity(topk, bags),
+        },
+        "users": len(s),
+    }
+
+
+def breakdowns(res: dict[str, Any], data: EvalData, split: str, k: int) -> dict[str, Any]:
+    """Full-ranking and sampled NDCG@k by history length and by target popularity."""
+    targets = data.splits[split]
+    hl = np.array([len(h) for h in targets.histories])
+    counts = data.train_counts
+    pop = counts[targets.targets]
+    ranked = np.sort(counts[1:])[::-1]
+    cuts = [ranked[int(q * (len(ranked) - 1))] for q in (0.01, 0.05, 0.2, 0.5)]
+    pop_bucket = np.select(
+        [pop == 0, pop >= cuts[0], pop >= cuts[1], pop >= cuts[2], pop >= cuts[3]],
+        ["cold (0)", "top 1%", "1-5%", "5-20%", "20-50%"],
+        "bottom 50%",
+    )
+    hist_bucket = np.digitize(hl, HISTORY_BUCKETS)
+    hist_labels = [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(HISTORY_BUCKETS)] + [
+        f"{HISTORY_BUCKETS[-1]}+"
+    ]
+    out: dict[str, Any] = {}
+    for proto in ("full", "sampled"):
+        nd = M.ndcg(res[proto], k)
+        out[f"{proto}_ndcg_by_history"] = {
+            hist_labels[b - 1]: {
+                "ndcg": float(nd[hist_bucket == b].mean()),
+                "users": int((hist_bucket == b).sum()),
+            }
+            for b in np.unique(hist_bucket)
+        }
+        out[f"{proto}_ndcg_by_popularity"] = {
+            lab: {
+                "ndcg": float(nd[pop_bucket == lab].mean()),
+                "users": int((pop_bucket == lab).sum()),
+            }
+            for lab in ["top 1%", "1-5%", "5-20%", "20-50%", "bottom 50%", "cold (0)"]
+            if (pop_bucket == lab).any()
+        }
+    return out
+
+
+def _primary(summary: dict[str, Any], k: int) -> float:
+    return summary["full"][f"ndcg@{k}"]
+
+
+def fit_baselines(
+    cfg: EvaluateConfig, data: EvalData, cands: dict[str, np.ndarray], bags: sp.csr_matrix
+) -> tuple[dict[str, Baseline], dict[str, Any]]:
+    """Fit each baseline on train, tuning its hyper-parameters on valid (full NDCG@k)."""
+    k = cfg.k
+    models: dict[str, Baseline] = {}
+    info: dict[str, Any] = {}
+
+    def valid_score(m: Baseline) -> float:
+        return _primary(
+            summarize(score_split(m, data, "valid", cands["valid"], k), data, k, bags), k
+        )
+
+    for name in cfg.baselines:
+        t = time.time()
+        tried: dict[str, float] = {}
+        if name == "popularity":
+            model: Baseline = Popularity().fit(data.train, data.num_items)
+        elif name == "item_knn":
+            best, base_knn = None, ItemKNN(k=cfg.knn_neighbours[0]).fit(data.train, data.num_items)
+            for kk in cfg.knn_neighbours:
+                m = base_knn.with_k(kk)
+                tried[str(kk)] = valid_score(m)
+                if best is None or tried[str(kk)] > tried[str(best.k)]:
+                    best = m
+            model = best
+        elif name == "ease":
+            base = EASE(lam=cfg.ease_lambdas[0]).fit(data.train, data.num_items)
+            best = None
+            for lam in cfg.ease_lambdas:
+                m = base.with_lambda(lam)
+                tried[str(lam)] = valid_score(m)
+                if best is None or tried[str(lam)] > tried[str(best.lam)]:
+                    best = m
+            model = best
+        elif name == "sasrec":
+            sc = SASRecConfig(epochs=cfg.sasrec_epochs, seed=cfg.seed)
+            model = SASRec(sc).fit(data.train, data.num_items, validate=valid_score)
+        else:  # config validation makes this unreachable
+            raise ValueError(f"unknown baseline {name!r}")
+        models[name] = model
+        info[name] = {
+            "fit_seconds": round(time.time() - t, 2),
+            "params": model.params,
+            "valid_search": tried,
+        }
+        logger.info("fitted %s in %.1fs (%s)", name, time.time() - t, model.params)
+    return models, info
+
+
+def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Score every configured method on valid and test; write metrics, report, plots."""
+    from ray_app.evaluation.report import write_report
+
+    t0 = time.time()
+    data = load_prepared(cfg.prepared)
+    bags = _token_bags(data)
+    k = cfg.k
+    with StagedOutput(cfg.output) as stage:
+        cands = {}
+        for split in ("valid", "test"):
+            cands[split] = sampled_candidates(data, split, cfg.num_negatives, cfg.seed)
+            write_candidates(
+                stage.path("candidates", f"{split}.parquet"), data.splits[split], cands[split]
+            )
+        models, info = fit_baselines(cfg, data, cands, bags)
+        results: dict[str, Any] = {"valid": {}, "test": {}}
+        details: dict[str, Any] = {}
+        for name, model in models.items():
+            for split in ("valid", "test"):
+                res = score_split(model, data, split, cands[split], k)
+                results[split][name] = summarize(res, data, k, bags)
+                if split == "test":
+                    details[name] = breakdowns(res, data, split, k)
+        metrics = {
+            "k": k,
+            "protocols": {
+                "sampled": f"held-out item + {cfg.num_negatives} never-touched items, "
+                f"seed {cfg.seed}",
+                "full": "held-out item against all items minus the user's earlier items",
+            },
+            "prepared": cfg.prepared,
+            "prepared_run_id": data.manifest.get("run_id"),
+            "results": results,
+            "breakdowns_test": details,
+            "baselines": info,
+        }
+        manifest = {
+            "stage": "evaluate",
+            "run_id": stage.run_id,
+            "code_version": code_version(),
+            "config": dump_config(cfg),
+            "timings": {"total_s": round(time.time() - t0, 2)},
+        }
+        write_report(stage.staging, metrics)
+        fs, p = resolve(stage.path("metrics.json"))
+        with fs.open_output_stream(p) as f:
+            f.write(json.dumps(metrics, indent=2).encode())
+        stage.publish(manifest)
+    return metrics

@@ -1,0 +1,117 @@
+"""Evaluation report: a Markdown table and PNG plots from `metrics.json` content."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from ray_app.storage import resolve, write_text
+
+
+def markdown(metrics: dict[str, Any]) -> str:
+    k = metrics["k"]
+    lines = [f"# Evaluation (k={k})", ""]
+    for split in ("test", "valid"):
+        res = metrics["results"][split]
+        lines += [
+            f"## {split}",
+            "",
+            f"| method | sampled HR@{k} | sampled NDCG@{k} | sampled MRR | AUC | full Recall@{k} "
+            f"| full NDCG@{k} | coverage@{k} | long-tail@{k} | diversity@{k} | users |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in res.items():
+            s, f = r["sampled"], r["full"]
+            lines.append(
+                f"| {name} | {s[f'hr@{k}']:.4f} | {s[f'ndcg@{k}']:.4f} | {s['mrr']:.4f} "
+                f"| {s['auc']:.4f} | {f[f'recall@{k}']:.4f} | {f[f'ndcg@{k}']:.4f} "
+                f"| {f[f'coverage@{k}']:.3f} | {f[f'long_tail_share@{k}']:.3f} "
+                f"| {f[f'diversity@{k}']:.3f} | {r['users']} |"
+            )
+        lines.append("")
+    lines += [
+        "## Baselines",
+        "",
+        "| method | fit seconds | chosen parameters | valid search |",
+        "|---|---:|---|---|",
+    ]
+    for name, b in metrics.get("baselines", {}).items():
+        params = {k2: v for k2, v in b["params"].items() if v is not None}
+        lines.append(f"| {name} | {b['fit_seconds']} | `{params}` | `{b['valid_search']}` |")
+    lines += [
+        "",
+        f"Protocols: sampled = {metrics['protocols']['sampled']}; "
+        f"full = {metrics['protocols']['full']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str, metrics: dict[str, Any]) -> list[str]:
+    """`report.md` and PNG plots under `out_dir` (local or URI); returns the plot names."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    write_text(
+        os.path.join(out_dir, "report.md") if "://" not in out_dir else f"{out_dir}/report.md",
+        markdown(metrics),
+    )
+    k = metrics["k"]
+    test = metrics["results"]["test"]
+    names = list(test)
+    plots = []
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, proto, metric_names in (
+        (axes[0], "sampled", [f"hr@{k}", f"ndcg@{k}"]),
+        (axes[1], "full", [f"recall@{k}", f"ndcg@{k}"]),
+    ):
+        width = 0.8 / len(metric_names)
+        for j, m in enumerate(metric_names):
+            vals = [test[n][proto][m] for n in names]
+            bars = ax.bar([i + j * width for i in range(len(names))], vals, width, label=m)
+            ax.bar_label(bars, fmt="%.3f", fontsize=7)
+        ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(names))], names)
+        ax.set_title(f"test, {proto} protocol")
+        ax.legend()
+    fig.tight_layout()
+    plots.append(_save(fig, out_dir, "metrics_by_method.png"))
+
+    details = metrics.get("breakdowns_test", {})
+    for key, title in (
+        ("ndcg_by_history", "history length (events before target)"),
+        ("ndcg_by_popularity", "target item popularity (train count rank)"),
+    ):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, proto in zip(axes, ("full", "sampled"), strict=True):
+            for n in names:
+                d = details.get(n, {}).get(f"{proto}_{key}", {})
+                ax.plot(list(d), [v["ndcg"] for v in d.values()], marker="o", label=n)
+            if names and details.get(names[0]):
+                d0 = details[names[0]][f"{proto}_{key}"]
+                ax.set_xticks(
+                    range(len(d0)), [f"{b}\n(n={v['users']})" for b, v in d0.items()], fontsize=7
+                )
+            ax.set_title(f"test NDCG@{k} by {title.split(' (')[0]}, {proto}")
+            ax.set_xlabel(title)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        plots.append(_save(fig, out_dir, f"{key}.png"))
+    return plots
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    path = f"{out_dir.rstrip('/')}/{name}"
+    fs, p = resolve(path)
+    with fs.open_output_stream(p) as f:
+        f.write(buf.getvalue())
+    return name

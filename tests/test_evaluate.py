@@ -1,0 +1,92 @@
+"""The evaluate stage on a small prepared synthetic data set."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pyarrow.parquet as pq
+import pytest
+
+from ray_app.config import EvaluateConfig, GenerateConfig, PrepareConfig, load_config
+from ray_app.data.prepare import run_prepare
+from ray_app.data.synthetic import generate
+from ray_app.evaluation.data import load_prepared
+from ray_app.evaluation.evaluate import run_evaluate, sampled_candidates
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture(scope="session")
+def prepared(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    generate(GenerateConfig(output=str(root / "raw"), num_events=15_000, num_items=300, seed=3))
+    cfg = load_config(
+        PrepareConfig,
+        None,
+        [
+            f"input.interactions={root / 'raw' / 'interactions'}",
+            f"input.items={root / 'raw' / 'items'}",
+            f"output={root / 'prepared'}",
+        ],
+    )
+    run_prepare(cfg)
+    return str(root / "prepared")
+
+
+def test_candidates_exclude_everything_the_user_touched(prepared):
+    data = load_prepared(prepared)
+    cand = sampled_candidates(data, "test", 50, seed=1)
+    t = data.splits["test"]
+    assert cand.shape == (len(t), 51)
+    assert (cand[:, 0] == t.targets).all()
+    for u, row in zip(t.user_ids, cand, strict=True):
+        assert len(set(row[1:])) == 50
+        assert not set(row[1:]) & set(data.user_items[u])
+        assert row.min() >= 1 and row.max() <= data.num_items
+    assert (cand == sampled_candidates(data, "test", 50, seed=1)).all()
+    assert not (cand == sampled_candidates(data, "test", 50, seed=2)).all()
+    # Full history before the test target = train + valid events, in time order.
+    v = data.splits["valid"]
+    i = 0
+    assert len(t.histories[i]) == len(v.histories[i]) + 1
+    assert t.histories[i][-1] == v.targets[i]
+
+
+def test_evaluate_writes_metrics_report_plots_and_baselines_beat_random(prepared, tmp_path):
+    cfg = load_config(
+        EvaluateConfig,
+        None,
+        [
+            f"prepared={prepared}",
+            f"output={tmp_path / 'eval'}",
+            "sasrec_epochs=20",
+            "ease_lambdas=[10, 100]",
+            "knn_neighbours=[10, 50]",
+        ],
+    )
+    metrics = run_evaluate(cfg)
+    out = tmp_path / "eval"
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert on_disk["results"] == json.loads(json.dumps(metrics["results"]))
+    for name in (
+        "report.md",
+        "metrics_by_method.png",
+        "ndcg_by_history.png",
+        "ndcg_by_popularity.png",
+        "_SUCCESS",
+    ):
+        assert (out / name).exists(), name
+    cand = pq.read_table(out / "candidates" / "test.parquet").to_pandas()
+    assert cand["candidates"].map(len).eq(100).all()
+    random_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / 100
+    test = metrics["results"]["test"]
+    assert set(test) == {"popularity", "item_knn", "ease", "sasrec"}
+    for name, r in test.items():
+        assert r["sampled"]["ndcg@10"] > 2 * random_ndcg, name
+        assert 0 < r["full"]["coverage@10"] <= 1
+    # Personal models use the topic signal that popularity ignores.
+    assert test["ease"]["full"]["ndcg@10"] > test["popularity"]["full"]["ndcg@10"]
+    assert metrics["baselines"]["ease"]["params"]["lam"] in (10.0, 100.0)
+    assert set(metrics["baselines"]["ease"]["valid_search"]) == {"10.0", "100.0"}
+    assert "| ease |" in (out / "report.md").read_text()
