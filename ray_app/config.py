@@ -55,6 +55,9 @@ class InputConfig(_Strict):
     adapter: AdapterName = "generic"
     path: str | None = None
     interactions: Paths | None = None
+    # A data set that comes already split: {train: ..., valid: ..., test: ...}.
+    # Needs split.method: presplit; the files' split labels are kept as given.
+    splits: dict[Literal["train", "valid", "test"], Paths] | None = None
     items: Paths | None = None
     tags: Paths | None = None
     format: FileFormat = "auto"
@@ -66,13 +69,17 @@ class InputConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_sources(self) -> InputConfig:
-        if self.adapter in ("movielens", "movielens100k"):
-            if not self.path and not self.interactions:
-                raise ValueError(f"adapter {self.adapter!r} needs `path` (the data set directory)")
-        elif not self.interactions or not self.items:
+        if self.interactions and self.splits:
             raise ValueError(
-                f"adapter {self.adapter!r} needs `interactions` and `items` (the re-ranker "
-                "reads item text, so a catalogue is required)"
+                "give either `interactions` or `splits` (already split files), not both"
+            )
+        if self.adapter in ("movielens", "movielens100k"):
+            if not self.path and not (self.interactions or self.splits):
+                raise ValueError(f"adapter {self.adapter!r} needs `path` (the data set directory)")
+        elif not (self.interactions or self.splits) or not self.items:
+            raise ValueError(
+                f"adapter {self.adapter!r} needs `interactions` (or `splits`) and `items` (the "
+                "re-ranker reads item text, so a catalogue is required)"
             )
         return self
 
@@ -119,10 +126,12 @@ class SplitConfig(_Strict):
     `leave_last_out`: per user, the last event is test, the second-to-last is
     valid, the rest is train. `time`: a global cut-off; the first event of each
     user at or after `valid_start` (before `test_start`) is their valid target,
-    the first at or after `test_start` their test target.
+    the first at or after `test_start` their test target. `presplit`: the
+    split of each event is the file it came from (`input.splits`); each user's
+    first valid and first test event (in time order) are their targets.
     """
 
-    method: Literal["leave_last_out", "time"] = "leave_last_out"
+    method: Literal["leave_last_out", "time", "presplit"] = "leave_last_out"
     valid_start: int | str | None = None
     test_start: int | str | None = None
     min_interactions: int = Field(default=5, ge=3)
@@ -177,6 +186,16 @@ class PrepareConfig(_Strict):
     # bounds memory per task; 0 = derive from input size.
     num_buckets: int = Field(default=0, ge=0, le=65536)
     overwrite: bool = True
+
+    @model_validator(mode="after")
+    def _presplit_matches_input(self) -> PrepareConfig:
+        if (self.split.method == "presplit") != bool(self.input.splits):
+            raise ValueError(
+                "split.method 'presplit' and input.splits go together: set both or neither"
+            )
+        if self.input.splits and set(self.input.splits) != {"train", "valid", "test"}:
+            raise ValueError("input.splits needs train, valid and test")
+        return self
 
 
 BaselineName = Literal["popularity", "item_knn", "ease", "sasrec"]

@@ -89,3 +89,21 @@ def test_parse_time():
     assert parse_time("2024-01-01") == 1_704_067_200  # naive means UTC
     with pytest.raises(ValueError, match="not an ISO-8601"):
         parse_time("yesterday")
+
+
+def test_presplit_needs_both_the_method_and_the_files():
+    with pytest.raises(ConfigError, match="presplit' and input.splits go together"):
+        load_config(PrepareConfig, None, [*BASE, "split.method=presplit"])
+    with pytest.raises(ConfigError, match="either `interactions` or `splits`"):
+        load_config(PrepareConfig, None, [*BASE, "input.splits.train=t.csv"])
+    with pytest.raises(ConfigError, match="needs train, valid and test"):
+        load_config(
+            PrepareConfig,
+            None,
+            [
+                "input.items=b.csv",
+                "output=o",
+                "split.method=presplit",
+                "input.splits.train=t.csv",
+            ],
+        )

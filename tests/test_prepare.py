@@ -28,7 +28,7 @@ def prepare(tmp_path, inter, items=None, *overrides) -> dict:
         PrepareConfig,
         None,
         [
-            f"input.interactions={inter}",
+            *([f"input.interactions={inter}"] if inter else []),
             f"input.items={items or tmp_path / 'items.csv'}",
             f"output={tmp_path / 'out'}",
             *overrides,
@@ -213,3 +213,30 @@ def test_synthetic_end_to_end_is_deterministic_across_bucket_counts(ray_local, t
     items = pads.dataset(str(tmp_path / "out1" / "items")).to_table().to_pandas()
     assert items[S.INPUT_IDS].map(len).max() <= 32
     assert items[S.ITEM_IDX].min() == 1 and items[S.ITEM_IDX].is_unique
+
+
+def test_presplit_files_keep_their_split(ray_local, tmp_path, write):
+    write("items.csv", ITEMS)
+    head = "user_id,item_id,timestamp\n"
+    train = [f"u{u},i{j},{1_700_000_000 + j}" for u in range(3) for j in range(1, 6)]
+    valid = [f"u{u},i10,{1_700_000_100}" for u in range(3)]
+    test = [f"u{u},i11,{1_700_000_200}" for u in range(3)] + ["u0,i12,1700000300"]
+    write("split/train.csv", head + "\n".join(train) + "\n")
+    write("split/valid.csv", head + "\n".join(valid) + "\n")
+    write("split/test.csv", head + "\n".join(test) + "\n")
+    m = prepare(
+        tmp_path,
+        None,
+        None,
+        "split.method=presplit",
+        *(
+            f"input.splits.{s}={tmp_path / 'split' / f'{s}.csv'}"
+            for s in ("train", "valid", "test")
+        ),
+    )
+    c = m["counts"]["interactions"]
+    assert c["by_split"] == {"train": 15, "valid": 3, "test": 4}
+    assert m["counts"]["examples"]["test"] == 3  # first test event per user
+    ex = pads.dataset(str(tmp_path / "out" / "examples" / "test")).to_table().to_pandas()
+    assert set(ex[S.TARGET_ITEM_ID]) == {"i11"}
+    assert ex[S.HIST_LEN].tolist() == [6, 6, 6]  # 5 train + the valid event before it

@@ -132,3 +132,18 @@ def test_popularity_sampler_prefers_popular_items():
     share = (out == 1).mean()
     assert share > 0.8  # weight 1001 against 99 items of weight 1
     assert not (out == 50).any()
+
+
+def test_presplit_labels_come_from_the_files():
+    spec = SplitSpec(
+        method="presplit", min_interactions=3, max_history=5, file_splits=("train", "valid", "test")
+    )
+    df = events([("a", 1, 1), ("a", 2, 5), ("a", 3, 3), ("a", 4, 9), ("a", 5, 7)])
+    df[S.SOURCE_FILE] = [0, 1, 0, 2, 1]  # per-row file -> split
+    kept, _ = assign_splits(order_and_dedupe(df)[0], spec)
+    # time order: 1(t1,train) 3(t3,train) 2(t5,valid) 5(t7,valid) 4(t9,test)
+    assert kept[S.ITEM_IDX].tolist() == [1, 3, 2, 5, 4]
+    assert kept[S.SPLIT].tolist() == ["train", "train", "valid", "valid", "test"]
+    rows = target_rows(kept, spec)
+    assert kept[S.ITEM_IDX].to_numpy()[rows["valid"]].tolist() == [2]  # first valid only
+    assert kept[S.ITEM_IDX].to_numpy()[rows["test"]].tolist() == [4]

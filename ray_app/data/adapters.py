@@ -94,6 +94,8 @@ class Adapter:
         self.cfg = cfg
         # Files read beside the two main sources (e.g. MovieLens tags), for the manifest.
         self.side_files: list[str] = []
+        # Split label of each interaction file, for data sets that come already split.
+        self.file_splits: list[str] | None = None
         self.interaction_map = ColumnMap(
             columns={
                 c: (cfg.interaction_columns.get(c, c),)
@@ -118,8 +120,20 @@ class Adapter:
         return ReadSpec(format=self.cfg.format, delimiter=self.cfg.delimiter)
 
     def interaction_source(self) -> Source:
-        fs, files = expand_paths(self.cfg.interactions)  # type: ignore[arg-type]
-        return Source(fs, files, self._spec())
+        return self._interactions(self.cfg.interactions, self._spec())
+
+    def _interactions(self, default, spec: ReadSpec) -> Source:
+        """The interaction files; with `input.splits`, train then valid then test files."""
+        if not self.cfg.splits:
+            fs, files = expand_paths(default)
+            return Source(fs, files, spec)
+        fs, files, labels = None, [], []
+        for split in ("train", "valid", "test"):
+            fs, found = expand_paths(self.cfg.splits[split])
+            files += found
+            labels += [split] * len(found)
+        self.file_splits = labels
+        return Source(fs, files, spec)
 
     def item_source(self) -> Source | None:
         if not self.cfg.items:
@@ -178,8 +192,8 @@ class MovieLensAdapter(Adapter):
         return join(self.cfg.path, name)
 
     def interaction_source(self) -> Source:
-        fs, files = expand_paths(self._file(self.cfg.interactions, "ratings.csv"))
-        return Source(fs, files, ReadSpec(format="csv"))
+        default = None if self.cfg.splits else self._file(self.cfg.interactions, "ratings.csv")
+        return self._interactions(default, ReadSpec(format="csv"))
 
     def item_source(self) -> Source:
         fs, files = expand_paths(self._file(self.cfg.items, "movies.csv"))
@@ -246,10 +260,8 @@ class MovieLens100kAdapter(MovieLensAdapter):
         )
 
     def interaction_source(self) -> Source:
-        fs, files = expand_paths(self._file(self.cfg.interactions, "u.data"))
-        return Source(
-            fs,
-            files,
+        return self._interactions(
+            None if self.cfg.splits else self._file(self.cfg.interactions, "u.data"),
             ReadSpec(
                 format="csv",
                 delimiter="\t",

@@ -89,9 +89,10 @@ def resolve_rules(cfg: PrepareConfig) -> Rules:
     )
 
 
-def split_spec(cfg: PrepareConfig) -> SplitSpec:
+def split_spec(cfg: PrepareConfig, file_splits: list[str] | None = None) -> SplitSpec:
     sp = cfg.split
     return SplitSpec(
+        file_splits=tuple(file_splits) if file_splits else None,
         method=sp.method,
         min_interactions=sp.min_interactions,
         max_history=sp.max_history,
@@ -551,10 +552,11 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
     from ray_app.runtime import cluster_cpus, ensure_ray
 
     t_start = time.time()
-    rules, spec = resolve_rules(cfg), split_spec(cfg)
+    rules = resolve_rules(cfg)
     TextRenderer(cfg.text)  # template errors surface before any work
     adapter = make_adapter(cfg.input)
     isrc, tsrc = adapter.interaction_source(), adapter.item_source()
+    spec = split_spec(cfg, adapter.file_splits)
     files = [f.path for f in isrc.files] + [f.path for f in tsrc.files]
     ensure_ray(cfg.ray)
     cpus = cluster_cpus()

@@ -31,6 +31,8 @@ class SplitSpec:
     max_history: int
     valid_start: int | None = None
     test_start: int | None = None
+    # presplit: split label of each source file index.
+    file_splits: tuple[str, ...] | None = None
 
 
 def order_and_dedupe(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -62,6 +64,8 @@ def assign_splits(events: pd.DataFrame, spec: SplitSpec) -> tuple[pd.DataFrame, 
     if spec.method == "leave_last_out":
         split[pos_from_end == 0] = TEST
         split[pos_from_end == 1] = VALID
+    elif spec.method == "presplit":
+        split = np.asarray(spec.file_splits, dtype=object)[events[S.SOURCE_FILE].to_numpy(np.int64)]
     else:
         ts = events[S.TIMESTAMP].to_numpy()
         split[ts >= spec.valid_start] = VALID
@@ -86,8 +90,8 @@ def target_rows(events: pd.DataFrame, spec: SplitSpec) -> dict[str, np.ndarray]:
 
     Every target has at least one earlier event as history. Leave-last-out:
     every train event but each user's first is a train target; valid and test
-    are one target each. Time split: each user's first valid event and first
-    test event.
+    are one target each. Time split and presplit: each user's first valid
+    event and first test event (in time order) that have an earlier event.
     """
     user = events[S.USER_ID].to_numpy()
     n = len(events)
@@ -101,8 +105,10 @@ def target_rows(events: pd.DataFrame, spec: SplitSpec) -> dict[str, np.ndarray]:
         if spec.method == "leave_last_out":
             out[s] = np.flatnonzero(is_s & ~first)
         else:
-            prev_same = np.r_[False, is_s[:-1] & ~first[1:]]
-            out[s] = np.flatnonzero(is_s & ~first & ~prev_same)
+            idx = np.flatnonzero(is_s)
+            owner = user[idx]
+            first_of_user = idx[np.r_[True, owner[1:] != owner[:-1]]] if len(idx) else idx
+            out[s] = first_of_user[~first[first_of_user]]
     return out
 
 
