@@ -92,7 +92,7 @@ def test_parse_time():
 
 
 def test_presplit_needs_both_the_method_and_the_files():
-    with pytest.raises(ConfigError, match="presplit' and input.splits go together"):
+    with pytest.raises(ConfigError, match=r"presplit' and input\.splits go together"):
         load_config(PrepareConfig, None, [*BASE, "split.method=presplit"])
     with pytest.raises(ConfigError, match="either `interactions` or `splits`"):
         load_config(PrepareConfig, None, [*BASE, "input.splits.train=t.csv"])
