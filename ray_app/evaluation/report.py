@@ -32,12 +32,18 @@ def markdown(metrics: dict[str, Any]) -> str:
     lines += [
         "## Baselines",
         "",
-        "| method | fit seconds | chosen parameters | valid search |",
-        "|---|---:|---|---|",
+        "Hyper-parameters chosen on valid NDCG@k, separately for each protocol.",
+        "",
+        "| method | fit seconds | chosen (sampled) | chosen (full) | valid NDCG@k sampled / full |",
+        "|---|---:|---|---|---|",
     ]
     for name, b in metrics.get("baselines", {}).items():
-        params = {k2: v for k2, v in b["params"].items() if v is not None}
-        lines.append(f"| {name} | {b['fit_seconds']} | `{params}` | `{b['valid_search']}` |")
+        chosen = [_short(b["params"][p]) for p in ("sampled", "full")]
+        search = "; ".join(
+            f"{key}: {v['sampled']:.4f} / {v['full']:.4f}"
+            for key, v in b["valid_ndcg_search"].items()
+        )
+        lines.append(f"| {name} | {b['fit_seconds']} | {chosen[0]} | {chosen[1]} | {search} |")
     lines += [
         "",
         f"Protocols: sampled = {metrics['protocols']['sampled']}; "
@@ -45,6 +51,16 @@ def markdown(metrics: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _short(params: dict) -> str:
+    keep = {k: v for k, v in params.items() if k in ("k", "lam", "epochs_trained")}
+    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
+
+
+def _short(params: dict) -> str:
+    keep = {k: v for k, v in params.items() if k in ("k", "lam", "epochs_trained")}
+    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
 
 
 def write_report(out_dir: str, metrics: dict[str, Any]) -> list[str]:
