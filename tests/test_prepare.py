@@ -240,3 +240,22 @@ def test_presplit_files_keep_their_split(ray_local, tmp_path, write):
     ex = pads.dataset(str(tmp_path / "out" / "examples" / "test")).to_table().to_pandas()
     assert set(ex[S.TARGET_ITEM_ID]) == {"i11"}
     assert ex[S.HIST_LEN].tolist() == [6, 6, 6]  # 5 train + the valid event before it
+    # Evaluation runs on exactly this split: the test targets are the test file's events.
+    from ray_app.config import EvaluateConfig
+    from ray_app.evaluation.evaluate import run_evaluate
+
+    ecfg = load_config(
+        EvaluateConfig,
+        None,
+        [
+            f"prepared={tmp_path / 'out'}",
+            f"output={tmp_path / 'eval'}",
+            "num_negatives=5",
+            "baselines=[popularity, ease]",
+            "ease_lambdas=[10]",
+        ],
+    )
+    metrics = run_evaluate(ecfg)
+    cand = pads.dataset(str(tmp_path / "eval" / "candidates" / "test.parquet")).to_table()
+    assert set(cand.column(S.TARGET_ITEM_IDX).to_pylist()) == {11}  # i11 is item_idx 11
+    assert metrics["results"]["test"]["ease"]["users"] == 3
