@@ -6,6 +6,7 @@ Examples::
     rerank prepare --config cluster/configs/prepare-movielens.yaml
     rerank prepare --set input.adapter=movielens --set input.path=data/ml-latest-small \\
                    --set output=runs/ml/prepared
+    rerank evaluate --config cluster/configs/evaluate-movielens.yaml
     rerank demo --workdir runs/demo
 """
 
@@ -121,35 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser(
-        "generate",
-        help="write synthetic interaction logs and a catalogue",
-        description="Synthetic logs with topic-driven users, Zipf popularity and "
-        "text that carries signal. Example: rerank generate --set output=runs/raw "
-        "--set num_events=1000000",
+    stages = (
+        (
+            "generate",
+            _cmd_generate,
+            "write synthetic interaction logs and a catalogue",
+            "Synthetic logs with topic-driven users, Zipf popularity and text that carries "
+            "signal. Example: rerank generate --set output=runs/raw --set num_events=1000000",
+        ),
+        (
+            "prepare",
+            _cmd_prepare,
+            "validate logs and build sequences/examples (Ray Data)",
+            "Read, validate, dedupe, split and build training examples. Example: rerank "
+            "prepare --set input.adapter=movielens --set input.path=ml-latest-small "
+            "--set output=runs/ml/prepared",
+        ),
+        (
+            "evaluate",
+            _cmd_evaluate,
+            "score baselines on a prepared split: both protocols, report and plots",
+            "Fit popularity, item-kNN, EASE and a SASRec-style model on train, tune on valid, "
+            "score valid and test (sampled and full ranking). Example: rerank evaluate "
+            "--set prepared=runs/ml/prepared --set output=runs/ml/eval",
+        ),
     )
-    _add_config_args(p)
-    p.set_defaults(func=_cmd_generate)
-
-    p = sub.add_parser(
-        "prepare",
-        help="validate logs and build sequences/examples (Ray Data)",
-        description="Read, validate, dedupe, split and build training examples. "
-        "Example: rerank prepare --set input.adapter=movielens "
-        "--set input.path=ml-latest-small --set output=runs/ml/prepared",
-    )
-    _add_config_args(p)
-    p.set_defaults(func=_cmd_prepare)
-
-    p = sub.add_parser(
-        "evaluate",
-        help="score baselines on a prepared split: both protocols, report and plots",
-        description="Fit popularity, item-kNN, EASE and a SASRec-style model on train, tune on "
-        "valid, score valid and test (sampled and full ranking). Example: rerank evaluate "
-        "--set prepared=runs/ml/prepared --set output=runs/ml/eval",
-    )
-    _add_config_args(p)
-    p.set_defaults(func=_cmd_evaluate)
+    for name, func, help_text, description in stages:
+        p = sub.add_parser(name, help=help_text, description=description)
+        _add_config_args(p)
+        p.set_defaults(func=func)
 
     p = sub.add_parser(
         "demo",

@@ -54,9 +54,9 @@ from ray_app.data.validation import (
     BELOW_MIN_INTERACTIONS,
     DUPLICATE_EVENT,
     DUPLICATE_ITEM,
-    REJECTED_SCHEMA,
     UNKNOWN_ITEM,
     Rules,
+    make_rejected,
     normalize_interactions,
     normalize_items,
     rejected_table,
@@ -407,14 +407,12 @@ def _prepare_items(run: _Run, src: Source, file_offset: int) -> tuple[pd.DataFra
     }
     if len(rejected):
         _write(
-            pa.table(
-                {
-                    "reason": pa.array(rejected[S.REASON].astype(str)),
-                    "source_file": pa.array([run.files[i] for i in rejected[S.SOURCE_FILE]]),
-                    "source_row": pa.array(rejected[S.SOURCE_ROW].to_numpy(np.int64)),
-                    "record": pa.array(rejected["record"].astype(str)),
-                },
-                schema=REJECTED_SCHEMA,
+            make_rejected(
+                rejected[S.REASON],
+                rejected[S.SOURCE_FILE],
+                rejected[S.SOURCE_ROW],
+                rejected["record"].tolist(),
+                run.files,
             ),
             run.stage.path("rejected", "items", "part-00000.parquet"),
         )

@@ -17,7 +17,7 @@ import pyarrow as pa
 
 from ray_app.data import schema as S
 from ray_app.data.negatives import NegativeSampler, splitmix64, user_hash
-from ray_app.data.validation import BELOW_MIN_INTERACTIONS, DUPLICATE_EVENT
+from ray_app.data.validation import BELOW_MIN_INTERACTIONS, DUPLICATE_EVENT, make_rejected
 
 SORT_KEYS = [S.USER_ID, S.TIMESTAMP, S.SOURCE_FILE, S.SOURCE_ROW]
 DEDUPE_KEYS = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE]
@@ -200,24 +200,12 @@ def _negatives(
 
 def rejected_events(frame: pd.DataFrame, files: list[str]) -> pa.Table:
     """Interaction rows dropped after parsing (duplicates, filters) in the rejected schema."""
-    from ray_app.data.validation import REJECTED_SCHEMA
-
-    if frame.empty:
-        return REJECTED_SCHEMA.empty_table()
     cols = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE, S.VALUE]
     records = frame[cols].astype({S.VALUE: object}).where(frame[cols].notna(), None)
-    import json
-
-    return pa.table(
-        {
-            "reason": pa.array(frame[S.REASON].astype(str).to_numpy(), pa.string()),
-            "source_file": pa.array(
-                [files[i] for i in frame[S.SOURCE_FILE].to_numpy()], pa.string()
-            ),
-            "source_row": pa.array(frame[S.SOURCE_ROW].to_numpy(np.int64)),
-            "record": pa.array(
-                [json.dumps(r, default=str) for r in records.to_dict(orient="records")], pa.string()
-            ),
-        },
-        schema=REJECTED_SCHEMA,
+    return make_rejected(
+        frame[S.REASON].to_numpy(),
+        frame[S.SOURCE_FILE].to_numpy(),
+        frame[S.SOURCE_ROW].to_numpy(),
+        records.to_dict(orient="records"),
+        files,
     )

@@ -216,24 +216,46 @@ REJECTED_SCHEMA = pa.schema(
 )
 
 
+def make_rejected(
+    reasons, file_idx: np.ndarray, rows: np.ndarray, records: list, files: list[str]
+) -> pa.Table:
+    """The one constructor of `rejected/` rows: (reason, source file, row, record as JSON).
+
+    `records` are dicts (serialised here) or JSON text already.
+    """
+    if len(rows) == 0:
+        return REJECTED_SCHEMA.empty_table()
+    return pa.table(
+        {
+            "reason": pa.array([str(r) for r in reasons], pa.string()),
+            "source_file": pa.array(
+                [files[i] if 0 <= i < len(files) else None for i in np.asarray(file_idx)],
+                pa.string(),
+            ),
+            "source_row": pa.array(np.asarray(rows, dtype=np.int64)),
+            "record": pa.array(
+                [
+                    r if isinstance(r, str) else json.dumps(r, ensure_ascii=False, default=str)
+                    for r in records
+                ],
+                pa.string(),
+            ),
+        },
+        schema=REJECTED_SCHEMA,
+    )
+
+
 def rejected_table(
     source: pa.Table, mask: np.ndarray, reasons: np.ndarray, files: list[str]
 ) -> pa.Table:
-    """Rejected rows as (reason, source file, row, the record as JSON text)."""
+    """Rejected raw rows: every source column goes into the record."""
     idx = np.flatnonzero(mask)
-    if len(idx) == 0:
-        return REJECTED_SCHEMA.empty_table()
     sub = source.take(pa.array(idx))
-    fcol = sub.column(S.SOURCE_FILE).to_numpy()
-    rcol = sub.column(S.SOURCE_ROW).to_numpy()
     data_cols = [c for c in sub.column_names if c not in (S.SOURCE_FILE, S.SOURCE_ROW, S.REASON)]
-    rows = sub.select(data_cols).to_pylist()
-    return pa.table(
-        {
-            "reason": pa.array([str(r) for r in reasons[idx]], pa.string()),
-            "source_file": pa.array([files[i] if 0 <= i < len(files) else None for i in fcol]),
-            "source_row": pa.array(rcol, pa.int64()),
-            "record": pa.array([json.dumps(r, ensure_ascii=False, default=str) for r in rows]),
-        },
-        schema=REJECTED_SCHEMA,
+    return make_rejected(
+        reasons[idx],
+        sub.column(S.SOURCE_FILE).to_numpy(),
+        sub.column(S.SOURCE_ROW).to_numpy(),
+        sub.select(data_cols).to_pylist(),
+        files,
     )
