@@ -84,7 +84,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Generate sample data and run the pipeline on it with the embedded defaults."""
+    """Generate sample data, prepare it, and evaluate the baselines on it (local Ray)."""
     from ray_app.data.prepare import run_prepare
     from ray_app.data.synthetic import generate
     from ray_app.storage import join
@@ -109,6 +109,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    from ray_app.evaluation.evaluate import run_evaluate
+    from ray_app.evaluation.report import markdown
+
+    ev = load_config(
+        EvaluateConfig,
+        None,
+        [
+            f"prepared={prep.output}",
+            f"output={join(args.workdir, 'evaluation')}",
+            # A short SASRec keeps the demo to minutes; the cluster config trains longer.
+            f"sasrec_epochs={args.sasrec_epochs}",
+        ],
+    )
+    print(markdown(run_evaluate(ev)))
+    print(f"report and plots: {ev.output}")
     return 0
 
 
@@ -160,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--workdir", default="runs/demo", help="where data and outputs go")
     p.add_argument("--events", type=int, default=200_000, help="events to generate")
+    p.add_argument("--sasrec-epochs", type=int, default=40, help="epochs for the SASRec baseline")
     _add_config_args(p, with_file=False)
     p.set_defaults(func=_cmd_demo)
     return parser

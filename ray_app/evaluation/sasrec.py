@@ -89,6 +89,11 @@ def _left_pad(seqs: list[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
+def _owned(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    pos = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[pos] == keys
+
+
 class SASRec(Baseline):
     name = "sasrec"
 
@@ -114,18 +119,21 @@ class SASRec(Baseline):
         seqs = [s for s in seqs if len(s) >= 2]
         full = _left_pad(seqs, cfg.max_len + 1)
         inp, pos = full[:, :-1], full[:, 1:]
-        owned = [set(s.tolist()) for s in seqs]
+        stride = num_items + 1
+        owned = np.unique(
+            np.concatenate([i * stride + np.asarray(q, dtype=np.int64) for i, q in enumerate(seqs)])
+        )
+        row_base = (np.arange(len(seqs), dtype=np.int64) * stride)[:, None]
         self.model = SASRecModule(num_items, cfg)
         opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=(0.9, 0.98))
         best, best_state, bad, t0 = -np.inf, None, 0, time.time()
         for epoch in range(1, cfg.epochs + 1):
             self.model.train()
             neg = rng.integers(1, num_items + 1, size=pos.shape)
-            for i in range(len(seqs)):  # resample negatives that the user owns
-                hit = np.fromiter((x in owned[i] for x in neg[i]), bool, len(neg[i]))
-                while hit.any():
-                    neg[i, hit] = rng.integers(1, num_items + 1, size=hit.sum())
-                    hit = np.fromiter((x in owned[i] for x in neg[i]), bool, len(neg[i]))
+            hit = _owned(owned, row_base + neg)
+            while hit.any():  # resample negatives that the user owns
+                neg[hit] = rng.integers(1, num_items + 1, size=int(hit.sum()))
+                hit = _owned(owned, row_base + neg)
             order = rng.permutation(len(seqs))
             for lo in range(0, len(order), cfg.batch_size):
                 b = order[lo : lo + cfg.batch_size]
