@@ -147,16 +147,28 @@ def exists(uri: str) -> bool:
 
 
 def write_text(uri: str, text: str) -> None:
-    fs, path = resolve(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as f:
-        f.write(text.encode())
+    write_bytes(uri, text.encode())
 
 
 def read_text(uri: str) -> str:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()
+
+
+def read_parquet(uri: str):
+    """A Parquet file or directory of files (local or URI) as one pandas frame."""
+    import pyarrow.dataset as pads
+
+    fs, path = resolve(uri)
+    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = resolve(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
 
 
 def write_json(uri: str, data: Any) -> None:

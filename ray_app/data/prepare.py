@@ -61,7 +61,15 @@ from ray_app.data.validation import (
     normalize_items,
     rejected_table,
 )
-from ray_app.storage import InputError, StagedOutput, code_version, join, resolve
+from ray_app.storage import (
+    InputError,
+    StagedOutput,
+    code_version,
+    exists,
+    join,
+    read_parquet,
+    resolve,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -222,12 +230,8 @@ def validate_and_bucket(
 
 
 def _read_bucket(work_dir: str, bucket: int) -> pd.DataFrame:
-    import pyarrow.dataset as pads
-
-    fs, path = resolve(join(work_dir, f"b={bucket:05d}"))
-    from pyarrow.fs import FileType
-
-    if fs.get_file_info(path).type == FileType.NotFound:
+    path = join(work_dir, f"b={bucket:05d}")
+    if not exists(path):
         return pd.DataFrame(
             columns=[
                 S.USER_ID,
@@ -241,7 +245,7 @@ def _read_bucket(work_dir: str, bucket: int) -> pd.DataFrame:
                 S.ITEM_IDX,
             ]
         )
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
+    return read_parquet(path)
 
 
 def sequence_bucket(
@@ -326,12 +330,10 @@ class BucketExampleBuilder:
         return pa.table({"bucket": pa.array(batch["bucket"]), "stats": pa.array(counts)})
 
     def _one(self, b: int) -> dict[str, int]:
-        fs, path = resolve(join(self.out_dir, "interactions", f"part-{b:05d}.parquet"))
-        from pyarrow.fs import FileType
-
-        if fs.get_file_info(path).type == FileType.NotFound:
+        path = join(self.out_dir, "interactions", f"part-{b:05d}.parquet")
+        if not exists(path):
             return {}
-        events = pq.read_table(path, filesystem=fs).to_pandas()
+        events = read_parquet(path)
         counts: dict[str, int] = {}
         for split, rows in target_rows(events, self.spec).items():
             for i, table in enumerate(

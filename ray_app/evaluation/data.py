@@ -11,11 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import pyarrow.dataset as pads
 
 from ray_app.data import schema as S
 from ray_app.data.sequences import SORT_KEYS
-from ray_app.storage import join, require_complete, resolve
+from ray_app.storage import join, read_parquet, require_complete
 
 
 @dataclass
@@ -45,15 +44,10 @@ class EvalData:
         return np.bincount(self.train[S.ITEM_IDX].to_numpy(), minlength=self.num_items + 1)
 
 
-def _read(uri: str) -> pd.DataFrame:
-    fs, path = resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
-
-
 def load_prepared(path: str) -> EvalData:
     """Read a complete prepare output (fails clearly on a half-written one)."""
     manifest = require_complete(path)
-    items = _read(join(path, "items")).sort_values(S.ITEM_IDX).reset_index(drop=True)
+    items = read_parquet(join(path, "items")).sort_values(S.ITEM_IDX).reset_index(drop=True)
     num_items = int(items[S.ITEM_IDX].max())
     pad = pd.DataFrame(
         {
@@ -65,12 +59,16 @@ def load_prepared(path: str) -> EvalData:
         }
     )
     items = pd.concat([pad, items], ignore_index=True)
-    ev = _read(join(path, "interactions")).sort_values(SORT_KEYS, kind="stable")
+    ev = read_parquet(join(path, "interactions")).sort_values(SORT_KEYS, kind="stable")
     user_items = {u: g.to_numpy() for u, g in ev.groupby(S.USER_ID, sort=False)[S.ITEM_IDX]}
     groups = dict(tuple(ev.groupby(S.USER_ID, sort=False)))
     splits = {}
     for split in ("valid", "test"):
-        ex = _read(join(path, "examples", split)).sort_values(S.USER_ID).reset_index(drop=True)
+        ex = (
+            read_parquet(join(path, "examples", split))
+            .sort_values(S.USER_ID)
+            .reset_index(drop=True)
+        )
         hist, hist_ev = [], []
         for u, pos in zip(ex[S.USER_ID], ex[S.TARGET_POS], strict=True):
             g = groups[u]

@@ -11,7 +11,6 @@ scored once with the chosen values.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from typing import Any
@@ -27,7 +26,7 @@ from ray_app.evaluation import metrics as M
 from ray_app.evaluation.baselines import EASE, Baseline, ItemKNN, Popularity
 from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared
 from ray_app.evaluation.sasrec import SASRec, SASRecConfig
-from ray_app.storage import StagedOutput, code_version, resolve
+from ray_app.storage import StagedOutput, code_version, resolve, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -292,8 +291,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             "timings": {"total_s": round(time.time() - t0, 2)},
         }
         write_report(stage.staging, metrics)
-        fs, p = resolve(stage.path("metrics.json"))
-        with fs.open_output_stream(p) as f:
-            f.write(json.dumps(metrics, indent=2).encode())
+        write_json(stage.path("metrics.json"), metrics)
         stage.publish(manifest)
     return metrics

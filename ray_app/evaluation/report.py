@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
-from ray_app.storage import resolve, write_text
+from ray_app.storage import join, write_bytes, write_text
 
 
 def markdown(metrics: dict[str, Any]) -> str:
@@ -70,10 +69,7 @@ def write_report(out_dir: str, metrics: dict[str, Any]) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    write_text(
-        os.path.join(out_dir, "report.md") if "://" not in out_dir else f"{out_dir}/report.md",
-        markdown(metrics),
-    )
+    write_text(join(out_dir, "report.md"), markdown(metrics))
     k = metrics["k"]
     test = metrics["results"]["test"]
     names = list(test)
@@ -126,8 +122,5 @@ def _save(fig, out_dir: str, name: str) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
-    path = f"{out_dir.rstrip('/')}/{name}"
-    fs, p = resolve(path)
-    with fs.open_output_stream(p) as f:
-        f.write(buf.getvalue())
+    write_bytes(join(out_dir, name), buf.getvalue())
     return name
