@@ -6,6 +6,7 @@ Examples::
     rerank prepare --config cluster/configs/prepare-movielens.yaml
     rerank prepare --set input.adapter=movielens --set input.path=data/ml-latest-small \\
                    --set output=runs/ml/prepared
+    rerank train --set prepared=runs/ml/prepared --set output=runs/ml/model
     rerank evaluate --config cluster/configs/evaluate-movielens.yaml
     rerank demo --workdir runs/demo
 """
@@ -23,6 +24,7 @@ from ray_app.config import (
     EvaluateConfig,
     GenerateConfig,
     PrepareConfig,
+    TrainConfig,
     load_config,
 )
 
@@ -67,6 +69,25 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     print(
         json.dumps(
             {"output": cfg.output, "counts": manifest["counts"], "timings": manifest["timings"]},
+            indent=2,
+        )
+    )
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from ray_app.training.trainer import run_train
+
+    cfg = load_config(TrainConfig, args.config, args.overrides)
+    metrics = run_train(cfg)
+    last = metrics["history"][-1] if metrics["history"] else {}
+    print(
+        json.dumps(
+            {
+                "output": cfg.output,
+                **{k: v for k, v in metrics.items() if k != "history"},
+                "last_epoch": last,
+            },
             indent=2,
         )
     )
@@ -152,6 +173,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Read, validate, dedupe, split and build training examples. Example: rerank "
             "prepare --set input.adapter=movielens --set input.path=ml-latest-small "
             "--set output=runs/ml/prepared",
+        ),
+        (
+            "train",
+            _cmd_train,
+            "fine-tune the re-ranker with Ray Train and publish a model artifact",
+            "Train the text + behaviour re-ranker on a prepared output across Ray Train "
+            "workers, checkpointing every epoch; a re-run with the same output resumes. "
+            "Example: rerank train --config cluster/configs/train-movielens.yaml",
         ),
         (
             "evaluate",

@@ -15,6 +15,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ray_app.model.config import ModelConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or of the wrong type."""
@@ -38,6 +40,9 @@ class RayConfig(_Strict):
     num_cpus: int | None = Field(default=None, ge=1)
     object_store_memory_mb: int | None = Field(default=None, ge=64)
     show_progress: bool = True
+    # A local Ray's dashboard (on 127.0.0.1). Ray Train's controller watches
+    # its workers through the state API that the dashboard serves.
+    dashboard: bool = True
 
 
 class InputConfig(_Strict):
@@ -217,6 +222,64 @@ class EvaluateConfig(_Strict):
     )
     knn_neighbours: list[int] = Field(default_factory=lambda: [5, 10, 20, 50, 100], min_length=1)
     sasrec_epochs: int = Field(default=300, ge=1)
+    # Trained re-rankers to score beside the baselines: name -> artifact path.
+    models: dict[str, PathLike] = Field(default_factory=dict)
+
+
+class TrainConfig(_Strict):
+    """Config of the `train` stage: data, model, optimisation, workers, checkpoints."""
+
+    prepared: PathLike
+    # The model artifact directory, published atomically at the end.
+    output: PathLike
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    # Ray Train run storage (checkpoints). A new run with the same storage and
+    # name resumes from the last checkpoint. Default: `<output>.runs`.
+    storage: str | None = None
+    run_name: str = "train"
+    resume: bool = True
+    epochs: int = Field(default=8, ge=1)
+    batch_size: int = Field(default=256, ge=2)
+    # How many of each example's prepared negatives join the batch's shared
+    # candidate set (the other examples' targets are negatives too).
+    negatives_per_example: int = Field(default=1, ge=0)
+    loss: Literal["softmax", "bce"] = "softmax"
+    lr: float = Field(default=2e-3, gt=0)
+    encoder_lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.01, ge=0)
+    warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    # Steps between re-encoding every item's text with the current weights
+    # (the history side of the model reads that table).
+    refresh_text_every: int = Field(default=100, ge=1)
+    # The batch's target items go through the trained encoder layers in this
+    # many length-sorted groups (less padding); negatives use the text table.
+    text_chunks: int = Field(default=4, ge=1)
+    checkpoint_every_steps: int = Field(default=0, ge=0)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    patience: int = Field(default=2, ge=1)
+    select_metric: Literal["ndcg_full", "ndcg_sampled"] = "ndcg_full"
+    k: int = Field(default=10, ge=1)
+    valid_negatives: int = Field(default=99, ge=1)
+    # Stop after this much training time (checked every step, then validate
+    # and checkpoint); null = no limit.
+    max_minutes: float | None = Field(default=None, gt=0)
+    num_workers: int = Field(default=1, ge=1)
+    cpus_per_worker: int = Field(default=1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    max_failures: int = Field(default=2, ge=-1)
+    # Share of items held out of training entirely (their events removed from
+    # the train split) to measure cold start; 0 = none.
+    cold_start_fraction: float = Field(default=0.0, ge=0, lt=1)
+    seed: int = 0
+    ray: RayConfig = Field(default_factory=RayConfig)
+    # Testing hook: the worker of rank 0 raises once when it reaches this step.
+    fail_at_step: int | None = Field(default=None, ge=1)
+
+    @property
+    def storage_path(self) -> str:
+        return self.storage or self.output.rstrip("/") + ".runs"
 
 
 class GenerateConfig(_Strict):

@@ -14,7 +14,7 @@ def ensure_ray(cfg: RayConfig) -> None:
     """Initialise Ray once per process.
 
     With no address (and none in RAY_ADDRESS, which `ray job submit` sets) a
-    local Ray starts in-process, bound to 127.0.0.1, without the dashboard.
+    local Ray starts in-process, bound to 127.0.0.1 (dashboard included).
     """
     import ray
 
@@ -32,7 +32,8 @@ def ensure_ray(cfg: RayConfig) -> None:
         logger.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus or "all")
         ray.init(
             num_cpus=cfg.num_cpus,
-            include_dashboard=False,
+            include_dashboard=cfg.dashboard,
+            dashboard_host="127.0.0.1",
             _node_ip_address="127.0.0.1",
             configure_logging=False,
             **kwargs,

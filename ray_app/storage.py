@@ -179,6 +179,27 @@ def read_json(uri: str) -> Any:
     return json.loads(read_text(uri))
 
 
+def upload_dir(local: str, uri: str) -> None:
+    """Copy a local folder's files under `uri` (local path or any pyarrow URI)."""
+    fs, path = resolve(uri)
+    fs.create_dir(path, recursive=True)
+    pafs.copy_files(
+        local, path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs
+    )
+
+
+def local_copy(uri: str, cache_dir: str) -> str:
+    """A local folder with the contents of `uri`: the path itself when local."""
+    fs, path = resolve(uri)
+    if isinstance(fs, pafs.LocalFileSystem):
+        return path
+    os.makedirs(cache_dir, exist_ok=True)
+    pafs.copy_files(
+        path, cache_dir, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+    )
+    return cache_dir
+
+
 class StagedOutput:
     """A stage's output directory, written in staging and published at the end.
 

@@ -22,7 +22,9 @@ def ray_local():
 
     ray.init(
         num_cpus=2,
-        include_dashboard=False,
+        # Ray Train's controller watches its workers through the dashboard's state API.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         configure_logging=False,
         object_store_memory=512 * 1024 * 1024,
@@ -46,3 +48,25 @@ def write(tmp_path: Path):
         return p
 
     return _write
+
+
+@pytest.fixture(scope="session")
+def prepared(ray_local, tmp_path_factory) -> str:
+    """A small prepared synthetic data set (15k events, 300 items), built once."""
+    from ray_app.config import GenerateConfig, PrepareConfig, load_config
+    from ray_app.data.prepare import run_prepare
+    from ray_app.data.synthetic import generate
+
+    root = tmp_path_factory.mktemp("prepared")
+    generate(GenerateConfig(output=str(root / "raw"), num_events=15_000, num_items=300, seed=3))
+    cfg = load_config(
+        PrepareConfig,
+        None,
+        [
+            f"input.interactions={root / 'raw' / 'interactions'}",
+            f"input.items={root / 'raw' / 'items'}",
+            f"output={root / 'prepared'}",
+        ],
+    )
+    run_prepare(cfg)
+    return str(root / "prepared")

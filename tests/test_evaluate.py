@@ -8,30 +8,11 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from ray_app.config import EvaluateConfig, GenerateConfig, PrepareConfig, load_config
-from ray_app.data.prepare import run_prepare
-from ray_app.data.synthetic import generate
+from ray_app.config import EvaluateConfig, load_config
 from ray_app.evaluation.data import load_prepared
 from ray_app.evaluation.evaluate import run_evaluate, sampled_candidates
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-@pytest.fixture(scope="session")
-def prepared(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    generate(GenerateConfig(output=str(root / "raw"), num_events=15_000, num_items=300, seed=3))
-    cfg = load_config(
-        PrepareConfig,
-        None,
-        [
-            f"input.interactions={root / 'raw' / 'interactions'}",
-            f"input.items={root / 'raw' / 'items'}",
-            f"output={root / 'prepared'}",
-        ],
-    )
-    run_prepare(cfg)
-    return str(root / "prepared")
 
 
 def test_candidates_exclude_everything_the_user_touched(prepared):

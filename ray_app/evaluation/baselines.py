@@ -18,6 +18,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ray_app.data import schema as S
+from ray_app.evaluation.data import SplitTargets
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,12 @@ class Baseline:
 
     def score_all(self, histories: list[np.ndarray]) -> np.ndarray:
         raise NotImplementedError
+
+    def score_targets(self, targets: SplitTargets) -> np.ndarray:
+        """Scores of every item for each target's user; models that use event
+        types and times (the re-ranker) override this, the baselines need only
+        the item histories."""
+        return self.score_all(targets.histories)
 
     def score(self, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
         full = self.score_all(histories)

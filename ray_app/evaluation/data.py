@@ -25,9 +25,24 @@ class SplitTargets:
     histories: list[np.ndarray]  # item_idx before the target, oldest first
     targets: np.ndarray  # (n,) item_idx
     history_events: list[np.ndarray]  # event_idx aligned with histories
+    history_times: list[np.ndarray]  # timestamps (s) aligned with histories
+    target_times: np.ndarray  # (n,) timestamp of each target
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    def subset(self, rows: np.ndarray | slice) -> SplitTargets:
+        """The same targets restricted to `rows` (a rank's share, a user group)."""
+        idx = np.arange(len(self))[rows]
+        pick = [int(i) for i in idx]
+        return SplitTargets(
+            user_ids=self.user_ids[idx],
+            histories=[self.histories[i] for i in pick],
+            targets=self.targets[idx],
+            history_events=[self.history_events[i] for i in pick],
+            history_times=[self.history_times[i] for i in pick],
+            target_times=self.target_times[idx],
+        )
 
 
 @dataclass
@@ -69,16 +84,19 @@ def load_prepared(path: str) -> EvalData:
             .sort_values(S.USER_ID)
             .reset_index(drop=True)
         )
-        hist, hist_ev = [], []
+        hist, hist_ev, hist_t = [], [], []
         for u, pos in zip(ex[S.USER_ID], ex[S.TARGET_POS], strict=True):
             g = groups[u]
             hist.append(g[S.ITEM_IDX].to_numpy()[:pos])
             hist_ev.append(g[S.EVENT_IDX].to_numpy()[:pos])
+            hist_t.append(g[S.TIMESTAMP].to_numpy()[:pos])
         splits[split] = SplitTargets(
             user_ids=ex[S.USER_ID].to_numpy(),
             histories=hist,
             targets=ex[S.TARGET_ITEM_IDX].to_numpy(np.int64),
             history_events=hist_ev,
+            history_times=hist_t,
+            target_times=ex[S.TARGET_TIMESTAMP].to_numpy(np.int64),
         )
     train = ev[ev[S.SPLIT] == "train"].reset_index(drop=True)
     return EvalData(manifest, items, train, num_items, splits, user_items)

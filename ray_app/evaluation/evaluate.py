@@ -34,18 +34,29 @@ HISTORY_BUCKETS = (1, 11, 21, 51, 101, 201)  # lower edges
 CHUNK = 1024
 
 
-def sampled_candidates(data: EvalData, split: str, n_neg: int, seed: int) -> np.ndarray:
-    """(users, 1 + n_neg) item indices: the target first, then never-touched items."""
-    targets = data.splits[split]
+def sampled_candidates(
+    data: EvalData,
+    split: str,
+    n_neg: int,
+    seed: int,
+    targets: SplitTargets | None = None,
+    pool: np.ndarray | None = None,
+) -> np.ndarray:
+    """(users, 1 + n_neg) item indices: the target first, then never-touched items.
+
+    `pool` (item indices) restricts the negatives, e.g. to cold-start items.
+    """
+    targets = targets if targets is not None else data.splits[split]
+    pool = np.arange(1, data.num_items + 1) if pool is None else np.asarray(pool)
     rng = np.random.default_rng([seed, 0 if split == "valid" else 1])
     out = np.zeros((len(targets), 1 + n_neg), dtype=np.int64)
     for i, (u, t) in enumerate(zip(targets.user_ids, targets.targets, strict=True)):
         owned = data.user_items[u]
-        if data.num_items - len(np.unique(owned)) < n_neg:
+        if len(pool) - np.isin(pool, owned).sum() < n_neg:
             raise ValueError(f"user {u!r} has touched almost every item: cannot sample {n_neg}")
         picked: list[int] = []
         while len(picked) < n_neg:
-            draw = rng.integers(1, data.num_items + 1, size=2 * n_neg)
+            draw = pool[rng.integers(0, len(pool), size=2 * n_neg)]
             draw = draw[~np.isin(draw, owned)]
             picked.extend(x for x in dict.fromkeys(draw.tolist()) if x not in set(picked))
         out[i, 0] = t
@@ -87,16 +98,16 @@ def _diversity(topk: np.ndarray, bags: sp.csr_matrix) -> float:
 
 
 def score_split(
-    model: Baseline, data: EvalData, split: str, cand: np.ndarray, k: int, seed: int = 0
+    model: Baseline, targets: SplitTargets, cand: np.ndarray, k: int, seed: int = 0
 ) -> dict[str, Any]:
     """Per-user rank statistics for both protocols plus each user's top-k list."""
-    targets = data.splits[split]
     rng = np.random.default_rng(seed)
     full, samp, tops = [], [], []
     for lo in range(0, len(targets), CHUNK):
-        hist = targets.histories[lo : lo + CHUNK]
-        tgt = targets.targets[lo : lo + CHUNK]
-        scores = model.score_all(hist)
+        chunk = targets.subset(slice(lo, lo + CHUNK))
+        hist = chunk.histories
+        tgt = chunk.targets
+        scores = model.score_targets(chunk)
         competing = np.ones(scores.shape, dtype=bool)
         competing[:, 0] = False
         for i, h in enumerate(hist):
@@ -197,7 +208,7 @@ def fit_baselines(
     info: dict[str, Any] = {}
 
     def valid_ndcg(m: Baseline) -> dict[str, float]:
-        summary = summarize(score_split(m, data, "valid", cands["valid"], k), data, k, bags)
+        summary = summarize(score_split(m, data.splits["valid"], cands["valid"], k), data, k, bags)
         return {p: summary[p][f"ndcg@{k}"] for p in PROTOCOLS}
 
     def search(candidates: dict[str, Baseline]) -> tuple[dict[str, Baseline], dict]:
@@ -235,6 +246,79 @@ def fit_baselines(
     return models, info
 
 
+def load_models(
+    cfg: EvaluateConfig, data: EvalData
+) -> tuple[dict[str, dict[str, Baseline]], dict[str, Any], dict[str, np.ndarray]]:
+    """Trained re-rankers from their artifacts; checked against the prepared catalogue."""
+    from ray_app.evaluation.model_scorer import RerankerScorer
+    from ray_app.model.artifact import load_artifact
+
+    models, info, held = {}, {}, {}
+    for name, path in cfg.models.items():
+        art = load_artifact(path)
+        ids = art.items[S.ITEM_ID].to_numpy()
+        if len(ids) != len(data.items) or (ids[1:] != data.items[S.ITEM_ID].to_numpy()[1:]).any():
+            raise ValueError(
+                f"models.{name}: the artifact's catalogue ({len(ids) - 1} items) is not the "
+                f"one of {cfg.prepared} ({data.num_items} items); evaluate on the prepare "
+                "output the model was trained on"
+            )
+        scorer = RerankerScorer(
+            art.model,
+            art.item_vectors,
+            name=name,
+            params={"artifact": path, "version": art.version},
+        )
+        models[name] = dict.fromkeys(PROTOCOLS, scorer)
+        mc = art.config["model"]
+        info[name] = {
+            "artifact": path,
+            "version": art.version,
+            "best_epoch": art.metrics.get("best_epoch"),
+            "trainable_layers": mc["trainable_layers"] if mc["use_text"] else "-",
+            "use_text": mc["use_text"],
+            "use_ids": mc["use_ids"],
+        }
+        mask = art.items["held_out"].fillna(False).to_numpy(bool)
+        if mask.any():
+            held[name] = mask
+    return models, info, held
+
+
+def cold_start(
+    models: dict[str, dict[str, Baseline]],
+    held: dict[str, np.ndarray],
+    data: EvalData,
+    cfg: EvaluateConfig,
+) -> dict[str, Any]:
+    """Each model with held-out items, on valid + test targets that are held-out items,
+    ranked against other held-out items the user never touched."""
+    out: dict[str, Any] = {}
+    k = cfg.k
+    for name, mask in held.items():
+        stats = []
+        for split in ("valid", "test"):
+            t = data.splits[split]
+            sub = t.subset(mask[t.targets])
+            if not len(sub):
+                continue
+            pool = np.flatnonzero(mask)
+            cand = sampled_candidates(data, split, cfg.num_negatives, cfg.seed, sub, pool)
+            stats.append(score_split(models[name]["sampled"], sub, cand, k)["sampled"])
+        if not stats:
+            continue
+        merged = M.RankStats(
+            *(np.concatenate([getattr(s, f) for s in stats]) for f in ("greater", "ties", "less"))
+        )
+        out[name] = {
+            f"hr@{k}": M.mean_defined(M.hit_rate(merged, k)),
+            f"ndcg@{k}": M.mean_defined(M.ndcg(merged, k)),
+            "users": len(merged),
+            "held_out_items": int(mask.sum()),
+        }
+    return out
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score every configured method on valid and test; write metrics, report, plots."""
     from ray_app.evaluation.report import write_report
@@ -251,6 +335,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 stage.path("candidates", f"{split}.parquet"), data.splits[split], cands[split]
             )
         models, info = fit_baselines(cfg, data, cands, bags)
+        trained, model_info, held = load_models(cfg, data)
+        models.update(trained)
         results: dict[str, Any] = {"valid": {}, "test": {}}
         details: dict[str, Any] = {}
         for name, chosen in models.items():
@@ -261,7 +347,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     if proto == "full" and model is chosen["sampled"]:
                         per_proto["full"] = per_proto["sampled"]
                         continue
-                    res = score_split(model, data, split, cands[split], k)
+                    res = score_split(model, data.splits[split], cands[split], k)
                     per_proto[proto] = (res, summarize(res, data, k, bags))
                 results[split][name] = {
                     **{p: per_proto[p][1][p] for p in PROTOCOLS},
@@ -282,6 +368,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             "results": results,
             "breakdowns_test": details,
             "baselines": info,
+            "models": model_info,
+            "cold_start": cold_start(models, held, data, cfg),
+            "num_negatives": cfg.num_negatives,
         }
         manifest = {
             "stage": "evaluate",

@@ -43,6 +43,35 @@ def markdown(metrics: dict[str, Any]) -> str:
             for key, v in b["valid_ndcg_search"].items()
         )
         lines.append(f"| {name} | {b['fit_seconds']} | {chosen[0]} | {chosen[1]} | {search} |")
+    if metrics.get("models"):
+        lines += [
+            "",
+            "## Trained models",
+            "",
+            "| name | version | artifact | best epoch | trainable encoder layers | text | IDs |",
+            "|---|---|---|---:|---:|---|---|",
+        ]
+        for name, m in metrics["models"].items():
+            lines.append(
+                f"| {name} | {m['version']} | {m['artifact']} | {m['best_epoch']} "
+                f"| {m['trainable_layers']} | {m['use_text']} | {m['use_ids']} |"
+            )
+    if metrics.get("cold_start"):
+        lines += [
+            "",
+            "## Cold start (items held out of training)",
+            "",
+            f"Targets that are held-out items (valid + test), ranked against "
+            f"{metrics['num_negatives']} other held-out items the user never touched.",
+            "",
+            f"| model | HR@{k} | NDCG@{k} | users | held-out items |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, r in metrics["cold_start"].items():
+            lines.append(
+                f"| {name} | {r[f'hr@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']} "
+                f"| {r['held_out_items']} |"
+            )
     lines += [
         "",
         f"Protocols: sampled = {metrics['protocols']['sampled']}; "
@@ -50,11 +79,6 @@ def markdown(metrics: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def _short(params: dict) -> str:
-    keep = {k: v for k, v in params.items() if k in ("k", "lam", "epochs_trained")}
-    return ", ".join(f"{k}={v}" for k, v in keep.items()) or "-"
 
 
 def _short(params: dict) -> str:

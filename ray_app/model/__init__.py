@@ -1,0 +1,1 @@
+"""Re-ranker model: item text tower, user tower, scorer, artifact save/load."""

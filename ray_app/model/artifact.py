@@ -1,0 +1,135 @@
+"""The model artifact: everything serving, evaluation and the nightly job load.
+
+Layout (all plain files, nothing pickled):
+
+- `config.json`: the model config, catalogue size, version id, encoder name;
+- `model.safetensors`: weights (LoRA merged into the encoder);
+- `encoder/`: the encoder's transformers config and tokenizer files;
+- `item_embeddings.safetensors`: `item_vectors` (items x dim, the item
+  tower's output, row = item_idx) and `text` (pooled text per item);
+- `items.parquet`: item_idx, item_id, title, text, known (seen in training);
+- `metrics.json`: training history and the chosen epoch;
+- `manifest.json`, `_SUCCESS`: written by the staged, atomic publication.
+
+`load_artifact` is the one loader the other stages use.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from ray_app.data import schema as S
+from ray_app.model.config import ModelConfig
+from ray_app.model.encoder import TextEncoder, from_saved
+from ray_app.model.reranker import Reranker
+from ray_app.storage import local_copy, require_complete
+
+logger = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+ENCODER = "encoder"
+EMBEDDINGS = "item_embeddings.safetensors"
+ITEMS = "items.parquet"
+METRICS = "metrics.json"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Artifact:
+    model: Reranker
+    config: dict[str, Any]
+    item_vectors: torch.Tensor  # (items + 1, dim), row 0 = padding
+    items: pd.DataFrame  # by item_idx (row 0 = padding)
+    item_index: dict[str, int]  # item_id -> item_idx
+    tokenizer: Any
+    metrics: dict[str, Any]
+
+    @property
+    def version(self) -> str:
+        return self.config["version"]
+
+
+def save_artifact(
+    folder: Path,
+    model: Reranker,
+    tokenizer: Any,
+    items: pd.DataFrame,
+    metrics: dict[str, Any],
+    version: str,
+    encoder_name: str,
+    held_out: np.ndarray | None = None,
+) -> None:
+    """Write an artifact into a local folder (the caller publishes it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.eval()
+    vectors = model.item_table().float().cpu().contiguous()
+    tensors = {"item_vectors": vectors}
+    if model.text is not None:
+        tensors["text"] = model.text_table.float().cpu().contiguous()
+        model.text.bert.config.save_pretrained(folder / ENCODER)
+        tokenizer.save_pretrained(folder / ENCODER)
+    save_file(tensors, str(folder / EMBEDDINGS))
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(folder / WEIGHTS))
+    config = {
+        "format": FORMAT_VERSION,
+        "version": version,
+        "encoder": encoder_name,
+        "num_items": model.num_items,
+        "model": model.cfg.model_dump(mode="json"),
+    }
+    (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    known = model.items.known.cpu().numpy()
+    out = items[[S.ITEM_IDX, S.ITEM_ID, S.TITLE, S.TEXT]].copy()
+    out["known"] = known[out[S.ITEM_IDX].to_numpy()]
+    # Items removed from training on purpose (cold-start measurement).
+    out["held_out"] = False if held_out is None else held_out[out[S.ITEM_IDX].to_numpy()]
+    out.to_parquet(folder / ITEMS, index=False)
+    (folder / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+
+
+def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
+    """Rebuild the model from an artifact (local or URI), ready to `predict`."""
+    require_complete(path)
+    local = Path(local_copy(path, tempfile.mkdtemp(prefix="rerank-artifact-")))
+    config = json.loads((local / CONFIG).read_text())
+    if config.get("format") != FORMAT_VERSION:
+        raise ValueError(f"{path}: artifact format {config.get('format')} is not supported")
+    mcfg = ModelConfig.model_validate(config["model"])
+    text, tokenizer = None, None
+    if mcfg.use_text:
+        bert, tokenizer = from_saved(local / ENCODER)
+        text = TextEncoder(bert, 0, mcfg.pooling)
+    model = Reranker(mcfg, config["num_items"], text)
+    model.load_state_dict(load_file(str(local / WEIGHTS)))
+    tables = load_file(str(local / EMBEDDINGS))
+    if text is not None:
+        model.set_text_table(tables["text"])
+    model.to(device).eval()
+    items = pd.read_parquet(local / ITEMS).sort_values(S.ITEM_IDX).reset_index(drop=True)
+    pad = pd.DataFrame({S.ITEM_IDX: [0], S.ITEM_ID: [""], S.TITLE: [""], S.TEXT: [""]})
+    items = pd.concat([pad, items], ignore_index=True)
+    index = dict(
+        zip(items[S.ITEM_ID].iloc[1:], items[S.ITEM_IDX].iloc[1:].astype(int), strict=True)
+    )
+    metrics = json.loads((local / METRICS).read_text())
+    return Artifact(
+        model=model,
+        config=config,
+        item_vectors=tables["item_vectors"].to(device),
+        items=items,
+        item_index=index,
+        tokenizer=tokenizer,
+        metrics=metrics,
+    )

@@ -1,0 +1,78 @@
+"""A user's recent events as the tensors the user tower reads.
+
+Histories are left-padded (most recent event last, `items == 0` is padding)
+and time gaps are measured to the moment of scoring: the target's time in
+training and evaluation, "now" when serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+
+@dataclass
+class History:
+    items: torch.Tensor  # (B, L) item_idx
+    events: torch.Tensor  # (B, L) event_idx
+    gaps: torch.Tensor  # (B, L) seconds between the event and the time of scoring
+
+    def to(self, device: torch.device) -> History:
+        return History(self.items.to(device), self.events.to(device), self.gaps.to(device))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def recency_bucket(gaps: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Seconds -> 1 + floor(log2(1 + minutes)), capped; 0 is kept for padding."""
+    minutes = gaps.clamp(min=0).to(torch.float32) / 60.0
+    b = 1 + torch.floor(torch.log2(1.0 + minutes)).long()
+    return b.clamp(max=buckets - 1)
+
+
+def left_pad(column: pa.Array | pa.ChunkedArray, length: int, dtype=np.int64) -> np.ndarray:
+    """List column -> (n, length) array holding each row's last `length` values, right-aligned."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.flatten().to_numpy(zero_copy_only=False).astype(dtype, copy=False)
+    lens = np.diff(offsets)
+    n = len(lens)
+    out = np.zeros((n, length), dtype=dtype)
+    if not len(values):
+        return out
+    rows = np.repeat(np.arange(n), lens)
+    pos = np.arange(len(values)) - np.repeat(offsets[:-1] - offsets[0], lens)
+    col = length - np.repeat(lens, lens) + pos
+    keep = col >= 0
+    out[rows[keep], col[keep]] = values[keep]
+    return out
+
+
+def pad_sequences(seqs: Sequence[np.ndarray], length: int, dtype=np.int64) -> np.ndarray:
+    """Python lists of arrays -> the same layout as `left_pad`."""
+    arr = pa.array([np.asarray(s, dtype=np.int64)[-length:] for s in seqs], pa.list_(pa.int64()))
+    return left_pad(arr, length, dtype)
+
+
+def make_history(
+    items: Sequence[np.ndarray],
+    events: Sequence[np.ndarray],
+    times: Sequence[np.ndarray],
+    now: np.ndarray,
+    length: int,
+) -> History:
+    """Per-user arrays (oldest first) -> History with gaps to `now` (one time per user)."""
+    t = pad_sequences(times, length)
+    it = pad_sequences(items, length)
+    gaps = np.where(it > 0, np.asarray(now, dtype=np.int64)[:, None] - t, 0)
+    return History(
+        torch.from_numpy(it),
+        torch.from_numpy(pad_sequences(events, length)),
+        torch.from_numpy(gaps),
+    )

@@ -1,0 +1,223 @@
+"""The re-ranker: item tower, user tower and scorer, each a short module.
+
+Training calls `forward(batch) -> (scores, loss)` on a batch of examples and a
+shared candidate set; serving, evaluation and the nightly job call
+`predict(history, candidate vectors)` against the precomputed item table, so
+an item's text is encoded once, not once per request.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ray_app.model.config import ModelConfig
+from ray_app.model.encoder import TextBatch, TextEncoder
+from ray_app.model.history import History, recency_bucket
+
+NEG_INF = -1e9
+
+
+class ItemTower(nn.Module):
+    """Projected pooled text plus an ID embedding that training hides at random.
+
+    `known` marks items seen in training: an unknown item's ID row never
+    learned anything, so it gets the text part alone.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_items: int, text_dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.proj = nn.Linear(text_dim, cfg.dim) if cfg.use_text else None
+        self.ids = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0) if cfg.use_ids else None
+        if self.ids is not None:
+            nn.init.normal_(self.ids.weight, std=0.02)
+            with torch.no_grad():
+                self.ids.weight[0].zero_()
+        self.register_buffer("known", torch.ones(num_items + 1, dtype=torch.bool))
+
+    def forward(self, items: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+        out = 0
+        if self.proj is not None:
+            out = self.proj(text)
+        if self.ids is not None:
+            keep = self.known[items]
+            if self.training and self.cfg.use_text and self.cfg.id_dropout > 0:
+                keep = keep & (torch.rand(items.shape, device=items.device) >= self.cfg.id_dropout)
+            out = out + self.ids(items) * keep.unsqueeze(-1).to(self.ids.weight.dtype)
+        return out * (items > 0).unsqueeze(-1)
+
+
+class UserTower(nn.Module):
+    """History vectors + event type + recency rank + time gap, through a Transformer.
+
+    A learned summary token sits after the most recent event; its output is
+    the user vector, so an empty history still yields a defined vector.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.cfg = cfg
+        self.event = nn.Embedding(cfg.num_event_types + 1, d, padding_idx=0)
+        self.position = nn.Embedding(cfg.max_history + 1, d)
+        self.recency = nn.Embedding(cfg.recency_buckets, d, padding_idx=0)
+        self.summary = nn.Parameter(torch.zeros(d))
+        layer = nn.TransformerEncoderLayer(
+            d, cfg.heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.user_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, hist: History, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, d) history item vectors -> user (B, d), states (B, L, d)."""
+        b, length = hist.items.shape
+        valid = hist.items > 0
+        rank = torch.arange(length, 0, -1, device=vectors.device).clamp(max=self.cfg.max_history)
+        x = (
+            vectors
+            + self.event(hist.events.long() * valid)
+            + self.position(rank)[None]
+            + self.recency(recency_bucket(hist.gaps, self.cfg.recency_buckets) * valid)
+        )
+        x = self.drop(x) * valid.unsqueeze(-1)
+        summary = (self.summary + self.position.weight[0]).expand(b, 1, -1)
+        x = torch.cat([x, summary], 1)
+        pad = torch.cat([~valid, torch.zeros(b, 1, dtype=torch.bool, device=valid.device)], 1)
+        h = self.norm(self.encoder(x, src_key_padding_mask=pad))
+        return h[:, -1], h[:, :-1]
+
+
+class Scorer(nn.Module):
+    """Dot product of user and candidate plus an MLP over candidate-aware attention.
+
+    Each candidate attends over the user's history states (which past items
+    matter depends on what is being scored), and the MLP sees both the
+    user-candidate and context-candidate interactions.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.query = nn.Linear(d, d, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(2 * d, cfg.scorer_hidden), nn.GELU(), nn.Linear(cfg.scorer_hidden, 1)
+        )
+        self.scale = 1.0 / math.sqrt(d)
+
+    def forward(
+        self, user: torch.Tensor, states: torch.Tensor, valid: torch.Tensor, cands: torch.Tensor
+    ) -> torch.Tensor:
+        """user (B, d), states (B, L, d), valid (B, L), cands (C, d) shared or (B, C, d)."""
+        shared = cands.dim() == 2
+        q = self.query(cands)
+        att = (
+            torch.einsum("cd,bld->bcl", q, states)
+            if shared
+            else torch.einsum("bcd,bld->bcl", q, states)
+        ) * self.scale
+        att = att.masked_fill(~valid[:, None, :], NEG_INF).softmax(-1) * valid[:, None, :].any(
+            -1, keepdim=True
+        )
+        ctx = torch.einsum("bcl,bld->bcd", att, states)
+        c = cands.unsqueeze(0) if shared else cands
+        dot = (user.unsqueeze(1) * c).sum(-1)
+        feats = torch.cat([user.unsqueeze(1) * c, ctx * c], -1)
+        return dot + self.mlp(feats).squeeze(-1)
+
+
+class Reranker(nn.Module):
+    """Item tower (text encoder + IDs), user tower, scorer."""
+
+    def __init__(self, cfg: ModelConfig, num_items: int, text: TextEncoder | None) -> None:
+        super().__init__()
+        if cfg.use_text and text is None:
+            raise ValueError("model.use_text needs a text encoder")
+        self.cfg = cfg
+        self.num_items = num_items
+        self.text = text if cfg.use_text else None
+        text_dim = self.text.out_dim if self.text is not None else 1
+        self.items = ItemTower(cfg, num_items, text_dim)
+        self.user = UserTower(cfg)
+        self.scorer = Scorer(cfg)
+        # Pooled text of every item (row = item_idx). Exact after
+        # `set_text_table`; during training it is refreshed now and then and
+        # serves history items, while candidates go through the live encoder.
+        self.register_buffer("text_table", torch.zeros(num_items + 1, text_dim), persistent=False)
+
+    def set_text_table(self, table: torch.Tensor) -> None:
+        self.text_table = table.to(self.text_table.device, self.text_table.dtype)
+
+    def item_vectors(self, items: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+        if self.text is not None and text is None:
+            text = self.text_table[items]
+        return self.items(items, text)
+
+    def encode_user(self, hist: History) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.user(hist, self.item_vectors(hist.items))
+
+    def forward(
+        self,
+        hist: History,
+        cands: torch.Tensor,
+        labels: torch.Tensor,
+        cand_logq: torch.Tensor,
+        cand_text: TextBatch | None = None,
+        loss: str = "softmax",
+        negatives: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of every example against the shared candidates, and the loss.
+
+        cands (C,) item_idx shared by the batch; labels (B,) index of each
+        example's target in `cands`; cand_logq (C,) log of each candidate's
+        chance to be in the set (popularity correction for `softmax`);
+        negatives (B, n) indices into `cands` of each example's own sampled
+        negatives (for `bce`); cand_text the text encoder's inputs for the
+        candidates when it is being fine-tuned (else the text table serves).
+        Candidates the user already has are masked.
+        """
+        user, states = self.encode_user(hist)
+        text = None
+        if cand_text is not None:
+            # Live encoder output for the targets, the text table for the others.
+            text = self.text_table[cands].clone()
+            text[cand_text.rows] = cand_text.encode(self.text)
+        vecs = self.item_vectors(cands, text)
+        scores = self.scorer(user, states, hist.items > 0, vecs)
+        seen = (hist.items.unsqueeze(-1) == cands.view(1, 1, -1)).any(1)
+        target = F.one_hot(labels, len(cands)).bool()
+        seen = seen & ~target
+        if loss == "softmax":
+            logits = (scores - cand_logq).masked_fill(seen, NEG_INF)
+            out = F.cross_entropy(logits, labels)
+        else:
+            pos = scores.gather(1, labels[:, None])
+            neg = scores.gather(1, negatives)
+            neg_ok = ~seen.gather(1, negatives)
+            out = F.softplus(-pos).mean() + (F.softplus(neg) * neg_ok).sum() / neg_ok.sum().clamp(
+                min=1
+            )
+        return scores, out
+
+    @torch.no_grad()
+    def predict(self, hist: History, cand_vectors: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """Scores (B, C) for histories against candidate vectors, shared (C, d) or (B, C, d)."""
+        user, states = self.encode_user(hist)
+        valid = hist.items > 0
+        if cand_vectors.dim() == 3:
+            return self.scorer(user, states, valid, cand_vectors)
+        parts = [
+            self.scorer(user, states, valid, cand_vectors[lo : lo + chunk])
+            for lo in range(0, len(cand_vectors), chunk)
+        ]
+        return torch.cat(parts, 1)
+
+    @torch.no_grad()
+    def item_table(self) -> torch.Tensor:
+        """Vectors of every item (row = item_idx) from the current weights."""
+        idx = torch.arange(self.num_items + 1, device=self.text_table.device)
+        return self.item_vectors(idx)

@@ -1,0 +1,98 @@
+"""Training checkpoints as plain files: safetensors for tensors, JSON for the rest.
+
+Nothing is pickled, so a checkpoint can be read by any later code version
+and inspected by hand. A checkpoint folder holds:
+
+- `model.safetensors`: current weights (DDP unwrapped);
+- `best.safetensors`: weights of the best validation epoch so far;
+- `optimizer.safetensors` + `optimizer.json`: AdamW moments and groups;
+- `state.json`: progress (epoch, step, best metric, history) and the config.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL = "model.safetensors"
+BEST = "best.safetensors"
+OPTIMIZER = "optimizer.safetensors"
+OPTIMIZER_META = "optimizer.json"
+STATE = "state.json"
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps in total
+    epoch_step: int = 0  # steps inside the current, unfinished epoch
+    best: float = float("-inf")
+    best_epoch: int = 0
+    bad_epochs: int = 0
+    stopped: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def state_dict(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous() for k, v in module.state_dict().items()}
+
+
+def save_weights(weights: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(weights, str(path))
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for name, value in st.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    save_file(tensors, str(folder / OPTIMIZER))
+    (folder / OPTIMIZER_META).write_text(
+        json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
+    )
+
+
+def load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    meta = json.loads((folder / OPTIMIZER_META).read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(str(folder / OPTIMIZER)).items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    for key, value in meta["scalars"].items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def write_checkpoint(
+    folder: Path,
+    weights: dict[str, torch.Tensor],
+    best: dict[str, torch.Tensor],
+    opt: torch.optim.Optimizer,
+    progress: Progress,
+    config: dict[str, Any],
+) -> None:
+    save_weights(weights, folder / MODEL)
+    save_weights(best, folder / BEST)
+    save_optimizer(opt, folder)
+    (folder / STATE).write_text(
+        json.dumps({"progress": asdict(progress), "config": config}, indent=1, default=str)
+    )
+
+
+def read_state(folder: Path) -> tuple[Progress, dict[str, Any]]:
+    data = json.loads((folder / STATE).read_text())
+    return Progress(**data["progress"]), data["config"]

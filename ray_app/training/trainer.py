@@ -1,0 +1,160 @@
+"""The `train` stage on the driver: data, the TorchTrainer, the model artifact."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ray_app.config import TrainConfig, dump_config
+from ray_app.data import schema as S
+from ray_app.runtime import ensure_ray
+from ray_app.storage import StagedOutput, code_version, join, require_complete, resolve, upload_dir
+
+logger = logging.getLogger(__name__)
+
+
+def storage_uri(cfg: TrainConfig) -> str:
+    path = cfg.storage_path
+    return path if "://" in path else os.path.abspath(path)
+
+
+def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
+    """Training examples as a Ray Dataset, shuffled each epoch; cold-start targets removed."""
+    import ray.data
+
+    fs, path = resolve(join(cfg.prepared, "examples", "train"))
+    cols = [S.HIST_ITEM_IDX, S.HIST_EVENT_IDX, S.HIST_GAP, S.TARGET_ITEM_IDX, S.NEGATIVES]
+    ds = ray.data.read_parquet(path, filesystem=fs, columns=cols)
+    if hidden is not None:
+        held = pa.array(np.flatnonzero(hidden).astype(np.int32))
+
+        def drop_held_out(batch: pa.Table) -> pa.Table:
+            return batch.filter(pc.invert(pc.is_in(batch[S.TARGET_ITEM_IDX], value_set=held)))
+
+        ds = ds.map_batches(drop_held_out, batch_format="pyarrow")
+    return ds.random_shuffle(seed=None)
+
+
+def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[str, Any]):
+    """The one place that turns the config into ScalingConfig/RunConfig/TorchTrainer."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from ray_app.training.loop import train_loop_per_worker
+
+    gpu = cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=bool(gpu),
+            resources_per_worker={"CPU": cfg.cpus_per_worker, **({"GPU": 1} if gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=storage_uri(cfg),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+        ),
+        torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
+        datasets=datasets,
+    )
+
+
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
+    """Fine-tune with Ray Train, then build and publish the model artifact."""
+    import torch
+
+    from ray_app.evaluation.data import load_prepared
+    from ray_app.model.artifact import save_artifact
+    from ray_app.training.batches import ItemText
+    from ray_app.training.checkpoint import BEST, load_weights, read_state
+    from ray_app.training.loop import build_model, cold_start_items, item_token_ids
+
+    t0 = time.time()
+    prep_manifest = require_complete(cfg.prepared)
+    ensure_ray(cfg.ray)
+    run_dir = join(storage_uri(cfg), cfg.run_name)
+    if not cfg.resume and "://" not in run_dir and os.path.isdir(run_dir):
+        logger.info("resume=false: removing the previous run in %s", run_dir)
+        shutil.rmtree(run_dir)
+    data = load_prepared(cfg.prepared)
+    hidden = cold_start_items(data.items[S.ITEM_ID].to_numpy(), cfg.cold_start_fraction, cfg.seed)
+    hidden[0] = False
+    ds = train_dataset(cfg, hidden if hidden.any() else None)
+    rows = ds.count()
+    steps = rows // (cfg.batch_size * cfg.num_workers)
+    if steps == 0:
+        raise ValueError(
+            f"{rows} training examples give no full batch of {cfg.batch_size} per worker "
+            f"x {cfg.num_workers} workers: lower batch_size"
+        )
+    logger.info("training on %d examples, %d steps per epoch", rows, steps)
+    trainer = build_trainer(
+        cfg,
+        {"train": ds},
+        {"train": cfg.model_dump(mode="json"), "steps_per_epoch": steps},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (see {run_dir})")
+    with result.checkpoint.as_directory() as d:
+        progress, resolved = read_state(Path(d))
+        best = load_weights(Path(d) / BEST)
+    resolved_cfg = TrainConfig.model_validate(resolved)
+    model, tokenizer = build_model(resolved_cfg.model, data.num_items, cfg.seed)
+    model.load_state_dict(best)
+    if model.text is not None:
+        if resolved_cfg.model.lora_rank:
+            model.text.merge_lora()
+        device = torch.device("cpu")
+        text = ItemText(item_token_ids(data, prep_manifest, resolved_cfg.model.encoder))
+        model.set_text_table(text.pooled(model.text, device))
+    metrics = {
+        "history": progress.history,
+        "best_epoch": progress.best_epoch,
+        f"best_valid_{cfg.select_metric}@{cfg.k}": progress.best,
+        "stopped": progress.stopped or "all epochs done",
+        "steps": progress.step,
+        "train_examples": rows,
+        "cold_start_items": int(hidden.sum()),
+    }
+    with StagedOutput(cfg.output) as stage:
+        with tempfile.TemporaryDirectory() as tmp:
+            save_artifact(
+                Path(tmp),
+                model,
+                tokenizer,
+                data.items.iloc[1:],
+                metrics,
+                stage.run_id,
+                resolved_cfg.model.encoder,
+                held_out=hidden,
+            )
+            upload_dir(tmp, stage.staging)
+        stage.publish(
+            {
+                "stage": "train",
+                "run_id": stage.run_id,
+                "code_version": code_version(),
+                "config": dump_config(resolved_cfg),
+                "prepared": cfg.prepared,
+                "prepared_run_id": prep_manifest.get("run_id"),
+                "checkpoints": run_dir,
+                "timings": {"total_s": round(time.time() - t0, 2)},
+                "metrics": {k: v for k, v in metrics.items() if k != "history"},
+            }
+        )
+    logger.info("published model %s to %s", stage.run_id, cfg.output)
+    return metrics

@@ -1,0 +1,170 @@
+"""The re-ranker's parts without Ray: encoder split, towers, masks, checkpoints."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from ray_app.model.config import ModelConfig
+from ray_app.model.encoder import TextEncoder, load_pretrained
+from ray_app.model.history import History, left_pad, make_history
+from ray_app.model.reranker import Reranker
+from ray_app.training.batches import ExampleBatch, ItemText, step_candidates, to_examples
+from ray_app.training.checkpoint import load_optimizer, save_optimizer
+from ray_app.training.loop import lr_factor
+
+
+@pytest.fixture(scope="module")
+def tiny_bert():
+    bert, tok = load_pretrained("tiny", seed=0)
+    return bert.eval(), tok
+
+
+def test_left_pad_keeps_the_last_values_right_aligned():
+    col = pa.array([[1, 2, 3], [], [4], [5, 6, 7, 8, 9]])
+    out = left_pad(col.slice(1), 3)  # a sliced array keeps its own offsets right
+    assert out.tolist() == [[0, 0, 0], [0, 0, 4], [7, 8, 9]]
+
+
+def test_history_gaps_are_measured_to_the_scoring_time():
+    h = make_history([np.array([3, 4])], [np.array([1, 2])], [np.array([100, 160])], [400], 4)
+    assert h.items.tolist() == [[0, 0, 3, 4]]
+    assert h.gaps.tolist() == [[0, 0, 300, 240]]
+
+
+@pytest.mark.parametrize("trainable", [0, 1, -1])
+def test_split_encoder_equals_the_whole_encoder(tiny_bert, trainable):
+    bert, tok = tiny_bert
+    enc = tok(["a long item title with genres", "short"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = bert(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        expected = (hidden * m).sum(1) / m.sum(1)
+        got = TextEncoder(bert, trainable).eval()(enc["input_ids"], enc["attention_mask"])
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_only_the_top_layers_train(tiny_bert):
+    bert, _ = load_pretrained("tiny", seed=0)
+    te = TextEncoder(bert, 1)
+    names = {n for n, p in te.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("bert.encoder.layer.1.") for n in names)
+    lora = TextEncoder(load_pretrained("tiny", seed=0)[0], 1, lora_rank=4)
+    lnames = [n for n, p in lora.named_parameters() if p.requires_grad]
+    assert lnames and all("lora_" in n and ".layer.1." in n for n in lnames)
+
+
+def test_cached_lower_output_gives_the_same_pooled_text(tiny_bert):
+    bert, tok = tiny_bert
+    ids = [np.zeros(0, np.int64)] + [
+        np.array(tok(t)["input_ids"]) for t in ["one", "two words here", "three"]
+    ]
+    te = TextEncoder(bert, 1).eval()
+    direct = ItemText(ids).pooled(te, torch.device("cpu"))
+    cached = ItemText(ids)
+    cached.build_cache(te, torch.device("cpu"))
+    torch.testing.assert_close(cached.pooled(te, torch.device("cpu")), direct, atol=2e-2, rtol=0)
+    assert direct[0].abs().sum() == 0  # padding item
+
+
+def _model(**kw) -> Reranker:
+    cfg = ModelConfig(encoder="tiny", dim=16, heads=2, **kw)
+    text = None
+    if cfg.use_text:
+        text = TextEncoder(load_pretrained("tiny", seed=0)[0], cfg.trainable_layers)
+    torch.manual_seed(0)
+    return Reranker(cfg, num_items=20, text=text)
+
+
+def test_items_the_user_already_has_cannot_win_the_softmax():
+    model = _model(use_text=False).eval()
+    hist = History(
+        torch.tensor([[0, 5, 6]]), torch.tensor([[0, 1, 1]]), torch.tensor([[0, 60, 30]])
+    )
+    cands = torch.tensor([5, 7, 9])
+    scores, loss = model(hist, cands, torch.tensor([1]), torch.zeros(3))
+    with torch.no_grad():
+        model.items.ids.weight[5] = 100 * model.user(hist, model.item_vectors(hist.items))[0][0]
+    _, loss_boosted = model(hist, cands, torch.tensor([1]), torch.zeros(3))
+    assert scores.shape == (1, 3)
+    assert torch.isfinite(loss)
+    # Item 5 is in the history: however high it scores, the loss ignores it.
+    torch.testing.assert_close(loss, loss_boosted, atol=1e-4, rtol=1e-4)
+
+
+def test_predict_with_shared_and_per_user_candidates_agree():
+    model = _model(use_text=False).eval()
+    hist = History(
+        torch.tensor([[1, 2, 3], [0, 0, 4]]), torch.ones(2, 3, dtype=torch.long), torch.ones(2, 3)
+    )
+    table = model.item_table()
+    shared = model.predict(hist, table[[7, 8, 9]])
+    per_user = model.predict(hist, table[[7, 8, 9]].expand(2, 3, -1))
+    torch.testing.assert_close(shared, per_user)
+
+
+def test_unknown_items_score_from_text_alone():
+    model = _model(use_text=True, trainable_layers=0).eval()
+    model.set_text_table(torch.randn(21, model.text.out_dim))
+    before = model.item_table()[3].clone()
+    model.items.known[3] = False
+    with torch.no_grad():
+        model.items.ids.weight[3] += 5.0  # an untrained ID row must not matter
+    after = model.item_table()[3]
+    torch.testing.assert_close(after, model.items.proj(model.text_table[3]))
+    assert not torch.allclose(before, after)
+
+
+def test_held_out_items_vanish_from_training_histories():
+    batch = pa.table(
+        {
+            "hist_item_idx": pa.array([[1, 2, 3]]),
+            "hist_event_idx": pa.array([[1, 1, 1]], pa.list_(pa.int8())),
+            "hist_gap_s": pa.array([[30, 20, 10]]),
+            "target_item_idx": pa.array([4], pa.int32()),
+            "neg_item_idx": pa.array([[5, 6]]),
+        }
+    )
+    hidden = np.zeros(10, dtype=bool)
+    hidden[2] = True
+    ex = to_examples(batch, 4, 1, hidden)
+    assert ex.hist.items.tolist() == [[0, 1, 0, 3]]
+    assert ex.negatives.tolist() == [[6]]
+
+
+def test_shared_candidates_point_back_at_each_example():
+    ex = ExampleBatch(
+        hist=History(torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2), torch.zeros(3, 2)),
+        targets=torch.tensor([4, 2, 4]),
+        negatives=torch.tensor([[9, 2], [7, 9], [1, 3]]),
+    )
+    prob = torch.full((10,), 0.1)
+    c = step_candidates(ex, prob, prob)
+    assert c.items.tolist() == sorted(set(c.items.tolist()))
+    assert c.items[c.labels].tolist() == [4, 2, 4]
+    assert c.items[c.negatives].tolist() == ex.negatives.tolist()
+
+
+def test_optimizer_state_round_trips_without_pickle(tmp_path):
+    model = _model(use_text=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.items.ids.weight.sum().backward()
+    opt.step()
+    save_optimizer(opt, tmp_path)
+    fresh = torch.optim.AdamW(model.parameters(), lr=5.0)
+    load_optimizer(fresh, tmp_path)
+    a, b = opt.state_dict(), fresh.state_dict()
+    assert a["param_groups"] == b["param_groups"]
+    for pid, st in a["state"].items():
+        for key, v in st.items():
+            torch.testing.assert_close(b["state"][pid][key], v)
+    assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob("*.pkl"))
+
+
+def test_learning_rate_warms_up_then_decays():
+    f = [lr_factor(s, total=100, warmup=10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert max(f) == pytest.approx(1.0) and f[-1] == pytest.approx(0.1, abs=0.01)
+    assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
