@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from ray_app.config import EvaluateConfig, PrepareConfig, load_config
+from ray_app.config import EvaluateConfig, PrepareConfig, TrainConfig, load_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "cluster" / "configs").glob("*.yaml"))
-MODELS = {"prepare": PrepareConfig, "evaluate": EvaluateConfig}
+MODELS = {"prepare": PrepareConfig, "train": TrainConfig, "evaluate": EvaluateConfig}
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

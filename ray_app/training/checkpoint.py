@@ -74,7 +74,10 @@ def load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
     for key, value in meta["scalars"].items():
         pid, name = key.split(".", 1)
         state.setdefault(int(pid), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    groups = meta["param_groups"]
+    for g in groups:  # JSON has no tuples
+        g.update({k: tuple(v) for k, v in g.items() if k == "betas"})
+    opt.load_state_dict({"state": state, "param_groups": groups})
 
 
 def write_checkpoint(

@@ -132,16 +132,29 @@ def make_optimizer(model: Reranker, cfg: TrainConfig) -> torch.optim.AdamW:
         decay = 0.0 if p.dim() < 2 or "norm" in name.lower() else cfg.weight_decay
         groups.setdefault((lr, decay), []).append(p)
     return torch.optim.AdamW(
-        [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+        [
+            {"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd}
+            for (lr, wd), ps in groups.items()
+        ]
     )
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warm-up, then cosine decay to 10% of the peak."""
+def lr_factor(step: int, total: int, warmup: int, done: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10% of the peak.
+
+    `done` (0..1) is progress by another clock, the time budget: the decay
+    follows whichever is further along, so a run cut by `max_minutes` still
+    ends at a low learning rate.
+    """
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max(done, (step - warmup) / max(1, total - warmup)))
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * factor
 
 
 class Precision:
@@ -175,7 +188,6 @@ def unwrap(model: torch.nn.Module) -> Reranker:
 def train_step(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
-    sched: torch.optim.lr_scheduler.LRScheduler,
     ex: ExampleBatch,
     text: ItemText | None,
     data: TrainData,
@@ -211,7 +223,6 @@ def train_step(
         loss.backward()
         torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.grad_clip)
         opt.step()
-    sched.step()
     return float(loss.detach())
 
 
@@ -289,15 +300,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     opt = make_optimizer(model, cfg)
     total = cfg.epochs * config["steps_per_epoch"]
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total, int(cfg.warmup_fraction * total))
-    )
+    warmup = int(cfg.warmup_fraction * total)
     if ckpt is not None:
         with ckpt.as_directory() as d:
             load_optimizer(opt, Path(d))
-        sched.last_epoch = progress.step
-        for g, f in zip(opt.param_groups, sched.lr_lambdas, strict=True):
-            g["lr"] = g["initial_lr"] * f(progress.step)
     if best is None:
         best = state_dict(model)
     valid = data.valid.subset(slice(rank, None, world))
@@ -326,7 +332,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i < progress.epoch_step:
                 continue
             ex = to_examples(batch, mcfg.max_history, cfg.negatives_per_example, data.hidden)
-            losses.append(train_step(ddp, opt, sched, ex, text, data, cfg, device, precision))
+            budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+            set_lr(opt, lr_factor(progress.step, total, warmup, (time.time() - start) / budget))
+            losses.append(train_step(ddp, opt, ex, text, data, cfg, device, precision))
             n += len(ex.targets)
             progress.step += 1
             progress.epoch_step += 1
@@ -343,6 +351,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if _any(over, world):
                 stop = f"time budget of {cfg.max_minutes} min reached"
                 break
+        train_elapsed = time.time() - t0
         if model.text is not None and model.text.trainable:
             refresh_text(model, text, device)
         sums = _all_sum(validate(model, valid, valid_cands, cfg.k), world)
@@ -362,7 +371,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "step": progress.step,
             "loss": float(np.mean(losses)) if losses else float("nan"),
             **scores,
-            "samples_per_s": round(n * world / max(time.time() - t0, 1e-9), 1),
+            "samples_per_s": round(n * world / max(train_elapsed, 1e-9), 1),
             "epoch_s": round(elapsed, 1),
             "train_s": round(time.time() - start, 1),
             "best_epoch": progress.best_epoch,
