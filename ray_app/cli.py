@@ -105,7 +105,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Generate sample data, prepare it, and evaluate the baselines on it (local Ray)."""
+    """Generate sample data, prepare it, train the re-ranker, evaluate it against the
+    baselines (local Ray)."""
     from ray_app.data.prepare import run_prepare
     from ray_app.data.synthetic import generate
     from ray_app.storage import join
@@ -132,7 +133,24 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     )
     from ray_app.evaluation.evaluate import run_evaluate
     from ray_app.evaluation.report import markdown
+    from ray_app.training.trainer import run_train
 
+    model_dir = join(args.workdir, "model")
+    train = load_config(
+        TrainConfig,
+        None,
+        [
+            f"prepared={prep.output}",
+            f"output={model_dir}",
+            f"model.encoder={args.encoder}",
+            "epochs=2",
+            # A time budget keeps the demo to minutes on a laptop CPU.
+            f"max_minutes={args.train_minutes}",
+            "resume=false",
+        ],
+    )
+    trained = run_train(train)
+    print(json.dumps({"model": model_dir, "epochs": trained["history"]}, indent=2))
     ev = load_config(
         EvaluateConfig,
         None,
@@ -141,6 +159,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             f"output={join(args.workdir, 'evaluation')}",
             # A short SASRec keeps the demo to minutes; the cluster config trains longer.
             f"sasrec_epochs={args.sasrec_epochs}",
+            f"models.reranker={model_dir}",
         ],
     )
     print(markdown(run_evaluate(ev)))
@@ -205,6 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/demo", help="where data and outputs go")
     p.add_argument("--events", type=int, default=200_000, help="events to generate")
     p.add_argument("--sasrec-epochs", type=int, default=40, help="epochs for the SASRec baseline")
+    p.add_argument(
+        "--train-minutes", type=float, default=6.0, help="training time budget of the re-ranker"
+    )
+    p.add_argument(
+        "--encoder", default="default", help="text encoder (default: bundled all-MiniLM-L6-v2)"
+    )
     _add_config_args(p, with_file=False)
     p.set_defaults(func=_cmd_demo)
     return parser

@@ -265,7 +265,11 @@ class TrainConfig(_Strict):
     # and checkpoint); null = no limit.
     max_minutes: float | None = Field(default=None, gt=0)
     num_workers: int = Field(default=1, ge=1)
+    # CPUs each worker reserves, and the threads its PyTorch uses (default:
+    # the reserved CPUs). Leave some CPUs unreserved for Ray Data to feed the
+    # workers: on one small machine reserve 1 per worker and use more threads.
     cpus_per_worker: int = Field(default=1, ge=1)
+    torch_threads: int | None = Field(default=None, ge=1)
     use_gpu: bool | Literal["auto"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     max_failures: int = Field(default=2, ge=-1)

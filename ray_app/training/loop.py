@@ -42,6 +42,8 @@ from ray_app.training.checkpoint import (
 
 logger = logging.getLogger(__name__)
 
+LOG_EVERY = 50  # steps between progress lines from rank 0
+
 
 @dataclass
 class TrainData:
@@ -277,6 +279,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    torch.set_num_threads(cfg.torch_threads or cfg.cpus_per_worker)
     precision = Precision(cfg.precision, device)
     data = load_train_data(cfg)
     mcfg = cfg.model.model_copy(update={"num_event_types": data.num_event_types})
@@ -345,6 +348,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 fail_marker.parent.mkdir(parents=True, exist_ok=True)
                 fail_marker.write_text("injected failure\n")
                 raise RuntimeError(f"injected failure at step {progress.step} (fail_at_step)")
+            if rank == 0 and progress.epoch_step % LOG_EVERY == 0:
+                logger.info(
+                    "epoch %d step %d/%d loss %.4f %.1f samples/s",
+                    progress.epoch + 1,
+                    progress.epoch_step,
+                    config["steps_per_epoch"],
+                    float(np.mean(losses[-LOG_EVERY:])),
+                    n * world / max(time.time() - t0, 1e-9),
+                )
             if cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0:
                 report({"epoch": progress.epoch, "step": progress.step, "loss": losses[-1]})
             over = cfg.max_minutes is not None and time.time() - start > cfg.max_minutes * 60

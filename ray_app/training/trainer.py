@@ -53,6 +53,15 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[
     from ray_app.training.loop import train_loop_per_worker
 
     gpu = cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    cpus = ray.cluster_resources().get("CPU", 0)
+    wanted = cfg.num_workers * cfg.cpus_per_worker
+    local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # a cluster may scale up
+    if local and wanted >= cpus:
+        raise ValueError(
+            f"num_workers x cpus_per_worker = {wanted} would reserve all {cpus:g} CPUs of "
+            "the cluster and leave none for Ray Data to feed the workers; reserve fewer "
+            "(torch_threads sets how many threads each worker uses)"
+        )
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -70,6 +79,28 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         datasets=datasets,
     )
+
+
+def plot_history(history: list[dict[str, Any]], path: Path) -> None:
+    """Loss and validation NDCG per epoch, the curves people look at first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a.plot(epochs, [h["loss"] for h in history], marker="o")
+    a.set_title("training loss")
+    a.set_xlabel("epoch")
+    for key in [k for k in history[0] if k.startswith("valid_")]:
+        b.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("valid_"))
+    b.set_title("validation")
+    b.set_xlabel("epoch")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
@@ -142,6 +173,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 resolved_cfg.model.encoder,
                 held_out=hidden,
             )
+            if progress.history:
+                plot_history(progress.history, Path(tmp) / "training_curves.png")
             upload_dir(tmp, stage.staging)
         stage.publish(
             {
