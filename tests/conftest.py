@@ -70,3 +70,37 @@ def prepared(ray_local, tmp_path_factory) -> str:
     )
     run_prepare(cfg)
     return str(root / "prepared")
+
+
+EPOCHS = 3
+BATCH = 128
+
+
+def tiny_config(prepared: str, root: Path, **kw):
+    """A tiny re-ranker's train config (2-layer random BERT, top layer trained)."""
+    from ray_app.config import TrainConfig
+
+    base = {
+        "prepared": prepared,
+        "output": str(root / "model"),
+        "storage": str(root / "runs"),
+        "model": {"encoder": "tiny", "dim": 32, "trainable_layers": 1},
+        "epochs": EPOCHS,
+        "batch_size": BATCH,
+        "patience": 10,
+        "refresh_text_every": 20,
+        "seed": 0,
+    }
+    for key, value in kw.items():
+        base[key] = value
+    return TrainConfig.model_validate(base)
+
+
+@pytest.fixture(scope="session")
+def trained(prepared, tmp_path_factory):
+    """(config, metrics) of one tiny model trained with Ray Train, once per session."""
+    from ray_app.training.trainer import run_train
+
+    root = tmp_path_factory.mktemp("trained")
+    cfg = tiny_config(prepared, root)
+    return cfg, run_train(cfg)

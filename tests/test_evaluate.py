@@ -74,3 +74,25 @@ def test_evaluate_writes_metrics_report_plots_and_baselines_beat_random(prepared
         best = max(ease["valid_ndcg_search"], key=lambda lam: ease["valid_ndcg_search"][lam][proto])
         assert ease["params"][proto]["lam"] == float(best)
     assert "| ease |" in (out / "report.md").read_text()
+
+
+def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_path):
+    cfg, train_metrics = trained
+    ev = EvaluateConfig(
+        prepared=prepared,
+        output=str(tmp_path / "eval"),
+        baselines=["popularity"],
+        models={"tiny": cfg.output},
+    )
+    metrics = run_evaluate(ev)
+    for split in ("valid", "test"):
+        assert set(metrics["results"][split]) == {"popularity", "tiny"}
+    valid = metrics["results"]["valid"]["tiny"]
+    # The offline evaluation of the artifact reproduces the validation score the
+    # training run selected its epoch by (up to the float16 cache of training).
+    best = train_metrics["history"][train_metrics["best_epoch"] - 1]
+    assert valid["full"]["ndcg@10"] == pytest.approx(best["valid_ndcg_full@10"], abs=0.01)
+    assert valid["sampled"]["ndcg@10"] == pytest.approx(best["valid_ndcg_sampled@10"], abs=0.01)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "| tiny |" in report and "## Trained models" in report
+    assert metrics["models"]["tiny"]["artifact"] == cfg.output

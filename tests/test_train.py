@@ -15,7 +15,6 @@ import pandas as pd
 import pytest
 import torch
 
-from ray_app.config import TrainConfig
 from ray_app.evaluation import metrics as M
 from ray_app.evaluation.data import load_prepared
 from ray_app.evaluation.evaluate import sampled_candidates, score_split
@@ -23,36 +22,9 @@ from ray_app.evaluation.model_scorer import RerankerScorer
 from ray_app.model.artifact import load_artifact, save_artifact
 from ray_app.training.loop import cold_start_items
 from ray_app.training.trainer import run_train, train_dataset
+from tests.conftest import BATCH, EPOCHS, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-EPOCHS = 3
-BATCH = 128
-
-
-def tiny_config(prepared: str, root: Path, **kw) -> TrainConfig:
-    base = {
-        "prepared": prepared,
-        "output": str(root / "model"),
-        "storage": str(root / "runs"),
-        "model": {"encoder": "tiny", "dim": 32, "trainable_layers": 1},
-        "epochs": EPOCHS,
-        "batch_size": BATCH,
-        "patience": 10,
-        "refresh_text_every": 20,
-        "seed": 0,
-    }
-    for key, value in kw.items():
-        base[key] = value
-    return TrainConfig.model_validate(base)
-
-
-@pytest.fixture(scope="session")
-def trained(prepared, tmp_path_factory):
-    root = tmp_path_factory.mktemp("trained")
-    cfg = tiny_config(prepared, root)
-    metrics = run_train(cfg)
-    return cfg, metrics
 
 
 def _valid_ndcg(prepared: str, artifact_path: str) -> tuple[float, np.ndarray]:

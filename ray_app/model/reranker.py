@@ -183,9 +183,12 @@ class Reranker(nn.Module):
         user, states = self.encode_user(hist)
         text = None
         if cand_text is not None:
-            # Live encoder output for the targets, the text table for the others.
+            # Every candidate's value comes from the text table, so targets and
+            # negatives look alike; the gradient reaches the encoder through
+            # the live output of the rows in `cand_text` (straight-through).
             text = self.text_table[cands].clone()
-            text[cand_text.rows] = cand_text.encode(self.text)
+            live = cand_text.encode(self.text)
+            text[cand_text.rows] = text[cand_text.rows] + live - live.detach()
         vecs = self.item_vectors(cands, text)
         scores = self.scorer(user, states, hist.items > 0, vecs)
         seen = (hist.items.unsqueeze(-1) == cands.view(1, 1, -1)).any(1)
