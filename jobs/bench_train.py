@@ -5,8 +5,9 @@
 All three run the same model, the same `train_step` and the same examples in
 one invocation, each for the same wall-clock budget of training steps
 (encoder cache building and validation excluded), and report samples/s. The
-plain loop uses every core in one process; Ray Train with 1 worker gets the
-same cores; 2 workers split them (DDP over gloo on CPUs).
+plain loop uses every core in one process; Ray Train with 1 worker uses the
+same number of threads; 2 workers split them (DDP over gloo on CPUs). The
+encoder is fine-tuned from the first step in all three.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def plain_loop(cfg, minutes: float, threads: int) -> dict:
         rows = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         ex = to_examples(table.take(rows), mcfg.max_history, cfg.negatives_per_example, data.hidden)
         set_lr(opt, lr_factor(step, steps, steps // 20))
-        train_step(model, opt, ex, text, data, cfg, device, precision)
+        live = text if model.text is not None and model.text.trainable else None
+        train_step(model, opt, ex, live, data, cfg, device, precision)
         step += 1
         n += len(rows)
         if model.text is not None and model.text.trainable and step % cfg.refresh_text_every == 0:
@@ -68,13 +70,16 @@ def plain_loop(cfg, minutes: float, threads: int) -> dict:
     return {"samples_per_s": n / (time.time() - t0), "steps": step}
 
 
-def ray_train(cfg, workers: int, cpus: int, minutes: float, workdir: str) -> dict:
+def ray_train(cfg, workers: int, threads: int, minutes: float, workdir: str) -> dict:
     from ray_app.training.trainer import run_train
 
     run = cfg.model_copy(
         update={
+            "encoder_frozen_epochs": 0,
             "num_workers": workers,
-            "cpus_per_worker": cpus,
+            # Reserve 1 CPU per worker so Ray Data can still run; use `threads`.
+            "cpus_per_worker": 1,
+            "torch_threads": threads,
             "epochs": 1,
             "max_minutes": minutes,
             "output": os.path.join(workdir, f"model-{workers}w"),

@@ -241,11 +241,18 @@ class TrainConfig(_Strict):
     epochs: int = Field(default=8, ge=1)
     batch_size: int = Field(default=256, ge=2)
     # How many of each example's prepared negatives join the batch's shared
-    # candidate set (the other examples' targets are negatives too).
-    negatives_per_example: int = Field(default=1, ge=0)
+    # candidate set. The other examples' targets are negatives in any case
+    # (in-batch, popularity-distributed, logQ-corrected); every candidate goes
+    # through the fine-tuned encoder layers, so each one costs a text pass.
+    negatives_per_example: int = Field(default=0, ge=0)
     loss: Literal["softmax", "bce"] = "softmax"
     lr: float = Field(default=2e-3, gt=0)
-    encoder_lr: float = Field(default=1e-4, gt=0)
+    encoder_lr: float = Field(default=5e-5, gt=0)
+    # Epochs that train the heads on the frozen encoder before its trainable
+    # layers are updated (linear probing, then fine-tuning): fine-tuning from
+    # the first step, while the heads are random, distorted the pretrained
+    # text features and lost to a frozen encoder on MovieLens.
+    encoder_frozen_epochs: int = Field(default=1, ge=0)
     weight_decay: float = Field(default=0.01, ge=0)
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)
@@ -280,6 +287,12 @@ class TrainConfig(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
     # Testing hook: the worker of rank 0 raises once when it reaches this step.
     fail_at_step: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _bce_needs_negatives(self) -> TrainConfig:
+        if self.loss == "bce" and self.negatives_per_example < 1:
+            raise ValueError("loss 'bce' needs negatives_per_example >= 1")
+        return self
 
     @property
     def storage_path(self) -> str:

@@ -78,6 +78,7 @@ def test_artifact_holds_everything_and_reloads_to_identical_scores(prepared, tra
         art.version,
         art.config["encoder"],
     )
+    (tmp_path / "copy" / "manifest.json").write_text("{}\n")
     (tmp_path / "copy" / "_SUCCESS").write_text("x\n")
     _, again = _valid_ndcg(prepared, str(tmp_path / "copy"))
     np.testing.assert_array_equal(first, again)

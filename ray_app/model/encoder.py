@@ -78,12 +78,11 @@ def from_saved(folder: Path):
 
 @dataclass
 class TextBatch:
-    """Encoder inputs for the items at `rows` of a candidate set, in length-sorted
-    chunks (each padded to its own longest); `restore` undoes the sort."""
+    """Encoder inputs for some items in length-sorted chunks (each padded to its
+    own longest); `restore` undoes the sort."""
 
     parts: list[tuple[torch.Tensor, torch.Tensor]]
     restore: torch.Tensor
-    rows: torch.Tensor
 
     def encode(self, encoder: TextEncoder) -> torch.Tensor:
         pooled = torch.cat([encoder.upper(x, att) for x, att in self.parts])

@@ -176,19 +176,15 @@ class Reranker(nn.Module):
         example's target in `cands`; cand_logq (C,) log of each candidate's
         chance to be in the set (popularity correction for `softmax`);
         negatives (B, n) indices into `cands` of each example's own sampled
-        negatives (for `bce`); cand_text the text encoder's inputs for the
-        candidates when it is being fine-tuned (else the text table serves).
+        negatives (for `bce`); cand_text the text encoder's inputs for every
+        candidate when it is being fine-tuned (else the text table serves).
+        All candidates must go through the same path: a model that sees some
+        candidates' vectors fresh and others' from the table learns to tell
+        them apart instead of ranking.
         Candidates the user already has are masked.
         """
         user, states = self.encode_user(hist)
-        text = None
-        if cand_text is not None:
-            # Every candidate's value comes from the text table, so targets and
-            # negatives look alike; the gradient reaches the encoder through
-            # the live output of the rows in `cand_text` (straight-through).
-            text = self.text_table[cands].clone()
-            live = cand_text.encode(self.text)
-            text[cand_text.rows] = text[cand_text.rows] + live - live.detach()
+        text = cand_text.encode(self.text) if cand_text is not None else None
         vecs = self.item_vectors(cands, text)
         scores = self.scorer(user, states, hist.items > 0, vecs)
         seen = (hist.items.unsqueeze(-1) == cands.view(1, 1, -1)).any(1)

@@ -108,15 +108,13 @@ class ItemText:
             x = self.ids[idx, :width].to(device)
         return x, att.to(device)
 
-    def chunked_inputs(
-        self, idx: torch.Tensor, rows: torch.Tensor, device: torch.device, chunks: int
-    ) -> TextBatch:
-        """`inputs` for items `idx` (at `rows` of the candidate set) in `chunks` groups
-        of similar length, each padded to its own longest."""
+    def chunked_inputs(self, idx: torch.Tensor, device: torch.device, chunks: int) -> TextBatch:
+        """`inputs` for items `idx` in `chunks` groups of similar length, each padded
+        to its own longest."""
         idx = idx.cpu()
         order = torch.argsort(self.lengths[idx], stable=True)
         parts = [self.inputs(idx[o], device) for o in torch.tensor_split(order, chunks) if len(o)]
-        return TextBatch(parts, torch.argsort(order).to(device), rows.to(device))
+        return TextBatch(parts, torch.argsort(order).to(device))
 
     @torch.no_grad()
     def build_cache(self, encoder: TextEncoder, device: torch.device, chunk: int = 256) -> None:

@@ -126,17 +126,22 @@ def build_model(cfg: ModelConfig, num_items: int, seed: int) -> tuple[Reranker, 
 
 def make_optimizer(model: Reranker, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; the encoder gets its own (small) learning rate, no decay on biases/norms."""
-    groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr = cfg.encoder_lr if name.startswith("text.") else cfg.lr
         decay = 0.0 if p.dim() < 2 or "norm" in name.lower() else cfg.weight_decay
-        groups.setdefault((lr, decay), []).append(p)
+        groups.setdefault((name.startswith("text."), decay), []).append(p)
     return torch.optim.AdamW(
         [
-            {"params": ps, "lr": lr, "base_lr": lr, "weight_decay": wd}
-            for (lr, wd), ps in groups.items()
+            {
+                "params": ps,
+                "lr": cfg.encoder_lr if enc else cfg.lr,
+                "base_lr": cfg.encoder_lr if enc else cfg.lr,
+                "encoder": enc,
+                "weight_decay": wd,
+            }
+            for (enc, wd), ps in groups.items()
         ]
     )
 
@@ -154,9 +159,10 @@ def lr_factor(step: int, total: int, warmup: int, done: float = 0.0) -> float:
     return 0.1 + 0.45 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(opt: torch.optim.Optimizer, factor: float) -> None:
+def set_lr(opt: torch.optim.Optimizer, factor: float, encoder_factor: float = 1.0) -> None:
+    """Scale every group's base rate; encoder groups also by their own warm-up."""
     for g in opt.param_groups:
-        g["lr"] = g["base_lr"] * factor
+        g["lr"] = g["base_lr"] * factor * (encoder_factor if g.get("encoder") else 1.0)
 
 
 class Precision:
@@ -197,13 +203,13 @@ def train_step(
     device: torch.device,
     precision: Precision,
 ) -> float:
-    """One optimizer step on a batch; returns the loss."""
+    """One optimizer step on a batch; returns the loss. `text` (item text inputs)
+    is given while the encoder is being fine-tuned, else the text table serves."""
     core = unwrap(model)
     cands = step_candidates(ex, data.pos_prob, data.neg_prob)
     cand_text = None
-    if core.text is not None and core.text.trainable and text is not None:
-        rows = torch.unique(cands.labels)
-        cand_text = text.chunked_inputs(cands.items[rows], rows, device, cfg.text_chunks)
+    if text is not None:
+        cand_text = text.chunked_inputs(cands.items, device, cfg.text_chunks)
     with precision.autocast():
         _, loss = model(
             ex.hist.to(device),
@@ -312,6 +318,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     valid = data.valid.subset(slice(rank, None, world))
     valid_cands = data.valid_cands[rank::world]
     shard = ray.train.get_dataset_shard("train")
+    trains_text = model.text is not None and model.text.trainable
     fail_marker = Path(cfg.storage_path) / f".{cfg.run_name}.failed-once"
     resolved = cfg.model_copy(update={"model": mcfg}).model_dump(mode="json")
 
@@ -336,13 +343,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 continue
             ex = to_examples(batch, mcfg.max_history, cfg.negatives_per_example, data.hidden)
             budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
-            set_lr(opt, lr_factor(progress.step, total, warmup, (time.time() - start) / budget))
-            losses.append(train_step(ddp, opt, ex, text, data, cfg, device, precision))
+            tuning = trains_text and progress.epoch >= cfg.encoder_frozen_epochs
+            since = progress.step - cfg.encoder_frozen_epochs * config["steps_per_epoch"]
+            set_lr(
+                opt,
+                lr_factor(progress.step, total, warmup, (time.time() - start) / budget),
+                min(1.0, (since + 1) / max(1, warmup)),
+            )
+            live = text if tuning else None
+            losses.append(train_step(ddp, opt, ex, live, data, cfg, device, precision))
             n += len(ex.targets)
             progress.step += 1
             progress.epoch_step += 1
-            trains_text = model.text is not None and model.text.trainable
-            if trains_text and progress.step % cfg.refresh_text_every == 0:
+            if tuning and progress.step % cfg.refresh_text_every == 0:
                 refresh_text(model, text, device)
             if cfg.fail_at_step == progress.step and rank == 0 and not fail_marker.exists():
                 fail_marker.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +377,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stop = f"time budget of {cfg.max_minutes} min reached"
                 break
         train_elapsed = time.time() - t0
-        if model.text is not None and model.text.trainable:
+        if trains_text and progress.epoch >= cfg.encoder_frozen_epochs:
             refresh_text(model, text, device)
         sums = _all_sum(validate(model, valid, valid_cands, cfg.k), world)
         users = max(sums.pop("users"), 1.0)
