@@ -62,11 +62,16 @@ class TrainData:
 
 
 def cold_start_items(item_ids: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Deterministic share of items (by a hash of their ids) held out of training."""
+    """Deterministic share of items (by a hash of their ids) held out of training.
+
+    `item_ids` is indexed by item_idx, so row 0 is padding and never held out.
+    """
     if fraction <= 0:
         return np.zeros(len(item_ids), dtype=bool)
     h = user_hash(np.asarray(item_ids).astype(str)) ^ np.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
-    return (h % np.uint64(1_000_000)) < np.uint64(int(fraction * 1_000_000))
+    hidden = (h % np.uint64(1_000_000)) < np.uint64(int(fraction * 1_000_000))
+    hidden[0] = False
+    return hidden
 
 
 def item_token_ids(data: EvalData, manifest: dict, encoder: str) -> list[np.ndarray]:
@@ -92,7 +97,6 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
     manifest = data.manifest
     n = data.num_items
     hidden = cold_start_items(data.items["item_id"].to_numpy(), cfg.cold_start_fraction, cfg.seed)
-    hidden[0] = False
     counts = data.train_counts.astype(np.float64)
     counts[hidden] = 0
     neg_cfg = manifest["config"]["negatives"]

@@ -122,7 +122,6 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     data = load_prepared(cfg.prepared)
     hidden = cold_start_items(data.items[S.ITEM_ID].to_numpy(), cfg.cold_start_fraction, cfg.seed)
-    hidden[0] = False
     ds = train_dataset(cfg, hidden if hidden.any() else None)
     rows = ds.count()
     steps = rows // (cfg.batch_size * cfg.num_workers)
