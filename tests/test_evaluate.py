@@ -91,7 +91,9 @@ def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_p
     # The offline evaluation of the artifact is close to the validation score the
     # training run selected its epoch by. Not equal: training reads a float16
     # cache of the frozen layers, the artifact's table comes from the whole
-    # encoder in float32 (a gap of 0.011 in full NDCG was seen; to be narrowed).
+    # encoder in float32, and with this few validation users one user whose
+    # target moves a rank shifts NDCG by ~0.01 (on MovieLens, 610 users, the
+    # two agree to 0.05%: 0.05313 vs 0.05315).
     best = train_metrics["history"][train_metrics["best_epoch"] - 1]
     assert valid["full"]["ndcg@10"] == pytest.approx(best["valid_ndcg_full@10"], rel=0.15)
     assert valid["sampled"]["ndcg@10"] == pytest.approx(best["valid_ndcg_sampled@10"], rel=0.15)

@@ -89,15 +89,20 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.5))
     a.plot(epochs, [h["loss"] for h in history], marker="o")
     a.set_title("training loss")
-    a.set_xlabel("epoch")
+    # Full-ranking NDCG is an order of magnitude below the sampled metrics:
+    # on a shared axis its curve would look flat.
     for key in [k for k in history[0] if k.startswith("valid_")]:
-        b.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("valid_"))
-    b.set_title("validation")
-    b.set_xlabel("epoch")
-    b.legend(fontsize=8)
+        ax = c if "full" in key else b
+        ax.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("valid_"))
+    b.set_title("validation, sampled candidates")
+    c.set_title("validation, full ranking")
+    for ax in (a, b, c):
+        ax.set_xlabel("epoch")
+    for ax in (b, c):
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
