@@ -66,6 +66,8 @@ def test_artifact_holds_everything_and_reloads_to_identical_scores(prepared, tra
         assert (out / name).is_file(), name
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
     art = load_artifact(cfg.output)
+    manifest = json.loads((Path(prepared) / "manifest.json").read_text())
+    assert art.event_index == {e: i + 1 for i, e in enumerate(manifest["resolved"]["event_types"])}
     # The stored item table is what the stored weights compute.
     torch.testing.assert_close(art.model.item_table(), art.item_vectors)
     _, first = _valid_ndcg(prepared, cfg.output)
@@ -77,6 +79,7 @@ def test_artifact_holds_everything_and_reloads_to_identical_scores(prepared, tra
         art.metrics,
         art.version,
         art.config["encoder"],
+        event_types=art.config["event_types"],
     )
     (tmp_path / "copy" / "manifest.json").write_text("{}\n")
     (tmp_path / "copy" / "_SUCCESS").write_text("x\n")

@@ -2,7 +2,8 @@
 
 Layout (all plain files, nothing pickled):
 
-- `config.json`: the model config, catalogue size, version id, encoder name;
+- `config.json`: the model config, catalogue size, version id, encoder name,
+  event types (position + 1 = the event_idx the model was trained with);
 - `model.safetensors`: weights (LoRA merged into the encoder);
 - `encoder/`: the encoder's transformers config and tokenizer files;
 - `item_embeddings.safetensors`: `item_vectors` (items x dim, the item
@@ -59,6 +60,11 @@ class Artifact:
     def version(self) -> str:
         return self.config["version"]
 
+    @property
+    def event_index(self) -> dict[str, int]:
+        """Event type name -> event_idx, as `prepare` numbered them for training."""
+        return {e: i + 1 for i, e in enumerate(self.config.get("event_types", []))}
+
 
 def save_artifact(
     folder: Path,
@@ -69,6 +75,7 @@ def save_artifact(
     version: str,
     encoder_name: str,
     held_out: np.ndarray | None = None,
+    event_types: list[str] | None = None,
 ) -> None:
     """Write an artifact into a local folder (the caller publishes it)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -86,6 +93,7 @@ def save_artifact(
         "format": FORMAT_VERSION,
         "version": version,
         "encoder": encoder_name,
+        "event_types": list(event_types or []),
         "num_items": model.num_items,
         "model": model.cfg.model_dump(mode="json"),
     }

@@ -176,6 +176,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 stage.run_id,
                 resolved_cfg.model.encoder,
                 held_out=hidden,
+                event_types=prep_manifest["resolved"]["event_types"],
             )
             if progress.history:
                 plot_history(progress.history, Path(tmp) / "training_curves.png")
