@@ -80,6 +80,7 @@ def test_artifact_holds_everything_and_reloads_to_identical_scores(prepared, tra
         art.version,
         art.config["encoder"],
         event_types=art.config["event_types"],
+        text_max_length=art.config["text_max_length"],
     )
     (tmp_path / "copy" / "manifest.json").write_text("{}\n")
     (tmp_path / "copy" / "_SUCCESS").write_text("x\n")

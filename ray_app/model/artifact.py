@@ -3,7 +3,8 @@
 Layout (all plain files, nothing pickled):
 
 - `config.json`: the model config, catalogue size, version id, encoder name,
-  event types (position + 1 = the event_idx the model was trained with);
+  event types (position + 1 = the event_idx the model was trained with),
+  the token budget item text was truncated to;
 - `model.safetensors`: weights (LoRA merged into the encoder);
 - `encoder/`: the encoder's transformers config and tokenizer files;
 - `item_embeddings.safetensors`: `item_vectors` (items x dim, the item
@@ -76,6 +77,7 @@ def save_artifact(
     encoder_name: str,
     held_out: np.ndarray | None = None,
     event_types: list[str] | None = None,
+    text_max_length: int = 32,
 ) -> None:
     """Write an artifact into a local folder (the caller publishes it)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -94,6 +96,7 @@ def save_artifact(
         "version": version,
         "encoder": encoder_name,
         "event_types": list(event_types or []),
+        "text_max_length": text_max_length,
         "num_items": model.num_items,
         "model": model.cfg.model_dump(mode="json"),
     }

@@ -177,6 +177,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 resolved_cfg.model.encoder,
                 held_out=hidden,
                 event_types=prep_manifest["resolved"]["event_types"],
+                text_max_length=prep_manifest["config"]["text"]["max_length"],
             )
             if progress.history:
                 plot_history(progress.history, Path(tmp) / "training_curves.png")
