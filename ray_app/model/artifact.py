@@ -110,6 +110,20 @@ def save_artifact(
     (folder / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
+def _from_prepared(local: Path) -> dict[str, Any]:
+    """Event types and text budget of artifacts written before config.json had them,
+    read from the prepare output their manifest names."""
+    from ray_app.storage import join, read_json
+
+    source = json.loads((local / "manifest.json").read_text())["prepared"]
+    prepared = read_json(join(source, "manifest.json"))
+    logger.warning("artifact predates event_types in config.json: read from %s", source)
+    return {
+        "event_types": prepared["resolved"]["event_types"],
+        "text_max_length": prepared["config"]["text"]["max_length"],
+    }
+
+
 def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
     """Rebuild the model from an artifact (local or URI), ready to `predict`."""
     require_complete(path)
@@ -117,6 +131,8 @@ def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
     config = json.loads((local / CONFIG).read_text())
     if config.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: artifact format {config.get('format')} is not supported")
+    if "event_types" not in config:
+        config.update(_from_prepared(local))
     mcfg = ModelConfig.model_validate(config["model"])
     text, tokenizer = None, None
     if mcfg.use_text:
