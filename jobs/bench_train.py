@@ -115,7 +115,9 @@ def main() -> int:
     )
     with tempfile.TemporaryDirectory() as workdir:
         results = {"plain PyTorch loop (1 process)": plain_loop(cfg, args.minutes, cores)}
-        ensure_ray(cfg.ray.model_copy(update={"num_cpus": cores, "show_progress": False}))
+        # One logical CPU more than there are cores: each Ray Train worker
+        # reserves one, and Ray Data's feeding tasks need a slot of their own.
+        ensure_ray(cfg.ray.model_copy(update={"num_cpus": cores + 1, "show_progress": False}))
         results["Ray Train, 1 worker"] = ray_train(cfg, 1, cores, args.minutes, workdir)
         if cores >= 2:
             results["Ray Train, 2 workers"] = ray_train(cfg, 2, cores // 2, args.minutes, workdir)
