@@ -116,11 +116,16 @@ def _from_prepared(local: Path) -> dict[str, Any]:
     from ray_app.storage import join, read_json
 
     source = json.loads((local / "manifest.json").read_text())["prepared"]
-    prepared = read_json(join(source, "manifest.json"))
     logger.warning("artifact predates event_types in config.json: read from %s", source)
+    return from_prepare_manifest(read_json(join(source, "manifest.json")))
+
+
+def from_prepare_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What an artifact takes from the prepare run it was trained on (the
+    `event_types` and `text_max_length` arguments of `save_artifact`)."""
     return {
-        "event_types": prepared["resolved"]["event_types"],
-        "text_max_length": prepared["config"]["text"]["max_length"],
+        "event_types": manifest["resolved"]["event_types"],
+        "text_max_length": manifest["config"]["text"]["max_length"],
     }
 
 

@@ -337,8 +337,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     done_s = progress.history[-1]["train_s"] if progress.history else 0.0
     start = time.time() - done_s
     stop = ""
+    budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     for _ in range(progress.epoch, cfg.epochs):
         t0, n, losses = time.time(), 0, []
+        tuning = trains_text and progress.epoch >= cfg.encoder_frozen_epochs
         batches = shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True
         )
@@ -346,8 +348,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i < progress.epoch_step:
                 continue
             ex = to_examples(batch, mcfg.max_history, cfg.negatives_per_example, data.hidden)
-            budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
-            tuning = trains_text and progress.epoch >= cfg.encoder_frozen_epochs
             since = progress.step - cfg.encoder_frozen_epochs * config["steps_per_epoch"]
             set_lr(
                 opt,
@@ -381,7 +381,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stop = f"time budget of {cfg.max_minutes} min reached"
                 break
         train_elapsed = time.time() - t0
-        if trains_text and progress.epoch >= cfg.encoder_frozen_epochs:
+        if tuning:
             refresh_text(model, text, device)
         sums = _all_sum(validate(model, valid, valid_cands, cfg.k), world)
         users = max(sums.pop("users"), 1.0)

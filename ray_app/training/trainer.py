@@ -113,7 +113,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     import torch
 
     from ray_app.evaluation.data import load_prepared
-    from ray_app.model.artifact import save_artifact
+    from ray_app.model.artifact import from_prepare_manifest, save_artifact
     from ray_app.training.batches import ItemText
     from ray_app.training.checkpoint import BEST, load_weights, read_state
     from ray_app.training.loop import build_model, cold_start_items, item_token_ids
@@ -176,8 +176,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 stage.run_id,
                 resolved_cfg.model.encoder,
                 held_out=hidden,
-                event_types=prep_manifest["resolved"]["event_types"],
-                text_max_length=prep_manifest["config"]["text"]["max_length"],
+                **from_prepare_manifest(prep_manifest),
             )
             if progress.history:
                 plot_history(progress.history, Path(tmp) / "training_curves.png")
