@@ -99,8 +99,13 @@ def test_a_worker_failure_is_recovered_from_the_last_checkpoint(prepared, tmp_pa
     assert metrics["history"][-1]["step"] == metrics["steps"]
 
 
-def test_failure_beyond_max_failures_stops_with_the_error(prepared, tmp_path):
-    cfg = tiny_config(prepared, tmp_path, epochs=1, fail_at_step=2, max_failures=0)
+def test_failure_beyond_max_failures_stops_with_the_error(prepared, tmp_path, monkeypatch):
+    # Relative paths, as in `rerank train --config cluster/configs/...`: the
+    # workers, which run elsewhere, must still find the data (they reach the
+    # injected failure only after loading it).
+    shutil.copytree(prepared, tmp_path / "prepared")
+    monkeypatch.chdir(tmp_path)
+    cfg = tiny_config("prepared", Path("."), epochs=1, fail_at_step=2, max_failures=0)
     with pytest.raises(Exception, match="injected failure"):
         run_train(cfg)
     assert not (tmp_path / "model").exists()  # nothing published

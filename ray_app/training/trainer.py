@@ -22,9 +22,24 @@ from ray_app.storage import StagedOutput, code_version, join, require_complete, 
 logger = logging.getLogger(__name__)
 
 
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def storage_uri(cfg: TrainConfig) -> str:
-    path = cfg.storage_path
-    return path if "://" in path else os.path.abspath(path)
+    return _absolute(cfg.storage_path)
+
+
+def for_workers(cfg: TrainConfig) -> TrainConfig:
+    """The config with local paths made absolute: Ray Train workers do not run in the
+    driver's working directory, so `prepared: runs/x` would name nothing there."""
+    return cfg.model_copy(
+        update={
+            "prepared": _absolute(cfg.prepared),
+            "output": _absolute(cfg.output),
+            "storage": storage_uri(cfg),
+        }
+    )
 
 
 def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
@@ -139,7 +154,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     trainer = build_trainer(
         cfg,
         {"train": ds},
-        {"train": cfg.model_dump(mode="json"), "steps_per_epoch": steps},
+        {"train": for_workers(cfg).model_dump(mode="json"), "steps_per_epoch": steps},
     )
     result = trainer.fit()
     if result.checkpoint is None:
