@@ -4,12 +4,15 @@
         --config cluster/configs/train-movielens.yaml --workdir runs/movielens/ablations
 
 Trains, from one train config: the hybrid model with several seeds, the same
-model without the text tower (IDs only), with a frozen encoder, and a pair
-(text + IDs, IDs only) with a share of items held out of training entirely
-(cold start). Then one evaluation scores every baseline and every model on
-valid and test under both protocols (`<workdir>/evaluation/report.md`), and a
-summary table (mean and standard deviation over seeds) is printed and written
-to `<workdir>/ablations.md`.
+model without the text tower (IDs only), with a frozen encoder, and a trio
+(text + IDs fine-tuned, text + IDs with the encoder frozen, IDs only) with a
+share of items held out of training entirely (cold start; one epoch on the
+frozen encoder, then the fine-tuning ones). Then one evaluation scores every
+baseline and every model on valid and test under both protocols
+(`<workdir>/evaluation/report.md`) with paired per-user differences for
+fine-tuned vs frozen and text vs IDs only, and a summary table (mean and
+standard deviation over seeds) is printed and written to
+`<workdir>/ablations.md`.
 
 A variant whose artifact is already published is not trained again, so an
 interrupted run continues where it stopped.
@@ -31,13 +34,28 @@ def variants(seeds: list[int], cold_fraction: float, cold_epochs: int) -> dict[s
     out = {f"hybrid-s{s}": [f"seed={s}"] for s in seeds}
     out["no-text"] = ["model.use_text=false"]
     out["frozen-encoder"] = ["model.trainable_layers=0"]
-    cold = [f"cold_start_fraction={cold_fraction}", f"epochs={cold_epochs}"]
+    cold = [
+        f"cold_start_fraction={cold_fraction}",
+        f"epochs={cold_epochs}",
+        f"encoder_frozen_epochs={min(1, cold_epochs - 1)}",
+    ]
     out["cold-hybrid"] = cold
+    out["cold-frozen-encoder"] = [*cold, "model.trainable_layers=0"]
     out["cold-ids-only"] = [*cold, "model.use_text=false"]
     return out
 
 
+def pairs(names: list[str], seeds: list[int]) -> list[tuple[str, str]]:
+    """The paired comparisons the ablation is about, among the variants present."""
+    want = [(f"hybrid-s{s}", "frozen-encoder") for s in seeds]
+    want += [(f"hybrid-s{s}", "no-text") for s in seeds]
+    want += [("cold-hybrid", "cold-frozen-encoder"), ("cold-hybrid", "cold-ids-only")]
+    return [(a, b) for a, b in want if a in names and b in names]
+
+
 def summary(metrics: dict, seeds: list[int], k: int) -> str:
+    from ray_app.evaluation.report import paired_table
+
     test = metrics["results"]["test"]
     cols = [("sampled", f"hr@{k}"), ("sampled", f"ndcg@{k}"), ("full", f"ndcg@{k}")]
     head = "| method | sampled HR@10 | sampled NDCG@10 | full NDCG@10 |"
@@ -79,6 +97,8 @@ def summary(metrics: dict, seeds: list[int], k: int) -> str:
         ]
         for name, r in cold.items():
             lines.append(f"| {name} | {r[f'hr@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']} |")
+    if metrics.get("paired"):
+        lines += ["", *paired_table(metrics)]
     return "\n".join(lines)
 
 
@@ -94,7 +114,7 @@ def main() -> int:
     p.add_argument("--workdir", required=True)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cold-fraction", type=float, default=0.2)
-    p.add_argument("--cold-epochs", type=int, default=1)
+    p.add_argument("--cold-epochs", type=int, default=2)
     p.add_argument("--sasrec-epochs", type=int, default=300)
     p.add_argument("--only", nargs="*", help="train only these variants")
     p.add_argument("--set", dest="overrides", action="append", default=[])
@@ -129,7 +149,7 @@ def main() -> int:
             f"sasrec_epochs={args.sasrec_epochs}",
         ],
     )
-    ev = ev.model_copy(update={"models": models})
+    ev = ev.model_copy(update={"models": models, "paired": pairs(list(models), args.seeds)})
     metrics = run_evaluate(ev)
     text = summary(metrics, args.seeds, ev.k)
     with open(os.path.join(args.workdir, "ablations.md"), "w") as f:

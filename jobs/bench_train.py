@@ -8,6 +8,11 @@ one invocation, each for the same wall-clock budget of training steps
 plain loop uses every core in one process; Ray Train with 1 worker uses the
 same number of threads; 2 workers split them (DDP over gloo on CPUs). The
 encoder is fine-tuned from the first step in all three.
+
+On a shared machine throughput drifts by 10% and more within minutes, so the
+variants run in `--rounds` interleaved rounds (every other round in reverse
+order) and the table reports each variant's median with its ratio to the
+plain loop's median, plus the ratio within each round.
 """
 
 from __future__ import annotations
@@ -106,6 +111,7 @@ def main() -> int:
         default=[],
         help="train config overrides, e.g. model.trainable_layers=2",
     )
+    p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all variants")
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -113,26 +119,49 @@ def main() -> int:
     cfg = load_config(
         TrainConfig, None, [f"prepared={args.prepared}", "output=unused", *args.overrides]
     )
+    plain = "plain PyTorch loop (1 process)"
+    names = [plain, "Ray Train, 1 worker"] + (["Ray Train, 2 workers"] if cores >= 2 else [])
+    runs: dict[str, list[dict]] = {n: [] for n in names}
+    # For reference: the same loop before Ray starts. On a small machine Ray's
+    # idle daemons take a share of the cores (10-15% of 2 cores measured here).
+    alone = plain_loop(cfg, args.minutes, cores)
+    print(f"plain loop before Ray starts: {alone['samples_per_s']:.1f} samples/s", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
-        results = {"plain PyTorch loop (1 process)": plain_loop(cfg, args.minutes, cores)}
         # One logical CPU more than there are cores: each Ray Train worker
         # reserves one, and Ray Data's feeding tasks need a slot of their own.
+        # Ray is up for the plain loop too, so its daemons cost both the same.
         ensure_ray(cfg.ray.model_copy(update={"num_cpus": cores + 1, "show_progress": False}))
-        results["Ray Train, 1 worker"] = ray_train(cfg, 1, cores, args.minutes, workdir)
-        if cores >= 2:
-            results["Ray Train, 2 workers"] = ray_train(cfg, 2, cores // 2, args.minutes, workdir)
-    base = results["plain PyTorch loop (1 process)"]["samples_per_s"]
+        for r in range(args.rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                if name == plain:
+                    res = plain_loop(cfg, args.minutes, cores)
+                else:
+                    workers = 1 if "1 worker" in name else 2
+                    sub = os.path.join(workdir, f"r{r}")
+                    res = ray_train(cfg, workers, cores // workers, args.minutes, sub)
+                runs[name].append(res)
+                print(f"round {r + 1} {name}: {res['samples_per_s']:.1f} samples/s", flush=True)
+    med = {n: float(np.median([x["samples_per_s"] for x in rs])) for n, rs in runs.items()}
     print(
         f"\nencoder={cfg.model.encoder} trainable_layers={cfg.model.trainable_layers} "
-        f"batch={cfg.batch_size} cores={cores} budget={args.minutes} min each\n"
+        f"batch={cfg.batch_size} cores={cores} budget={args.minutes} min each, "
+        f"{args.rounds} rounds\n"
     )
-    print("| variant | steps | samples/s | vs plain loop |")
-    print("|---|---:|---:|---:|")
-    for name, r in results.items():
-        print(
-            f"| {name} | {r['steps']} | {r['samples_per_s']:.1f} | "
-            f"{r['samples_per_s'] / base:.2f} |"
+    rounds_head = " | ".join(f"round {r + 1}" for r in range(args.rounds))
+    print(f"| variant | median samples/s | vs plain loop | {rounds_head} |")
+    print("|---|---:|---:|" + "---:|" * args.rounds)
+    for name, rs in runs.items():
+        per_round = " | ".join(
+            f"{x['samples_per_s']:.1f} ({x['samples_per_s'] / runs[plain][i]['samples_per_s']:.2f})"
+            for i, x in enumerate(rs)
         )
+        print(f"| {name} | {med[name]:.1f} | {med[name] / med[plain]:.2f} | {per_round} |")
+    ray1 = med["Ray Train, 1 worker"]
+    print(
+        f"\nplain loop before Ray started: {alone['samples_per_s']:.1f} samples/s; "
+        f"Ray Train 1 worker / that: {ray1 / alone['samples_per_s']:.2f}"
+    )
+    results = {"median_samples_per_s": med, "runs": runs, "plain_before_ray": alone}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -224,6 +224,19 @@ class EvaluateConfig(_Strict):
     sasrec_epochs: int = Field(default=300, ge=1)
     # Trained re-rankers to score beside the baselines: name -> artifact path.
     models: dict[str, PathLike] = Field(default_factory=dict)
+    # Pairs of methods [a, b] compared user by user on test (and on cold-start
+    # items when both hold items out): mean and standard error of a - b NDCG@k.
+    paired: list[tuple[str, str]] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _paired_names_exist(self) -> EvaluateConfig:
+        known = set(self.baselines) | set(self.models)
+        unknown = sorted({n for pair in self.paired for n in pair} - known)
+        if unknown:
+            raise ValueError(
+                f"paired names {unknown} are neither baselines nor models {sorted(known)}"
+            )
+        return self
 
 
 class TrainConfig(_Strict):

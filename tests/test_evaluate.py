@@ -83,6 +83,7 @@ def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_p
         output=str(tmp_path / "eval"),
         baselines=["popularity"],
         models={"tiny": cfg.output},
+        paired=[("tiny", "popularity"), ("tiny", "tiny")],
     )
     metrics = run_evaluate(ev)
     for split in ("valid", "test"):
@@ -100,3 +101,13 @@ def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_p
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "| tiny |" in report and "## Trained models" in report
     assert metrics["models"]["tiny"]["artifact"] == cfg.output
+    vs_pop = metrics["paired"]["tiny - popularity"]["test_full"]
+    test = metrics["results"]["test"]
+    gap = test["tiny"]["full"]["ndcg@10"] - test["popularity"]["full"]["ndcg@10"]
+    assert vs_pop["diff"] == pytest.approx(gap) and vs_pop["se"] > 0
+    assert vs_pop["users"] == test["tiny"]["users"]
+    same = metrics["paired"]["tiny - tiny"]["test_sampled"]
+    assert same["diff"] == 0 and same["se"] == 0
+    assert "## Paired comparisons" in report and "| tiny - popularity |" in report
+    with pytest.raises(ValueError, match=r"paired names \['nope'\]"):
+        EvaluateConfig(**{**ev.model_dump(), "paired": [("tiny", "nope")]})

@@ -80,3 +80,14 @@ def test_long_tail_share_and_diversity():
     emb = np.array([[0, 0], [1, 0], [1, 0], [0, 1]], dtype=float)
     assert M.intra_list_diversity([np.array([1, 2])], emb, 2) == pytest.approx(0.0)
     assert M.intra_list_diversity([np.array([1, 3])], emb, 2) == pytest.approx(1.0)
+
+
+def test_paired_difference_skips_undefined_users_and_needs_equal_users():
+    a = np.array([0.5, 1.0, np.nan, 0.0])
+    b = np.array([0.25, 0.5, 0.3, np.nan])
+    r = M.paired_difference(a, b)
+    assert r["users"] == 2
+    assert r["diff"] == pytest.approx(0.375)
+    assert r["se"] == pytest.approx(np.std([0.25, 0.5], ddof=1) / np.sqrt(2))
+    with pytest.raises(ValueError, match="same users"):
+        M.paired_difference(a, b[:3])

@@ -290,10 +290,13 @@ def cold_start(
     held: dict[str, np.ndarray],
     data: EvalData,
     cfg: EvaluateConfig,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Each model with held-out items, on valid + test targets that are held-out items,
-    ranked against other held-out items the user never touched."""
+    ranked against other held-out items the user never touched.
+
+    Returns the summary and each model's per-user NDCG@k (for paired comparisons)."""
     out: dict[str, Any] = {}
+    per_user: dict[str, np.ndarray] = {}
     k = cfg.k
     for name, mask in held.items():
         stats = []
@@ -310,12 +313,37 @@ def cold_start(
         merged = M.RankStats(
             *(np.concatenate([getattr(s, f) for s in stats]) for f in ("greater", "ties", "less"))
         )
+        per_user[name] = M.ndcg(merged, k)
         out[name] = {
             f"hr@{k}": M.mean_defined(M.hit_rate(merged, k)),
-            f"ndcg@{k}": M.mean_defined(M.ndcg(merged, k)),
+            f"ndcg@{k}": M.mean_defined(per_user[name]),
             "users": len(merged),
             "held_out_items": int(mask.sum()),
         }
+    return out, per_user
+
+
+def paired(
+    pairs: list[tuple[str, str]],
+    test: dict[str, dict[str, M.RankStats]],
+    cold: dict[str, np.ndarray],
+    held: dict[str, np.ndarray],
+    k: int,
+) -> dict[str, Any]:
+    """a - b per user for each configured pair: test under both protocols, and cold start
+    when both models held out the very same items (else their users differ)."""
+    out: dict[str, Any] = {}
+    for a, b in pairs:
+        missing = [n for n in (a, b) if n not in test]
+        if missing:
+            raise ValueError(f"paired: {missing} not among the scored methods {sorted(test)}")
+        row = {
+            f"test_{p}": M.paired_difference(M.ndcg(test[a][p], k), M.ndcg(test[b][p], k))
+            for p in PROTOCOLS
+        }
+        if a in cold and b in cold and np.array_equal(held[a], held[b]):
+            row["cold_start"] = M.paired_difference(cold[a], cold[b])
+        out[f"{a} - {b}"] = row
     return out
 
 
@@ -339,6 +367,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         models.update(trained)
         results: dict[str, Any] = {"valid": {}, "test": {}}
         details: dict[str, Any] = {}
+        test_stats: dict[str, dict[str, M.RankStats]] = {}
         for name, chosen in models.items():
             for split in ("valid", "test"):
                 per_proto = {}
@@ -355,7 +384,9 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 }
                 if split == "test":
                     merged = {p: per_proto[p][0][p] for p in PROTOCOLS}
+                    test_stats[name] = merged
                     details[name] = breakdowns(merged, data, split, k)
+        cold, cold_users = cold_start(models, held, data, cfg)
         metrics = {
             "k": k,
             "protocols": {
@@ -369,7 +400,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             "breakdowns_test": details,
             "baselines": info,
             "models": model_info,
-            "cold_start": cold_start(models, held, data, cfg),
+            "cold_start": cold,
+            "paired": paired(cfg.paired, test_stats, cold_users, held, k),
             "num_negatives": cfg.num_negatives,
         }
         manifest = {

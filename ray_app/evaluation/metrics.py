@@ -168,3 +168,21 @@ def mean_defined(x: np.ndarray) -> float:
     x = np.asarray(x, dtype=np.float64)
     ok = ~np.isnan(x)
     return float(x[ok].mean()) if ok.any() else float("nan")
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Mean and standard error of a - b over the users both define (same users, same lists).
+
+    Pairing removes the between-user variance that dominates a comparison of
+    two means; a difference within about two standard errors is noise.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired metrics need the same users: {a.shape} vs {b.shape}")
+    d = (a - b)[~(np.isnan(a) | np.isnan(b))]
+    n = len(d)
+    return {
+        "diff": float(d.mean()) if n else float("nan"),
+        "se": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+        "users": n,
+    }

@@ -72,6 +72,8 @@ def markdown(metrics: dict[str, Any]) -> str:
                 f"| {name} | {r[f'hr@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']} "
                 f"| {r['held_out_items']} |"
             )
+    if metrics.get("paired"):
+        lines += ["", "## Paired comparisons", "", *paired_table(metrics)]
     lines += [
         "",
         f"Protocols: sampled = {metrics['protocols']['sampled']}; "
@@ -79,6 +81,25 @@ def markdown(metrics: dict[str, Any]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def paired_table(metrics: dict[str, Any]) -> list[str]:
+    """Markdown lines of the paired a - b comparisons in `metrics["paired"]`."""
+    k = metrics["k"]
+    lines = [
+        f"a - b in NDCG@{k}, user by user on the same lists: mean ± standard error "
+        "(users). Within about two standard errors is noise.",
+        "",
+        "| a - b | test, sampled | test, full | cold start |",
+        "|---|---:|---:|---:|",
+    ]
+    for pair, r in metrics.get("paired", {}).items():
+        cells = [
+            f"{r[c]['diff']:+.4f} ± {r[c]['se']:.4f} ({r[c]['users']})" if c in r else "-"
+            for c in ("test_sampled", "test_full", "cold_start")
+        ]
+        lines.append(f"| {pair} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _short(params: dict) -> str:
