@@ -11,8 +11,12 @@ encoder is fine-tuned from the first step in all three.
 
 On a shared machine throughput drifts by 10% and more within minutes, so the
 variants run in `--rounds` interleaved rounds (every other round in reverse
-order) and the table reports each variant's median with its ratio to the
-plain loop's median, plus the ratio within each round.
+order) and the tables report each variant's median with its ratio to the
+plain loop's median, plus the ratio within each round. Two tables: samples/s
+over the whole budget, which includes one-off start-up (Ray Data's read and
+shuffle tasks, worker processes spawning: on 2 cores a large share of a
+2-minute budget, a small one of a real epoch), and steady state after the
+first steps of each run, the rate an epoch of a long run goes at.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ def plain_loop(cfg, minutes: float, threads: int) -> dict:
     from ray_app.storage import join, resolve
     from ray_app.training.batches import ItemText, to_examples
     from ray_app.training.loop import (
+        STEADY_AFTER,
         Precision,
         build_model,
         load_train_data,
@@ -62,6 +67,7 @@ def plain_loop(cfg, minutes: float, threads: int) -> dict:
     steps = len(table) // cfg.batch_size
     precision = Precision(cfg.precision, device)
     n, t0, step = 0, time.time(), 0
+    t_steady, n_steady = None, 0
     while time.time() - t0 < minutes * 60 and step < steps:
         rows = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         ex = to_examples(table.take(rows), mcfg.max_history, cfg.negatives_per_example, data.hidden)
@@ -70,9 +76,18 @@ def plain_loop(cfg, minutes: float, threads: int) -> dict:
         train_step(model, opt, ex, live, data, cfg, device, precision)
         step += 1
         n += len(rows)
+        if t_steady is not None:
+            n_steady += len(rows)
+        elif step == STEADY_AFTER:
+            t_steady = time.time()
         if model.text is not None and model.text.trainable and step % cfg.refresh_text_every == 0:
             refresh_text(model, text, device)
-    return {"samples_per_s": n / (time.time() - t0), "steps": step}
+    end = time.time()
+    return {
+        "samples_per_s": n / (end - t0),
+        "samples_per_s_steady": n_steady / (end - t_steady) if n_steady else float("nan"),
+        "steps": step,
+    }
 
 
 def ray_train(cfg, workers: int, threads: int, minutes: float, workdir: str) -> dict:
@@ -94,12 +109,17 @@ def ray_train(cfg, workers: int, threads: int, minutes: float, workdir: str) -> 
     )
     metrics = run_train(run)
     row = metrics["history"][-1]
-    return {"samples_per_s": row["samples_per_s"], "steps": row["step"]}
+    return {
+        "samples_per_s": row["samples_per_s"],
+        "samples_per_s_steady": row["samples_per_s_steady"],
+        "steps": row["step"],
+    }
 
 
 def main() -> int:
     from ray_app.config import TrainConfig, load_config
     from ray_app.runtime import ensure_ray
+    from ray_app.training.loop import STEADY_AFTER
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--prepared", required=True, help="a published prepare output")
@@ -112,6 +132,11 @@ def main() -> int:
         help="train config overrides, e.g. model.trainable_layers=2",
     )
     p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of all variants")
+    p.add_argument(
+        "--reference-before-ray",
+        action="store_true",
+        help="also time the plain loop once before Ray starts",
+    )
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -122,10 +147,11 @@ def main() -> int:
     plain = "plain PyTorch loop (1 process)"
     names = [plain, "Ray Train, 1 worker"] + (["Ray Train, 2 workers"] if cores >= 2 else [])
     runs: dict[str, list[dict]] = {n: [] for n in names}
-    # For reference: the same loop before Ray starts. On a small machine Ray's
-    # idle daemons take a share of the cores (10-15% of 2 cores measured here).
-    alone = plain_loop(cfg, args.minutes, cores)
-    print(f"plain loop before Ray starts: {alone['samples_per_s']:.1f} samples/s", flush=True)
+    alone = None
+    if args.reference_before_ray:
+        # On a small machine Ray's idle daemons take a share of the cores.
+        alone = plain_loop(cfg, args.minutes, cores)
+        print(f"plain loop before Ray starts: {alone['samples_per_s']:.1f} samples/s", flush=True)
     with tempfile.TemporaryDirectory() as workdir:
         # One logical CPU more than there are cores: each Ray Train worker
         # reserves one, and Ray Data's feeding tasks need a slot of their own.
@@ -140,28 +166,28 @@ def main() -> int:
                     sub = os.path.join(workdir, f"r{r}")
                     res = ray_train(cfg, workers, cores // workers, args.minutes, sub)
                 runs[name].append(res)
-                print(f"round {r + 1} {name}: {res['samples_per_s']:.1f} samples/s", flush=True)
-    med = {n: float(np.median([x["samples_per_s"] for x in rs])) for n, rs in runs.items()}
+                print(f"round {r + 1} {name}: {json.dumps(res)}", flush=True)
     print(
         f"\nencoder={cfg.model.encoder} trainable_layers={cfg.model.trainable_layers} "
         f"batch={cfg.batch_size} cores={cores} budget={args.minutes} min each, "
-        f"{args.rounds} rounds\n"
+        f"{args.rounds} round(s)"
     )
-    rounds_head = " | ".join(f"round {r + 1}" for r in range(args.rounds))
-    print(f"| variant | median samples/s | vs plain loop | {rounds_head} |")
-    print("|---|---:|---:|" + "---:|" * args.rounds)
-    for name, rs in runs.items():
-        per_round = " | ".join(
-            f"{x['samples_per_s']:.1f} ({x['samples_per_s'] / runs[plain][i]['samples_per_s']:.2f})"
-            for i, x in enumerate(rs)
-        )
-        print(f"| {name} | {med[name]:.1f} | {med[name] / med[plain]:.2f} | {per_round} |")
-    ray1 = med["Ray Train, 1 worker"]
-    print(
-        f"\nplain loop before Ray started: {alone['samples_per_s']:.1f} samples/s; "
-        f"Ray Train 1 worker / that: {ray1 / alone['samples_per_s']:.2f}"
-    )
-    results = {"median_samples_per_s": med, "runs": runs, "plain_before_ray": alone}
+    results = {"runs": runs, "plain_before_ray": alone}
+    for key, title in (
+        ("samples_per_s", "whole budget (start-up of the data pipeline included)"),
+        ("samples_per_s_steady", f"steady state (after the first {STEADY_AFTER} steps)"),
+    ):
+        med = {n: float(np.median([x[key] for x in rs])) for n, rs in runs.items()}
+        results[f"median_{key}"] = med
+        rounds_head = " | ".join(f"round {r + 1}" for r in range(args.rounds))
+        print(f"\nsamples/s, {title}:\n")
+        print(f"| variant | median samples/s | vs plain loop | {rounds_head} |")
+        print("|---|---:|---:|" + "---:|" * args.rounds)
+        for name, rs in runs.items():
+            per_round = " | ".join(
+                f"{x[key]:.1f} ({x[key] / runs[plain][i][key]:.2f})" for i, x in enumerate(rs)
+            )
+            print(f"| {name} | {med[name]:.1f} | {med[name] / med[plain]:.2f} | {per_round} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -8,12 +8,14 @@ Examples::
                    --set output=runs/ml/prepared
     rerank train --set prepared=runs/ml/prepared --set output=runs/ml/model
     rerank evaluate --config cluster/configs/evaluate-movielens.yaml
+    rerank serve --set model=runs/demo/model --set port=8000
     rerank demo --workdir runs/demo
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -24,6 +26,7 @@ from ray_app.config import (
     EvaluateConfig,
     GenerateConfig,
     PrepareConfig,
+    ServeConfig,
     TrainConfig,
     load_config,
 )
@@ -101,6 +104,25 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
     metrics = run_evaluate(cfg)
     print(markdown(metrics))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ray_app.serving.run import start
+
+    cfg = load_config(ServeConfig, args.config, args.overrides)
+    url = start(cfg)
+    print(f"serving {cfg.model} on {url} (OpenAPI at {url}/docs); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    from ray import serve
+
+    serve.shutdown()
     return 0
 
 
@@ -208,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
             "Fit popularity, item-kNN, EASE and a SASRec-style model on train, tune on valid, "
             "score valid and test (sampled and full ranking). Example: rerank evaluate "
             "--set prepared=runs/ml/prepared --set output=runs/ml/eval",
+        ),
+        (
+            "serve",
+            _cmd_serve,
+            "serve the re-ranker over HTTP with Ray Serve (autoscaling, batching)",
+            "Deploy the model artifact as a Ray Serve app on 127.0.0.1 (host/port to change): "
+            "POST /v1/rerank, POST /v1/events, GET /v1/users/{id}/recommendations, /docs. "
+            "Example: rerank serve --set model=runs/demo/model --set topk=runs/demo/topk",
         ),
     )
     for name, func, help_text, description in stages:

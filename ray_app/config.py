@@ -312,6 +312,97 @@ class TrainConfig(_Strict):
         return self.storage or self.output.rstrip("/") + ".runs"
 
 
+class ServeLimits(_Strict):
+    """What one request may carry. Larger requests get 413 naming the field."""
+
+    max_candidates: int = Field(default=1000, ge=1)
+    max_history: int = Field(default=500, ge=0)
+    max_events: int = Field(default=1000, ge=1)
+    max_text_chars: int = Field(default=4000, ge=1)
+    max_k: int = Field(default=1000, ge=1)
+    max_body_bytes: int = Field(default=2_000_000, ge=1024)
+
+
+class AutoscalingSettings(_Strict):
+    """Ray Serve `autoscaling_config` of the re-ranker deployment."""
+
+    min_replicas: int = Field(default=1, ge=0)
+    max_replicas: int = Field(default=4, ge=1)
+    initial_replicas: int | None = Field(default=None, ge=0)
+    # Requests in flight per replica the autoscaler aims for (queued + running).
+    target_ongoing_requests: float = Field(default=8.0, gt=0)
+    upscale_delay_s: float = Field(default=10.0, ge=0)
+    downscale_delay_s: float = Field(default=60.0, ge=0)
+    look_back_period_s: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingSettings:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
+class EventStoreConfig(_Strict):
+    """Where users' recent events live between requests.
+
+    `actor`: one named Ray actor (one machine, lost with the cluster);
+    `redis`: a Redis server (clusters; survives replica and cluster restarts).
+    """
+
+    kind: Literal["actor", "redis"] = "actor"
+    # redis://host:port/db; default: the RERANK_REDIS_URL environment variable.
+    redis_url: str | None = None
+    max_events_per_user: int = Field(default=200, ge=1)
+    key_prefix: str = "rerank:events:"
+
+    @model_validator(mode="after")
+    def _redis_has_url(self) -> EventStoreConfig:
+        if self.kind == "redis" and not (self.redis_url or os.environ.get("RERANK_REDIS_URL")):
+            raise ValueError("events.kind 'redis' needs events.redis_url or RERANK_REDIS_URL")
+        return self
+
+
+class AppArgs(_Strict):
+    """Arguments of the Serve application (`serve run/deploy ray_app.serving.app:build_app`)."""
+
+    # The model artifact to serve; a new value in user_config swaps it live.
+    model: PathLike = "runs/demo/model"
+    # The nightly top-K root (holding LATEST); null = no recommendations endpoint data.
+    topk: str | None = None
+    events: EventStoreConfig = Field(default_factory=EventStoreConfig)
+    limits: ServeLimits = Field(default_factory=ServeLimits)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    # Dynamic batching across requests (@serve.batch).
+    max_batch_size: int = Field(default=16, ge=1)
+    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    max_ongoing_requests: int = Field(default=64, ge=1)
+    num_cpus: float = Field(default=1.0, gt=0)
+    num_gpus: float = Field(default=0.0, ge=0)
+    torch_threads: int = Field(default=1, ge=1)
+    # New items (sent with text) whose vectors are kept per replica.
+    cold_cache_size: int = Field(default=10_000, ge=0)
+    # Name of an environment variable holding a bearer token; when it is set,
+    # /v1/* requires `Authorization: Bearer <token>`.
+    auth_token_env: str | None = None
+
+
+class ServeConfig(AppArgs):
+    """`rerank serve`: the app's arguments plus where it listens and which Ray it runs on."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    app_name: str = "rerank"
+    route_prefix: str = "/"
+    # A prepare output whose users' events seed the event store at start-up.
+    seed_histories: str | None = None
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    def app_args(self) -> AppArgs:
+        return AppArgs.model_validate(self.model_dump(include=set(AppArgs.model_fields)))
+
+
 class GenerateConfig(_Strict):
     """Config of the synthetic data generator (the embedded default data)."""
 

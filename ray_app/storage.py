@@ -156,12 +156,13 @@ def read_text(uri: str) -> str:
         return f.read().decode()
 
 
-def read_parquet(uri: str):
+def read_parquet(uri: str, columns: list[str] | None = None):
     """A Parquet file or directory of files (local or URI) as one pandas frame."""
     import pyarrow.dataset as pads
 
     fs, path = resolve(uri)
-    return pads.dataset(path, filesystem=fs, format="parquet").to_table().to_pandas()
+    ds = pads.dataset(path, filesystem=fs, format="parquet")
+    return ds.to_table(columns=columns).to_pandas()
 
 
 def write_bytes(uri: str, data: bytes) -> None:

@@ -10,6 +10,9 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Set before Ray starts so that Serve replicas (forked by Ray) see it too.
+TEST_TOKEN_ENV = "RERANK_TEST_TOKEN"
+os.environ[TEST_TOKEN_ENV] = "s3cret-test-token"
 
 SHARED_MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 
@@ -104,3 +107,51 @@ def trained(prepared, tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     cfg = tiny_config(prepared, root)
     return cfg, run_train(cfg)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory):
+    """A real redis-server on 127.0.0.1 for this session (Debian's `redis-server`).
+
+    Skipped where it is not installed, unless RERANK_REQUIRE_REDIS=1 (CI), where
+    its absence is a failure.
+    """
+    import shutil
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        if os.environ.get("RERANK_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is not installed (RERANK_REQUIRE_REDIS=1)")
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    d = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--dir", str(d)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail("redis-server did not start")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(timeout=10)

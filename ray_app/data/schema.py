@@ -103,3 +103,20 @@ ITEMS_SCHEMA = pa.schema(
 
 # Rejected rows keep every source column (as text) beside these.
 REJECTED_META = (REASON, SOURCE_FILE, SOURCE_ROW)
+
+# Nightly top-K lists: topk/dt=YYYY-MM-DD/part-*.parquet, one row per (user, rank),
+# each partition sorted by user_id then rank; `LATEST` at the root names the
+# last published partition (e.g. "dt=2026-11-23").
+RANK = "rank"
+SCORE = "score"
+MODEL_VERSION = "model_version"
+TOPK_LATEST = "LATEST"
+TOPK_SCHEMA = pa.schema(
+    [
+        pa.field(USER_ID, pa.string(), nullable=False),
+        pa.field(RANK, pa.int32(), nullable=False),
+        pa.field(ITEM_ID, pa.string(), nullable=False),
+        pa.field(SCORE, pa.float32(), nullable=False),
+        pa.field(MODEL_VERSION, pa.string(), nullable=False),
+    ]
+)

@@ -50,6 +50,12 @@ class ItemTower(nn.Module):
             out = out + self.ids(items) * keep.unsqueeze(-1).to(self.ids.weight.dtype)
         return out * (items > 0).unsqueeze(-1)
 
+    def from_text(self, text: torch.Tensor) -> torch.Tensor:
+        """Vectors of items the model never saw, from pooled text alone (no ID row)."""
+        if self.proj is None:
+            raise ValueError("this model has no text tower")
+        return self.proj(text)
+
 
 class UserTower(nn.Module):
     """History vectors + event type + recency rank + time gap, through a Transformer.

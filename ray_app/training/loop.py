@@ -42,6 +42,10 @@ from ray_app.training.checkpoint import (
 
 logger = logging.getLogger(__name__)
 
+# Steps of each epoch left out of `samples_per_s_steady`: the first ones also pay
+# for one-off work (Ray Data starting its read and shuffle tasks, processes
+# spawning), which a benchmark of a few minutes would otherwise be dominated by.
+STEADY_AFTER = 20
 LOG_EVERY = 50  # steps between progress lines from rank 0
 
 
@@ -340,6 +344,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
     for _ in range(progress.epoch, cfg.epochs):
         t0, n, losses = time.time(), 0, []
+        t_steady, n_steady = None, 0
         tuning = trains_text and progress.epoch >= cfg.encoder_frozen_epochs
         batches = shard.iter_batches(
             batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True
@@ -359,6 +364,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             n += len(ex.targets)
             progress.step += 1
             progress.epoch_step += 1
+            if t_steady is not None:
+                n_steady += len(ex.targets)
+            elif progress.epoch_step == STEADY_AFTER:
+                t_steady = time.time()
             if tuning and progress.step % cfg.refresh_text_every == 0:
                 refresh_text(model, text, device)
             if cfg.fail_at_step == progress.step and rank == 0 and not fail_marker.exists():
@@ -381,6 +390,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 stop = f"time budget of {cfg.max_minutes} min reached"
                 break
         train_elapsed = time.time() - t0
+        steady = n_steady * world / (time.time() - t_steady) if n_steady else float("nan")
         if tuning:
             refresh_text(model, text, device)
         sums = _all_sum(validate(model, valid, valid_cands, cfg.k), world)
@@ -401,6 +411,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "loss": float(np.mean(losses)) if losses else float("nan"),
             **scores,
             "samples_per_s": round(n * world / max(train_elapsed, 1e-9), 1),
+            "samples_per_s_steady": round(steady, 1),
             "epoch_s": round(elapsed, 1),
             "train_s": round(time.time() - start, 1),
             "best_epoch": progress.best_epoch,

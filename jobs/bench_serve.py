@@ -1,0 +1,194 @@
+"""Serving throughput and latency: the re-ranker against a no-op behind the same HTTP path.
+
+    python jobs/bench_serve.py --model runs/demo/model --concurrency 1 4 16 --seconds 10
+
+Both apps run in one Ray Serve instance on 127.0.0.1 with one replica each and
+the same FastAPI body model; the no-op parses and validates the request and
+returns the candidates in the order given. The clients (threads of this
+process) send `POST /v1/rerank`:
+
+- known: 100 candidates the model knows and a 50-event history;
+- cold: 100 candidates with text the model has never seen, new on every
+  request (nothing cached: the worst case).
+
+For each case and concurrency it prints requests/s, p50 and p99 latency and the
+re-ranker's throughput as a share of the no-op's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import os
+import sys
+import threading
+import time
+
+import numpy as np
+import requests
+from fastapi import FastAPI
+from ray import serve
+
+from ray_app.serving.api import RerankRequest
+
+noop_api = FastAPI()
+
+
+@serve.deployment(name="Noop", max_ongoing_requests=64)
+@serve.ingress(noop_api)
+class Noop:
+    @noop_api.post("/v1/rerank")
+    async def rerank(self, req: RerankRequest) -> dict:
+        return {
+            "user_id": req.user_id,
+            "model_version": "noop",
+            "items": [{"item_id": c.item_id, "score": 0.0} for c in req.candidates][: req.k],
+            "errors": [],
+            "history_used": 0,
+        }
+
+
+def run_load(url: str, bodies, concurrency: int, seconds: float) -> dict:
+    lat: list[float] = []
+    fails = [0]
+    lock = threading.Lock()
+    stop = time.time() + seconds
+
+    def client() -> None:
+        s = requests.Session()
+        while time.time() < stop:
+            body = next(bodies)
+            t = time.perf_counter()
+            try:
+                ok = s.post(url, json=body, timeout=60).status_code == 200
+            except requests.RequestException:
+                ok = False
+            dt = time.perf_counter() - t
+            with lock:
+                if ok:
+                    lat.append(dt)
+                else:
+                    fails[0] += 1
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    t0 = time.time()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.time() - t0
+    a = np.array(lat) * 1000
+    return {
+        "req_per_s": len(lat) / wall,
+        "p50_ms": float(np.percentile(a, 50)) if len(a) else float("nan"),
+        "p99_ms": float(np.percentile(a, 99)) if len(a) else float("nan"),
+        "ok": len(lat),
+        "failed": fails[0],
+    }
+
+
+def main() -> int:
+    from ray_app.config import ServeConfig
+    from ray_app.model.artifact import load_artifact
+    from ray_app.serving.run import start
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", required=True, help="a published model artifact")
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument("--seconds", type=float, default=10.0, help="load per measurement")
+    p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="ServeConfig keys")
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from ray_app.config import load_config
+
+    cfg = load_config(
+        ServeConfig,
+        None,
+        [
+            f"model={args.model}",
+            f"port={args.port}",
+            "autoscaling.min_replicas=1",
+            "autoscaling.max_replicas=1",
+            "ray.show_progress=false",
+            *args.overrides,
+        ],
+    )
+    url = start(cfg)
+    serve.run(Noop.bind(), name="noop", route_prefix="/noop")
+    base = f"http://{cfg.host}:{cfg.port}"
+    art = load_artifact(args.model)
+    ids = art.items["item_id"].to_numpy()[1:]
+    types = art.config.get("event_types") or [None]
+    rng = np.random.default_rng(0)
+    now = int(time.time())
+
+    def known():
+        while True:
+            cands = rng.choice(ids, size=100, replace=False)
+            hist = rng.choice(ids, size=50, replace=False)
+            yield {
+                "history": [
+                    {"item_id": str(h), "timestamp": now - 3600 * (50 - j), "event_type": types[0]}
+                    for j, h in enumerate(hist)
+                ],
+                "candidates": [{"item_id": str(c)} for c in cands],
+            }
+
+    counter = itertools.count()
+
+    def cold():
+        words = ["space", "drama", "comedy", "war", "love", "robot", "music", "crime", "family"]
+        while True:
+            n = next(counter)
+            yield {
+                "candidates": [
+                    {
+                        "item_id": f"new-{n}-{i}",
+                        "text": f"New film {n}-{i}. Genres: {words[i % 9]}|{words[(i + n) % 9]}",
+                    }
+                    for i in range(100)
+                ]
+            }
+
+    results = []
+    for case, make in (("known", known), ("cold", cold)):
+        for c in args.concurrency:
+            row = {"case": case, "concurrency": c}
+            for name, target in (
+                ("noop", f"{base}/noop/v1/rerank"),
+                ("rerank", f"{url}/v1/rerank"),
+            ):
+                run_load(target, make(), c, min(2.0, args.seconds))  # warm-up
+                row[name] = run_load(target, make(), c, args.seconds)
+            row["ratio"] = row["rerank"]["req_per_s"] / row["noop"]["req_per_s"]
+            results.append(row)
+            print(json.dumps(row), flush=True)
+    print(
+        f"\nmodel={args.model} cores={os.cpu_count()} torch_threads={cfg.torch_threads} "
+        f"max_batch_size={cfg.max_batch_size} {args.seconds}s per measurement\n"
+    )
+    print(
+        "| case | concurrency | no-op req/s | re-ranker req/s | ratio | re-ranker p50 / p99 ms "
+        "| no-op p50 / p99 ms | failed |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        n, m = r["noop"], r["rerank"]
+        print(
+            f"| {r['case']} | {r['concurrency']} | {n['req_per_s']:.1f} | {m['req_per_s']:.1f} "
+            f"| {r['ratio']:.2f} | {m['p50_ms']:.0f} / {m['p99_ms']:.0f} "
+            f"| {n['p50_ms']:.0f} / {n['p99_ms']:.0f} | {m['failed'] + n['failed']} |"
+        )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

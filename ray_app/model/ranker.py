@@ -1,0 +1,237 @@
+"""The re-ranker as a service object: one model artifact, many (history, candidates) queries.
+
+Serving (`/v1/rerank`) and the nightly job both score through `Ranker.score`,
+so an online ranking and a precomputed list for the same user and candidates
+carry the same scores. Known items read the artifact's item table; an item
+the catalogue does not know is encoded from the text the caller sends (and
+kept in a bounded LRU cache); an unknown item without text gets a per-item
+error instead of a made-up score.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ray_app.model.artifact import Artifact, load_artifact
+from ray_app.model.history import make_history
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One thing a user did: the item, the event type (None = the first type the
+    model was trained with) and when (seconds since the epoch)."""
+
+    item_id: str
+    timestamp: int
+    event_type: str | None = None
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """An item to rank; `text` lets an item the model never saw be scored."""
+
+    item_id: str
+    text: str | None = None
+
+
+@dataclass
+class Query:
+    """A user's events (any order) and the candidates to order; `now` defaults to the
+    wall clock and is the moment the history's recency is measured to."""
+
+    history: Sequence[Event]
+    candidates: Sequence[Candidate]
+    k: int | None = None
+    now: int | None = None
+
+
+@dataclass
+class Ranked:
+    """Scores of a query's scorable candidates, best first and cut to `k`, and why the
+    others were not scored."""
+
+    items: list[tuple[str, float]]
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    history_used: int = 0
+    history_dropped: int = 0
+
+    def as_dicts(self) -> list[dict[str, float | str]]:
+        return [{"item_id": i, "score": s} for i, s in self.items]
+
+
+class UnknownEventType(ValueError):
+    pass
+
+
+class Ranker:
+    """Loaded once per process (a Serve replica, a `map_batches` actor) and reused."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        cache_size: int = 10_000,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.artifact = artifact
+        self.device = torch.device(device)
+        self.model = artifact.model.to(self.device).eval()
+        self.vectors = artifact.item_vectors.to(self.device)
+        self.index = artifact.item_index
+        self.events = artifact.event_index
+        self.default_event = next(iter(self.events.values()), 1)
+        self.max_length = int(artifact.config.get("text_max_length", 32))
+        self.cache_size = cache_size
+        self._cold: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cold_encoded = 0
+
+    @classmethod
+    def from_path(cls, path: str, cache_size: int = 10_000, device: str = "cpu") -> Ranker:
+        return cls(load_artifact(path, device), cache_size, device)
+
+    @property
+    def version(self) -> str:
+        return self.artifact.version
+
+    @property
+    def max_history(self) -> int:
+        return self.model.cfg.max_history
+
+    def event_idx(self, name: str | None, strict: bool = True) -> int:
+        """Event type name -> the model's event_idx. Unknown names raise when `strict`
+        (a caller's typo should be told), else fall back to the default type."""
+        if name is None:
+            return self.default_event
+        idx = self.events.get(name)
+        if idx is None:
+            if strict:
+                known = ", ".join(self.events) or "(none recorded)"
+                raise UnknownEventType(f"unknown event_type {name!r}; the model knows: {known}")
+            return self.default_event
+        return idx
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """Item vectors (n, d) of new items from their text alone (their IDs never trained)."""
+        if self.model.text is None:
+            raise ValueError("this model has no text tower: it cannot score items it never saw")
+        tok = self.artifact.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors="pt",
+        )
+        pooled = self.model.text(
+            tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        )
+        return self.model.items.from_text(pooled)
+
+    def _cold_vectors(self, wanted: dict[tuple[str, str], None]) -> dict:
+        """Vectors of (item_id, text) pairs, encoding the ones not in the LRU cache."""
+        with self._lock:
+            found = {key: self._cold[key] for key in wanted if key in self._cold}
+            for key in found:
+                self._cold.move_to_end(key)
+        missing = [key for key in wanted if key not in found]
+        if missing:
+            vecs = self.encode_texts([text for _, text in missing])
+            with self._lock:
+                for key, v in zip(missing, vecs, strict=True):
+                    found[key] = v
+                    self._cold[key] = v
+                    self._cold.move_to_end(key)
+                while len(self._cold) > self.cache_size:
+                    self._cold.popitem(last=False)
+                self.cold_encoded += len(missing)
+        return found
+
+    def _history(self, q: Query, strict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        events = sorted(q.history, key=lambda e: e.timestamp)
+        items, kinds, times, dropped = [], [], [], 0
+        for e in events:
+            idx = self.index.get(e.item_id)
+            if idx is None:  # an item the model cannot embed without text: skipped
+                dropped += 1
+                continue
+            items.append(idx)
+            kinds.append(self.event_idx(e.event_type, strict))
+            times.append(e.timestamp)
+        return (
+            np.asarray(items, dtype=np.int64),
+            np.asarray(kinds, dtype=np.int64),
+            np.asarray(times, dtype=np.int64),
+            dropped,
+        )
+
+    @torch.no_grad()
+    def score(self, queries: Sequence[Query], strict_events: bool = True) -> list[Ranked]:
+        """Rank every query's candidates in one forward pass (dynamic batching feeds this).
+
+        A candidate the catalogue knows uses the item table even if text is sent
+        (the table is what the model was selected with); an unknown one with
+        text is encoded; an unknown one without text is reported in `errors`.
+        Histories keep their last `max_history` events; items in them the
+        catalogue does not know are skipped and counted.
+        """
+        if not queries:
+            return []
+        clock = int(time.time())
+        hists = [self._history(q, strict_events) for q in queries]
+        cold_keys: dict[tuple[str, str], None] = {}
+        for q in queries:
+            for c in q.candidates:
+                if c.item_id not in self.index and c.text:
+                    cold_keys[(c.item_id, c.text)] = None
+        cold = self._cold_vectors(cold_keys) if cold_keys else {}
+        width = max(1, max(len(q.candidates) for q in queries))
+        d = self.vectors.shape[1]
+        cand = torch.zeros(len(queries), width, d, device=self.device, dtype=self.vectors.dtype)
+        plans: list[tuple[list[int], list[str], list[tuple[str, str]]]] = []
+        for b, q in enumerate(queries):
+            cols, ids, errors = [], [], []
+            for j, c in enumerate(q.candidates):
+                idx = self.index.get(c.item_id)
+                if idx is not None:
+                    cand[b, j] = self.vectors[idx]
+                elif c.text:
+                    cand[b, j] = cold[(c.item_id, c.text)]
+                else:
+                    errors.append((c.item_id, "unknown item_id and no text to encode it from"))
+                    continue
+                cols.append(j)
+                ids.append(c.item_id)
+            plans.append((cols, ids, errors))
+        hist = make_history(
+            [h[0] for h in hists],
+            [h[1] for h in hists],
+            [h[2] for h in hists],
+            np.asarray([q.now if q.now is not None else clock for q in queries]),
+            self.max_history,
+        ).to(self.device)
+        scores = self.model.predict(hist, cand).float().cpu().numpy()
+        out = []
+        for b, (q, (cols, ids, errors)) in enumerate(zip(queries, plans, strict=True)):
+            s = scores[b, cols]
+            order = np.argsort(-s, kind="stable")
+            if q.k is not None:
+                order = order[: q.k]
+            out.append(
+                Ranked(
+                    items=[(ids[i], float(s[i])) for i in order],
+                    errors=errors,
+                    history_used=min(len(hists[b][0]), self.max_history),
+                    history_dropped=hists[b][3],
+                )
+            )
+        return out

@@ -1,0 +1,105 @@
+"""HTTP request and response bodies of the re-ranking service (its OpenAPI schema).
+
+Shapes only: limits that depend on the deployment's config (how many
+candidates, how long a text) are checked by the service, which answers 413
+naming the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from ray_app.config import parse_time
+
+ItemId = Annotated[str, Field(min_length=1, max_length=512)]
+UserId = Annotated[str, Field(min_length=1, max_length=512)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EventIn(_Body):
+    item_id: ItemId
+    # Seconds since the epoch or ISO-8601; default: when the request arrives.
+    timestamp: int | str | None = None
+    # One of the event types the model was trained with; default: the first.
+    event_type: str | None = Field(default=None, min_length=1, max_length=64)
+
+    @field_validator("item_id")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("item_id is blank")
+        return v
+
+    @field_validator("timestamp")
+    @classmethod
+    def _time(cls, v: int | str | None) -> int | None:
+        if v is None:
+            return None
+        t = parse_time(v)
+        if t < 0:
+            raise ValueError("timestamp before 1970")
+        return t
+
+
+class CandidateIn(_Body):
+    item_id: ItemId
+    # Item text for an item the model has never seen (ignored for known items).
+    text: str | None = None
+
+    @field_validator("item_id")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("item_id is blank")
+        return v
+
+
+class RerankRequest(_Body):
+    user_id: UserId | None = None
+    # Merged with the user's stored events (when user_id is given).
+    history: list[EventIn] = Field(default_factory=list)
+    candidates: list[CandidateIn] = Field(min_length=1)
+    k: int | None = Field(default=None, ge=1)
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class ItemError(BaseModel):
+    item_id: str
+    error: str
+
+
+class RerankResponse(BaseModel):
+    user_id: str | None
+    model_version: str
+    items: list[ScoredItem]
+    # Candidates that could not be scored (unknown item without text).
+    errors: list[ItemError] = Field(default_factory=list)
+    history_used: int
+    history_dropped: int = 0
+
+
+class EventsRequest(_Body):
+    user_id: UserId
+    events: list[EventIn] = Field(min_length=1)
+
+
+class EventsResponse(BaseModel):
+    user_id: str
+    stored: int
+    history_length: int
+
+
+class RecommendationsResponse(BaseModel):
+    user_id: str
+    partition: str
+    model_version: str
+    items: list[ScoredItem]

@@ -1,0 +1,249 @@
+"""The Ray Serve application: re-ranking over HTTP, autoscaled, batched across requests.
+
+    serve run ray_app.serving.app:build_app model=runs/demo/model
+    serve deploy cluster/serve/rerank.yaml
+
+Each replica loads the model artifact once (`__init__`), scores the requests
+that arrive within a few milliseconds of each other in one forward pass
+(`@serve.batch`), and swaps to a new artifact in place when `user_config`
+names one (`reconfigure`), so a new model goes live without dropping requests.
+"""
+
+import asyncio
+import hmac
+import logging
+import os
+import time
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve import Application
+
+from ray_app.config import AppArgs
+from ray_app.model.ranker import Candidate, Event, Ranked, Ranker
+from ray_app.model.ranker import Query as RankQuery
+from ray_app.serving.api import (
+    EventIn,
+    EventsRequest,
+    EventsResponse,
+    RecommendationsResponse,
+    RerankRequest,
+    RerankResponse,
+)
+from ray_app.serving.events import make_store, merge
+from ray_app.serving.recommendations import NoRecommendations, TopKReader
+
+logger = logging.getLogger(__name__)
+
+api = FastAPI(
+    title="rerank",
+    version="1",
+    description="Re-rank a user's candidates with a fine-tuned language-model re-ranker; "
+    "post events; read the nightly top-K.",
+)
+
+
+@api.middleware("http")
+async def _guard(request: Request, call_next):
+    """Body size (413) and bearer token (401) before any body is parsed."""
+    state = request.app.state
+    limit = getattr(state, "max_body_bytes", None)
+    if limit is not None and request.method in ("POST", "PUT"):
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return _too_large("body", f"request body of {declared} bytes > {limit}")
+        body = await request.body()  # cached by Starlette for the endpoint
+        if len(body) > limit:
+            return _too_large("body", f"request body of {len(body)} bytes > {limit}")
+    token = getattr(state, "token", None)
+    if token and request.url.path.startswith("/v1/"):
+        sent = request.headers.get("authorization", "")
+        scheme, _, value = sent.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
+            return JSONResponse(
+                {"detail": "missing or wrong bearer token"},
+                status_code=401,
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+    return await call_next(request)
+
+
+def _too_large(field: str, msg: str) -> JSONResponse:
+    return JSONResponse({"detail": [{"loc": [field], "msg": msg}]}, status_code=413)
+
+
+def _error(status: int, loc: list[Any], msg: str) -> HTTPException:
+    return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": msg}])
+
+
+@serve.deployment(name="RerankService", health_check_period_s=10)
+@serve.ingress(api)
+class RerankService:
+    def __init__(self, args: dict[str, Any]) -> None:
+        import torch
+
+        self.args = AppArgs.model_validate(args)
+        torch.set_num_threads(self.args.torch_threads)
+        self.device = "cuda" if self.args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.ranker = Ranker.from_path(self.args.model, self.args.cold_cache_size, self.device)
+        self.model_path = self.args.model
+        self.store = make_store(self.args.events)
+        self.topk = TopKReader(self.args.topk)
+        self.limits = self.args.limits
+        api.state.max_body_bytes = self.limits.max_body_bytes
+        env = self.args.auth_token_env
+        api.state.token = os.environ.get(env) if env else None
+        if env and not api.state.token:
+            logger.warning("auth_token_env=%s is not set: /v1/* is open", env)
+        self._score.set_max_batch_size(self.args.max_batch_size)
+        self._score.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
+        logger.info("serving model %s from %s", self.ranker.version, self.model_path)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """`user_config: {model: <artifact>}` swaps the model; requests keep being served
+        by the old one until the new one is loaded."""
+        path = (user_config or {}).get("model")
+        if not path or path == self.model_path:
+            return
+        new = await asyncio.to_thread(
+            Ranker.from_path, path, self.args.cold_cache_size, self.device
+        )
+        self.ranker, self.model_path = new, path
+        logger.info("swapped to model %s from %s", new.version, path)
+
+    def check_health(self) -> None:
+        if self.ranker is None:
+            raise RuntimeError("no model loaded")
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def _score(self, queries: list[RankQuery]) -> list[Ranked]:
+        ranker = self.ranker
+        return await asyncio.to_thread(ranker.score, queries, False)
+
+    async def _stored(self, user_id: str | None) -> list[Event]:
+        if user_id is None:
+            return []
+        getter = getattr(self.store, "get_async", None)
+        if getter is not None:
+            return await getter(user_id)
+        return await asyncio.to_thread(self.store.get, user_id)
+
+    def _events(self, events: list[EventIn], field: str, now: int) -> list[Event]:
+        out = []
+        for i, e in enumerate(events):
+            try:
+                self.ranker.event_idx(e.event_type)
+            except ValueError as err:
+                raise _error(422, [field, i, "event_type"], str(err)) from None
+            out.append(
+                Event(e.item_id, e.timestamp if e.timestamp is not None else now, e.event_type)
+            )
+        return out
+
+    @api.get("/healthz", summary="Liveness")
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Ready once the model is loaded")
+    async def readyz(self) -> dict[str, str]:
+        return {"status": "ready", "model_version": self.ranker.version}
+
+    @api.post("/v1/rerank", response_model=RerankResponse, summary="Re-rank candidates")
+    async def rerank(self, req: RerankRequest) -> RerankResponse:
+        lim = self.limits
+        if len(req.candidates) > lim.max_candidates:
+            raise _error(413, ["candidates"], f"{len(req.candidates)} > {lim.max_candidates}")
+        if len(req.history) > lim.max_history:
+            raise _error(413, ["history"], f"{len(req.history)} events > {lim.max_history}")
+        if req.k is not None and req.k > lim.max_k:
+            raise _error(422, ["k"], f"k={req.k} > {lim.max_k}")
+        seen: set[str] = set()
+        for i, c in enumerate(req.candidates):
+            if c.text is not None and len(c.text) > lim.max_text_chars:
+                raise _error(
+                    413, ["candidates", i, "text"], f"{len(c.text)} chars > {lim.max_text_chars}"
+                )
+            if c.item_id in seen:
+                raise _error(422, ["candidates", i, "item_id"], f"duplicate {c.item_id!r}")
+            seen.add(c.item_id)
+        now = int(time.time())
+        sent = self._events(req.history, "history", now)
+        history = merge(await self._stored(req.user_id), sent)
+        query = RankQuery(
+            history=history,
+            candidates=[Candidate(c.item_id, c.text) for c in req.candidates],
+            k=req.k,
+            now=now,
+        )
+        version = self.ranker.version
+        ranked = await self._score(query)
+        return RerankResponse(
+            user_id=req.user_id,
+            model_version=version,
+            items=ranked.as_dicts(),
+            errors=[{"item_id": i, "error": e} for i, e in ranked.errors],
+            history_used=ranked.history_used,
+            history_dropped=ranked.history_dropped,
+        )
+
+    @api.post("/v1/events", response_model=EventsResponse, summary="Append a user's events")
+    async def events(self, req: EventsRequest) -> EventsResponse:
+        if len(req.events) > self.limits.max_events:
+            raise _error(413, ["events"], f"{len(req.events)} > {self.limits.max_events}")
+        events = self._events(req.events, "events", int(time.time()))
+        appender = getattr(self.store, "append_async", None)
+        if appender is not None:
+            n = await appender(req.user_id, events)
+        else:
+            n = await asyncio.to_thread(self.store.append, req.user_id, events)
+        return EventsResponse(user_id=req.user_id, stored=len(events), history_length=n)
+
+    @api.get(
+        "/v1/users/{user_id}/recommendations",
+        response_model=RecommendationsResponse,
+        summary="The latest nightly top-K of a user",
+    )
+    async def recommendations(
+        self, user_id: str, k: int | None = Query(default=None, ge=1)
+    ) -> RecommendationsResponse:
+        if k is not None and k > self.limits.max_k:
+            raise HTTPException(
+                422, detail=[{"loc": ["query", "k"], "msg": f"k > {self.limits.max_k}"}]
+            )
+        try:
+            found = await asyncio.to_thread(self.topk.get, user_id, k)
+        except NoRecommendations as e:
+            raise HTTPException(404, detail=str(e)) from None
+        return RecommendationsResponse(**found)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
+def build_app(args: AppArgs) -> Application:
+    """The application for `serve run`/`serve deploy` and `rerank serve`."""
+    a = args.autoscaling
+    model = _absolute(args.model)
+    resolved = args.model_copy(
+        update={"model": model, "topk": _absolute(args.topk) if args.topk else None}
+    )
+    return RerankService.options(
+        autoscaling_config={
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "initial_replicas": a.initial_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+            "upscale_delay_s": a.upscale_delay_s,
+            "downscale_delay_s": a.downscale_delay_s,
+            "look_back_period_s": a.look_back_period_s,
+        },
+        max_ongoing_requests=args.max_ongoing_requests,
+        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        user_config={"model": model},
+    ).bind(resolved.model_dump(mode="json"))
+
+
+app = build_app(AppArgs())

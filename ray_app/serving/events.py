@@ -1,0 +1,177 @@
+"""Users' recent events between requests: a Ray actor on one machine, Redis on a cluster.
+
+Every store keeps at most `max_events_per_user` events per user (the newest)
+and answers `append` only after the events are stored, so an acknowledged
+event is never lost when a Serve replica restarts. With Redis the events also
+outlive the Ray cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections import defaultdict, deque
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from ray_app.config import EventStoreConfig
+from ray_app.model.ranker import Event
+
+logger = logging.getLogger(__name__)
+
+ACTOR_NAME = "rerank-event-store"
+NAMESPACE = "rerank"
+
+
+class EventStore(Protocol):
+    def append(self, user_id: str, events: Sequence[Event]) -> int:
+        """Store events; returns how many the user has now (after trimming)."""
+
+    def get(self, user_id: str) -> list[Event]:
+        """The user's stored events, oldest first (empty for an unknown user)."""
+
+    def bulk_load(self, histories: dict[str, Sequence[Event]]) -> None:
+        """Seed many users at once (start-up)."""
+
+
+def _to_json(e: Event) -> str:
+    return json.dumps([e.item_id, e.timestamp, e.event_type], separators=(",", ":"))
+
+
+def _from_json(s: str | bytes) -> Event:
+    item_id, ts, kind = json.loads(s)
+    return Event(item_id, int(ts), kind)
+
+
+class MemoryEventStore:
+    """In-process store (the actor's state; tests)."""
+
+    def __init__(self, max_events: int) -> None:
+        self.max_events = max_events
+        self._users: dict[str, deque[Event]] = defaultdict(lambda: deque(maxlen=max_events))
+
+    def append(self, user_id: str, events: Sequence[Event]) -> int:
+        q = self._users[user_id]
+        q.extend(events)
+        return len(q)
+
+    def get(self, user_id: str) -> list[Event]:
+        q = self._users.get(user_id)
+        return sorted(q, key=lambda e: e.timestamp) if q else []
+
+    def bulk_load(self, histories: dict[str, Sequence[Event]]) -> None:
+        for user, events in histories.items():
+            self.append(user, events)
+
+    def users(self) -> int:
+        return len(self._users)
+
+
+def _actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0, max_restarts=-1)
+    class _EventsActor(MemoryEventStore):
+        pass
+
+    return _EventsActor
+
+
+class ActorEventStore:
+    """A client of the one named, detached actor holding every user's events."""
+
+    def __init__(self, max_events: int) -> None:
+        import ray
+
+        self._ray = ray
+        self._actor = (
+            _actor_class()
+            .options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
+            .remote(max_events)
+        )
+
+    def append(self, user_id: str, events: Sequence[Event]) -> int:
+        return self._ray.get(self._actor.append.remote(user_id, list(events)))
+
+    def get(self, user_id: str) -> list[Event]:
+        return self._ray.get(self._actor.get.remote(user_id))
+
+    def bulk_load(self, histories: dict[str, Sequence[Event]]) -> None:
+        self._ray.get(self._actor.bulk_load.remote({u: list(e) for u, e in histories.items()}))
+
+    async def append_async(self, user_id: str, events: Sequence[Event]) -> int:
+        return await self._actor.append.remote(user_id, list(events))
+
+    async def get_async(self, user_id: str) -> list[Event]:
+        return await self._actor.get.remote(user_id)
+
+
+class RedisEventStore:
+    """One capped Redis list per user (RPUSH + LTRIM in one transaction)."""
+
+    def __init__(self, url: str, max_events: int, prefix: str = "rerank:events:") -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url)
+        self.client.ping()  # fail at start-up, not at the first request
+        self.max_events = max_events
+        self.prefix = prefix
+
+    def _key(self, user_id: str) -> str:
+        return self.prefix + user_id
+
+    def append(self, user_id: str, events: Sequence[Event]) -> int:
+        if not events:
+            return self.client.llen(self._key(user_id))
+        key = self._key(user_id)
+        pipe = self.client.pipeline(transaction=True)
+        pipe.rpush(key, *[_to_json(e) for e in events])
+        pipe.ltrim(key, -self.max_events, -1)
+        pipe.llen(key)
+        return int(pipe.execute()[-1])
+
+    def get(self, user_id: str) -> list[Event]:
+        raw = self.client.lrange(self._key(user_id), 0, -1)
+        return sorted((_from_json(r) for r in raw), key=lambda e: e.timestamp)
+
+    def bulk_load(self, histories: dict[str, Sequence[Event]]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for n, (user, events) in enumerate(histories.items(), 1):
+            key = self._key(user)
+            pipe.delete(key)
+            if events:
+                pipe.rpush(key, *[_to_json(e) for e in events[-self.max_events :]])
+            if n % 1000 == 0:
+                pipe.execute()
+        pipe.execute()
+
+
+def make_store(cfg: EventStoreConfig) -> EventStore:
+    if cfg.kind == "redis":
+        url = cfg.redis_url or os.environ["RERANK_REDIS_URL"]
+        return RedisEventStore(url, cfg.max_events_per_user, cfg.key_prefix)
+    return ActorEventStore(cfg.max_events_per_user)
+
+
+def histories_from_prepared(prepared: str, max_events: int) -> dict[str, list[Event]]:
+    """Every user's events from a prepare output (all splits), newest `max_events` kept."""
+    from ray_app.data import schema as S
+    from ray_app.storage import join, read_parquet
+
+    df = read_parquet(
+        join(prepared, "interactions"), columns=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE]
+    ).sort_values([S.USER_ID, S.TIMESTAMP], kind="stable")
+    out: dict[str, list[Event]] = {}
+    for user, g in df.groupby(S.USER_ID, sort=False):
+        g = g.tail(max_events)
+        out[str(user)] = [
+            Event(str(i), int(t), str(k))
+            for i, t, k in zip(g[S.ITEM_ID], g[S.TIMESTAMP], g[S.EVENT_TYPE], strict=True)
+        ]
+    return out
+
+
+def merge(stored: Iterable[Event], sent: Iterable[Event]) -> list[Event]:
+    """Stored plus request events, oldest first, exact duplicates counted once."""
+    return sorted(dict.fromkeys([*stored, *sent]), key=lambda e: e.timestamp)

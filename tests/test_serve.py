@@ -1,0 +1,434 @@
+"""The Serve application over real HTTP on 127.0.0.1: scores, events, errors, swaps, scaling.
+
+One app (the session's tiny model, a bearer token, a hand-written nightly
+partition) serves most tests; the model swap, the Redis replica kill and
+autoscaling deploy their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import requests
+
+from ray_app.config import ServeConfig
+from ray_app.data import schema as S
+from ray_app.evaluation.data import load_prepared
+from ray_app.model.artifact import load_artifact
+from ray_app.model.history import make_history
+from tests.conftest import TEST_TOKEN_ENV, free_port
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+TOKEN = {"Authorization": "Bearer s3cret-test-token"}
+LIMITS = {"max_candidates": 50, "max_history": 60, "max_text_chars": 200, "max_k": 20}
+
+
+def _write_topk(root: Path, version: str) -> None:
+    part = root / "dt=2026-11-22"
+    part.mkdir(parents=True)
+    table = pa.table(
+        {
+            S.USER_ID: ["alice", "alice", "alice", "bob"],
+            S.RANK: pa.array([2, 1, 3, 1], pa.int32()),
+            S.ITEM_ID: ["i2", "i1", "i3", "i9"],
+            S.SCORE: pa.array([0.5, 0.9, 0.1, 0.7], pa.float32()),
+            S.MODEL_VERSION: [version] * 4,
+        },
+        schema=S.TOPK_SCHEMA,
+    )
+    pq.write_table(table, part / "part-0.parquet")
+    (root / S.TOPK_LATEST).write_text("dt=2026-11-22\n")
+
+
+def _deploy(cfg: ServeConfig) -> str:
+    from ray_app.serving.run import start
+
+    url = start(cfg)
+    for _ in range(600):
+        try:
+            if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the app never became ready")
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_local):
+    from ray import serve
+
+    port = free_port()
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def service(trained, serve_port, tmp_path_factory):
+    from ray import serve
+
+    cfg, _ = trained
+    topk = tmp_path_factory.mktemp("topk")
+    _write_topk(topk, "v-test")
+    sc = ServeConfig(
+        model=cfg.output,
+        topk=str(topk),
+        port=serve_port,
+        app_name="rerank",
+        auth_token_env=TEST_TOKEN_ENV,
+        limits=LIMITS | {"max_body_bytes": 20_000},
+        num_cpus=0.5,
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+    )
+    url = _deploy(sc)
+    yield url, sc
+    serve.delete("rerank")
+
+
+@pytest.fixture(scope="module")
+def catalogue(trained):
+    cfg, _ = trained
+    return load_artifact(cfg.output)
+
+
+def post(url: str, path: str, body, **kw) -> requests.Response:
+    return requests.post(f"{url}{path}", json=body, headers=TOKEN, timeout=30, **kw)
+
+
+def test_rerank_scores_equal_the_batch_path(service, catalogue, prepared):
+    url, _ = service
+    art = catalogue
+    data = load_prepared(prepared)
+    t = data.splits["valid"]
+    ids = art.items["item_id"].to_numpy()
+    types = data.manifest["resolved"]["event_types"]
+    rng = np.random.default_rng(1)
+    for u in range(3):
+        cands = rng.choice(np.arange(1, len(ids)), size=30, replace=False)
+        history = [
+            {"item_id": str(ids[i]), "timestamp": int(ts), "event_type": types[int(e) - 1]}
+            for i, ts, e in zip(
+                t.histories[u], t.history_times[u], t.history_events[u], strict=True
+            )
+        ][-40:]
+        before = int(time.time())
+        r = post(
+            url,
+            "/v1/rerank",
+            {"history": history, "candidates": [{"item_id": str(ids[c])} for c in cands]},
+        )
+        after = int(time.time())
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == art.version and not body["errors"]
+        got = {x["item_id"]: x["score"] for x in body["items"]}
+        scores = [x["score"] for x in body["items"]]
+        assert scores == sorted(scores, reverse=True) and len(scores) == 30
+        offline = []
+        for now in {before, after}:  # the server measures recency to its own clock
+            hist = make_history(
+                [np.asarray(t.histories[u][-40:])],
+                [np.asarray(t.history_events[u][-40:])],
+                [np.asarray(t.history_times[u][-40:])],
+                np.array([now]),
+                art.model.cfg.max_history,
+            )
+            s = art.model.predict(hist, art.item_vectors[cands])[0].numpy()
+            offline.append({str(ids[c]): float(v) for c, v in zip(cands, s, strict=True)})
+        assert any(all(abs(got[i] - want[i]) <= 1e-5 for i in got) for want in offline), (
+            got,
+            offline,
+        )
+
+
+def test_a_posted_event_changes_the_next_ranking(service, catalogue):
+    url, _ = service
+    ids = [str(x) for x in catalogue.items["item_id"].iloc[1:41]]
+    req = {"user_id": "carol", "candidates": [{"item_id": i} for i in ids[:20]]}
+    first = post(url, "/v1/rerank", req).json()
+    assert first["history_used"] == 0
+    now = int(time.time())
+    events = [{"item_id": i, "timestamp": now - 60 * (5 - j)} for j, i in enumerate(ids[20:25])]
+    r = post(url, "/v1/events", {"user_id": "carol", "events": events})
+    assert r.status_code == 200 and r.json()["history_length"] == 5
+    second = post(url, "/v1/rerank", req).json()
+    assert second["history_used"] == 5
+    assert [x["score"] for x in second["items"]] != [x["score"] for x in first["items"]]
+
+
+def test_unknown_items_get_a_per_item_error_or_are_encoded_from_text(service, catalogue):
+    url, _ = service
+    known = str(catalogue.items["item_id"].iloc[1])
+    r = post(
+        url,
+        "/v1/rerank",
+        {
+            "candidates": [
+                {"item_id": known},
+                {"item_id": "brand-new", "text": "a brand new item about space travel"},
+                {"item_id": "mystery"},
+            ],
+            "k": 5,
+        },
+    )
+    assert r.status_code == 200
+    body = r.json()
+    assert {x["item_id"] for x in body["items"]} == {known, "brand-new"}
+    assert body["errors"] == [
+        {"item_id": "mystery", "error": "unknown item_id and no text to encode it from"}
+    ]
+
+
+GOOD = [{"item_id": "x", "text": "t"}]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "field"),
+    [
+        ("/v1/rerank", {}, 422, "candidates"),
+        ("/v1/rerank", {"candidates": []}, 422, "candidates"),
+        ("/v1/rerank", {"candidates": "x"}, 422, "candidates"),
+        ("/v1/rerank", {"candidates": [{"item_id": ""}]}, 422, "item_id"),
+        ("/v1/rerank", {"candidates": [{"item_id": "  "}]}, 422, "item_id"),
+        ("/v1/rerank", {"candidates": [{"item_id": 7}]}, 422, "item_id"),
+        ("/v1/rerank", {"candidates": GOOD, "k": 0}, 422, "k"),
+        ("/v1/rerank", {"candidates": GOOD, "k": "ten"}, 422, "k"),
+        ("/v1/rerank", {"candidates": GOOD, "k": 21}, 422, "k"),
+        ("/v1/rerank", {"candidates": GOOD, "extra": 1}, 422, "extra"),
+        ("/v1/rerank", {"candidates": GOOD * 2}, 422, "item_id"),
+        (
+            "/v1/rerank",
+            {"candidates": GOOD, "history": [{"item_id": "a", "event_type": "teleport"}]},
+            422,
+            "event_type",
+        ),
+        (
+            "/v1/rerank",
+            {"candidates": GOOD, "history": [{"item_id": "a", "timestamp": "yesterday"}]},
+            422,
+            "timestamp",
+        ),
+        (
+            "/v1/rerank",
+            {"candidates": [{"item_id": f"c{i}"} for i in range(51)]},
+            413,
+            "candidates",
+        ),
+        ("/v1/rerank", {"candidates": [{"item_id": "c", "text": "w" * 201}]}, 413, "text"),
+        ("/v1/rerank", {"candidates": GOOD, "history": [{"item_id": "a"}] * 61}, 413, "history"),
+        ("/v1/events", {"user_id": "u", "events": []}, 422, "events"),
+        ("/v1/events", {"events": [{"item_id": "a"}]}, 422, "user_id"),
+        ("/v1/events", {"user_id": "", "events": [{"item_id": "a"}]}, 422, "user_id"),
+    ],
+)
+def test_bad_payloads_get_a_4xx_that_names_the_field(service, path, body, status, field):
+    url, _ = service
+    r = post(url, path, body)
+    assert r.status_code == status, r.text
+    locs = [d["loc"] for d in r.json()["detail"]]
+    assert any(field in [str(p) for p in loc] for loc in locs), locs
+
+
+def test_bad_json_and_oversized_bodies(service):
+    url, _ = service
+    r = requests.post(
+        f"{url}/v1/rerank",
+        data=b"{not json",
+        headers={**TOKEN, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 422
+    big = {"candidates": [{"item_id": "c" * 500 + str(i)} for i in range(45)]}
+    r = post(url, "/v1/rerank", big)
+    assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body"]
+
+
+def test_bearer_token_guards_the_api_but_not_health(service):
+    url, _ = service
+    body = {"candidates": GOOD}
+    assert requests.post(f"{url}/v1/rerank", json=body, timeout=30).status_code == 401
+    wrong = {"Authorization": "Bearer nope"}
+    assert (
+        requests.post(f"{url}/v1/rerank", json=body, headers=wrong, timeout=30).status_code == 401
+    )
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert requests.get(f"{url}/readyz", timeout=30).json()["status"] == "ready"
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert {"/v1/rerank", "/v1/events", "/v1/users/{user_id}/recommendations"} <= set(spec["paths"])
+    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+
+
+def test_recommendations_read_the_latest_nightly_partition(service):
+    url, _ = service
+    r = requests.get(f"{url}/v1/users/alice/recommendations", headers=TOKEN, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["item_id"] for x in body["items"]] == ["i1", "i2", "i3"]
+    assert body["partition"] == "dt=2026-11-22" and body["model_version"] == "v-test"
+    r = requests.get(f"{url}/v1/users/alice/recommendations?k=2", headers=TOKEN, timeout=30)
+    assert len(r.json()["items"]) == 2
+    r = requests.get(f"{url}/v1/users/nobody/recommendations", headers=TOKEN, timeout=30)
+    assert r.status_code == 404 and "nobody" in r.json()["detail"]
+
+
+def _copy_with_version(src: str, dst: Path, version: str) -> str:
+    shutil.copytree(src, dst)
+    conf = json.loads((dst / "config.json").read_text())
+    conf["version"] = version
+    (dst / "config.json").write_text(json.dumps(conf))
+    return str(dst)
+
+
+def test_model_swap_under_load_drops_no_request(service, trained, tmp_path):
+    from ray import serve
+
+    from ray_app.serving.app import build_app
+
+    url, sc = service
+    cfg, _ = trained
+    new = _copy_with_version(cfg.output, tmp_path / "v2", "v2-swapped")
+    stop, results = threading.Event(), []
+    ids = [{"item_id": "x", "text": "some text"}]
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                r = post(url, "/v1/rerank", {"candidates": ids})
+                results.append((r.status_code, r.json().get("model_version")))
+            except requests.RequestException as e:  # a dropped connection counts as a failure
+                results.append((0, str(e)))
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for th in threads:
+        th.start()
+    time.sleep(2)
+    serve.run(build_app(sc.app_args().model_copy(update={"model": new})), name=sc.app_name)
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(v == "v2-swapped" for _, v in results[-5:]):
+        time.sleep(0.5)
+    time.sleep(1)
+    stop.set()
+    for th in threads:
+        th.join()
+    failures = [r for r in results if r[0] != 200]
+    versions = [v for _, v in results]
+    assert not failures, failures[:5]
+    assert versions[0] != "v2-swapped" and versions[-1] == "v2-swapped"
+    # Back to the session model for the tests after this one.
+    serve.run(build_app(sc.app_args()), name=sc.app_name)
+
+
+def test_redis_store_keeps_every_acknowledged_event_when_the_replica_dies(
+    trained, serve_port, redis_url
+):
+    import ray
+    from ray import serve
+
+    from ray_app.serving.events import RedisEventStore
+
+    cfg, _ = trained
+    sc = ServeConfig(
+        model=cfg.output,
+        port=serve_port,
+        app_name="rerank-redis",
+        route_prefix="/redis",
+        events={"kind": "redis", "redis_url": redis_url},
+        num_cpus=0.5,
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+    )
+    url = _deploy(sc)
+    ids = [str(x) for x in load_artifact(cfg.output).items["item_id"].iloc[1:30]]
+    acked = []
+    for j, item in enumerate(ids[:10]):
+        r = requests.post(
+            f"{url}/v1/events",
+            json={"user_id": "dave", "events": [{"item_id": item, "timestamp": 1000 + j}]},
+            timeout=30,
+        )
+        assert r.status_code == 200
+        acked.append(item)
+    replica = [
+        a for a in ray.util.list_named_actors(all_namespaces=True) if "rerank-redis" in a["name"]
+    ]
+    assert replica, "no replica actor found"
+    ray.kill(ray.get_actor(replica[0]["name"], namespace=replica[0]["namespace"]), no_restart=True)
+    deadline, body = time.time() + 120, None
+    while time.time() < deadline:  # Serve replaces the replica
+        try:
+            r = requests.post(
+                f"{url}/v1/rerank",
+                json={"user_id": "dave", "candidates": [{"item_id": ids[-1]}]},
+                timeout=10,
+            )
+            if r.status_code == 200:
+                body = r.json()
+                break
+        except requests.RequestException:
+            pass
+        time.sleep(0.5)
+    assert body is not None and body["history_used"] == 10
+    stored = RedisEventStore(redis_url, 200).get("dave")
+    assert [e.item_id for e in stored] == acked
+    serve.delete(sc.app_name)
+
+
+def test_autoscaling_goes_up_to_max_under_load_and_back_down_when_idle(trained, serve_port):
+    from ray import serve
+
+    from ray_app.serving.run import running_replicas
+
+    cfg, _ = trained
+    sc = ServeConfig(
+        model=cfg.output,
+        port=serve_port,
+        app_name="rerank-scale",
+        route_prefix="/scale",
+        num_cpus=0.25,
+        autoscaling={
+            "min_replicas": 1,
+            "max_replicas": 2,
+            "target_ongoing_requests": 1,
+            "upscale_delay_s": 1,
+            "downscale_delay_s": 3,
+            "look_back_period_s": 2,
+        },
+    )
+    url = _deploy(sc)
+    body = {"candidates": [{"item_id": f"n{i}", "text": f"new item {i}"} for i in range(40)]}
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(requests.RequestException):
+                requests.post(f"{url}/v1/rerank", json=body, timeout=30)
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    t0 = time.time()
+    for th in threads:
+        th.start()
+    seen = [(0.0, running_replicas(sc.app_name))]
+    while time.time() - t0 < 120 and seen[-1][1] < 2:
+        time.sleep(1)
+        seen.append((round(time.time() - t0, 1), running_replicas(sc.app_name)))
+    stop.set()
+    for th in threads:
+        th.join()
+    up = seen[-1]
+    t1 = time.time()
+    while time.time() - t1 < 120 and seen[-1][1] > 1:
+        time.sleep(1)
+        seen.append((round(time.time() - t0, 1), running_replicas(sc.app_name)))
+    print(f"\nautoscaling (s since load began, running replicas): {seen}")
+    assert up[1] == 2, seen
+    assert seen[-1][1] == 1, seen
+    serve.delete(sc.app_name)
