@@ -116,6 +116,12 @@ def main() -> int:
     p.add_argument("--cold-fraction", type=float, default=0.2)
     p.add_argument("--cold-epochs", type=int, default=2)
     p.add_argument("--sasrec-epochs", type=int, default=300)
+    p.add_argument(
+        "--baselines",
+        nargs="+",
+        default=["popularity", "item_knn", "ease", "sasrec"],
+        help="baselines scored beside the models",
+    )
     p.add_argument("--only", nargs="*", help="train only these variants")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
@@ -147,6 +153,7 @@ def main() -> int:
             f"prepared={args.prepared}",
             f"output={os.path.join(args.workdir, 'evaluation')}",
             f"sasrec_epochs={args.sasrec_epochs}",
+            f"baselines={json.dumps(args.baselines)}",
         ],
     )
     ev = ev.model_copy(update={"models": models, "paired": pairs(list(models), args.seeds)})

@@ -275,6 +275,9 @@ class TrainConfig(_Strict):
     # The batch's target items go through the trained encoder layers in this
     # many length-sorted groups (less padding); negatives use the text table.
     text_chunks: int = Field(default=4, ge=1)
+    # Batches each worker's Ray Data iterator fetches ahead of the step, so a
+    # slow fetch from the dataset's split coordinator overlaps training.
+    prefetch_batches: int = Field(default=4, ge=0)
     checkpoint_every_steps: int = Field(default=0, ge=0)
     keep_checkpoints: int = Field(default=2, ge=1)
     patience: int = Field(default=2, ge=1)

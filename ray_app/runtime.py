@@ -29,6 +29,10 @@ def ensure_ray(cfg: RayConfig) -> None:
         kwargs = {}
         if cfg.object_store_memory_mb:
             kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
+        # Idle OpenMP threads of a training worker otherwise spin and starve the
+        # processes that feed it (Ray Data) on a machine with few cores; the
+        # workers of a local Ray inherit this process's environment.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         logger.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus or "all")
         ray.init(
             num_cpus=cfg.num_cpus,

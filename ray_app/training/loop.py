@@ -347,7 +347,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t_steady, n_steady = None, 0
         tuning = trains_text and progress.epoch >= cfg.encoder_frozen_epochs
         batches = shard.iter_batches(
-            batch_size=cfg.batch_size, batch_format="pyarrow", drop_last=True
+            batch_size=cfg.batch_size,
+            batch_format="pyarrow",
+            drop_last=True,
+            prefetch_batches=cfg.prefetch_batches,
         )
         for i, batch in enumerate(batches):
             if i < progress.epoch_step:
