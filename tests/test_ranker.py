@@ -42,7 +42,8 @@ def users(prepared):
 def _query(user, cands, now, k=None):
     items, times, kinds = user
     hist = [Event(i, t, e) for i, t, e in zip(items, times, kinds, strict=True)]
-    return Query(hist[::-1], [Candidate(c) for c in cands], k=k, now=now)  # any order
+    # In time order: events with equal timestamps keep the order they are given in.
+    return Query(hist, [Candidate(c) for c in cands], k=k, now=now)
 
 
 def test_scores_equal_the_batch_path(ranker, users):
