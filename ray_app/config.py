@@ -336,6 +336,9 @@ class AutoscalingSettings(_Strict):
     target_ongoing_requests: float = Field(default=8.0, gt=0)
     upscale_delay_s: float = Field(default=10.0, ge=0)
     downscale_delay_s: float = Field(default=60.0, ge=0)
+    # How often replicas report their load, and the window it is averaged over
+    # (Serve wants the window longer than the interval).
+    metrics_interval_s: float = Field(default=2.0, gt=0)
     look_back_period_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
@@ -343,6 +346,11 @@ class AutoscalingSettings(_Strict):
         if self.min_replicas > self.max_replicas:
             raise ValueError(
                 f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})"
+            )
+        if self.look_back_period_s <= self.metrics_interval_s:
+            raise ValueError(
+                f"look_back_period_s ({self.look_back_period_s}) must exceed "
+                f"metrics_interval_s ({self.metrics_interval_s})"
             )
         return self
 

@@ -400,6 +400,7 @@ def test_autoscaling_goes_up_to_max_under_load_and_back_down_when_idle(trained, 
             "target_ongoing_requests": 1,
             "upscale_delay_s": 1,
             "downscale_delay_s": 3,
+            "metrics_interval_s": 0.5,
             "look_back_period_s": 2,
         },
     )
