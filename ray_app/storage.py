@@ -135,6 +135,11 @@ def _expand_one(fs: pafs.FileSystem, path: str) -> list[InputFile]:
     ]
 
 
+def absolute(uri: str) -> str:
+    """A local path made absolute (for processes that run elsewhere); URIs as they are."""
+    return uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+
+
 def join(base: str, *parts: str) -> str:
     if "://" in base:
         return "/".join([base.rstrip("/"), *parts])

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from ray_app.config import parse_time
 
-ItemId = Annotated[str, Field(min_length=1, max_length=512)]
+
+def _not_blank(v: str) -> str:
+    if not v.strip():
+        raise ValueError("item_id is blank")
+    return v
+
+
+ItemId = Annotated[str, Field(min_length=1, max_length=512), AfterValidator(_not_blank)]
 UserId = Annotated[str, Field(min_length=1, max_length=512)]
 
 
@@ -27,13 +34,6 @@ class EventIn(_Body):
     timestamp: int | str | None = None
     # One of the event types the model was trained with; default: the first.
     event_type: str | None = Field(default=None, min_length=1, max_length=64)
-
-    @field_validator("item_id")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("item_id is blank")
-        return v
 
     @field_validator("timestamp")
     @classmethod
@@ -50,13 +50,6 @@ class CandidateIn(_Body):
     item_id: ItemId
     # Item text for an item the model has never seen (ignored for known items).
     text: str | None = None
-
-    @field_validator("item_id")
-    @classmethod
-    def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("item_id is blank")
-        return v
 
 
 class RerankRequest(_Body):

@@ -34,6 +34,7 @@ from ray_app.serving.api import (
 )
 from ray_app.serving.events import make_store, merge
 from ray_app.serving.recommendations import NoRecommendations, TopKReader
+from ray_app.storage import absolute
 
 logger = logging.getLogger(__name__)
 
@@ -219,16 +220,12 @@ class RerankService:
         return RecommendationsResponse(**found)
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def build_app(args: AppArgs) -> Application:
     """The application for `serve run`/`serve deploy` and `rerank serve`."""
     a = args.autoscaling
-    model = _absolute(args.model)
+    model = absolute(args.model)
     resolved = args.model_copy(
-        update={"model": model, "topk": _absolute(args.topk) if args.topk else None}
+        update={"model": model, "topk": absolute(args.topk) if args.topk else None}
     )
     return RerankService.options(
         autoscaling_config={

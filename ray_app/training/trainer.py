@@ -17,17 +17,21 @@ import pyarrow.compute as pc
 from ray_app.config import TrainConfig, dump_config
 from ray_app.data import schema as S
 from ray_app.runtime import ensure_ray
-from ray_app.storage import StagedOutput, code_version, join, require_complete, resolve, upload_dir
+from ray_app.storage import (
+    StagedOutput,
+    absolute,
+    code_version,
+    join,
+    require_complete,
+    resolve,
+    upload_dir,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def _absolute(path: str) -> str:
-    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
-
-
 def storage_uri(cfg: TrainConfig) -> str:
-    return _absolute(cfg.storage_path)
+    return absolute(cfg.storage_path)
 
 
 def for_workers(cfg: TrainConfig) -> TrainConfig:
@@ -35,8 +39,8 @@ def for_workers(cfg: TrainConfig) -> TrainConfig:
     driver's working directory, so `prepared: runs/x` would name nothing there."""
     return cfg.model_copy(
         update={
-            "prepared": _absolute(cfg.prepared),
-            "output": _absolute(cfg.output),
+            "prepared": absolute(cfg.prepared),
+            "output": absolute(cfg.output),
             "storage": storage_uri(cfg),
         }
     )
