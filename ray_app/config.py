@@ -278,6 +278,9 @@ class TrainConfig(_Strict):
     # Batches each worker's Ray Data iterator fetches ahead of the step, so a
     # slow fetch from the dataset's split coordinator overlaps training.
     prefetch_batches: int = Field(default=4, ge=0)
+    # Keep the decoded examples in the object store across epochs: `auto` when
+    # they take under a third of it; false streams them from storage each epoch.
+    cache_examples: bool | Literal["auto"] = "auto"
     checkpoint_every_steps: int = Field(default=0, ge=0)
     keep_checkpoints: int = Field(default=2, ge=1)
     patience: int = Field(default=2, ge=1)

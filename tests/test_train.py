@@ -132,9 +132,9 @@ def test_cold_start_items_are_removed_from_training(prepared, ray_local, tmp_pat
     np.testing.assert_array_equal(
         hidden, cold_start_items(data.items["item_id"].to_numpy(), 0.2, 0)
     )
-    ds = train_dataset(cfg, hidden)
+    ds, rows = train_dataset(cfg, hidden)
     targets = np.concatenate([b["target_item_idx"] for b in ds.iter_batches(batch_format="numpy")])
     every = pd.read_parquet(Path(prepared) / "examples" / "train", columns=["target_item_idx"])
     kept = ~hidden[every["target_item_idx"].to_numpy()]
-    assert 0 < len(targets) == kept.sum() < len(every)
+    assert 0 < len(targets) == rows == kept.sum() < len(every)
     assert not hidden[targets].any()

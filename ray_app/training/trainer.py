@@ -21,9 +21,9 @@ from ray_app.storage import (
     StagedOutput,
     absolute,
     code_version,
+    expand_paths,
     join,
     require_complete,
-    resolve,
     upload_dir,
 )
 
@@ -46,13 +46,36 @@ def for_workers(cfg: TrainConfig) -> TrainConfig:
     )
 
 
+# Parquet examples grow about 5x once decoded (list columns); a set is kept in
+# the object store when that fits in this share of it.
+CACHE_SHARE = 0.3
+DECODED_GROWTH = 5
+
+
+def _fits_object_store(cfg: TrainConfig, parquet_bytes: int) -> bool:
+    import ray
+
+    if cfg.cache_examples != "auto":
+        return bool(cfg.cache_examples)
+    store = ray.cluster_resources().get("object_store_memory", 0)
+    return parquet_bytes * DECODED_GROWTH <= CACHE_SHARE * store
+
+
 def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
-    """Training examples as a Ray Dataset, shuffled each epoch; cold-start targets removed."""
+    """Training examples as a Ray Dataset shuffled anew each epoch, and their count.
+
+    Cold-start targets are removed. A set that fits the object store (all of
+    MovieLens: 13 MB of Parquet) is read once and kept there, so an epoch
+    starts with an in-memory reshuffle (0.5 s on 2 cores) instead of reading
+    and shuffling from storage again (3 s on a quiet machine, 13 s beside a
+    starting trainer), time in which the workers wait for their first batch.
+    """
     import ray.data
 
-    fs, path = resolve(join(cfg.prepared, "examples", "train"))
+    examples = join(cfg.prepared, "examples", "train")
+    fs, files = expand_paths(examples)
     cols = [S.HIST_ITEM_IDX, S.HIST_EVENT_IDX, S.HIST_GAP, S.TARGET_ITEM_IDX, S.NEGATIVES]
-    ds = ray.data.read_parquet(path, filesystem=fs, columns=cols)
+    ds = ray.data.read_parquet([f.path for f in files], filesystem=fs).select_columns(cols)
     if hidden is not None:
         held = pa.array(np.flatnonzero(hidden).astype(np.int32))
 
@@ -60,7 +83,9 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
             return batch.filter(pc.invert(pc.is_in(batch[S.TARGET_ITEM_IDX], value_set=held)))
 
         ds = ds.map_batches(drop_held_out, batch_format="pyarrow")
-    return ds.random_shuffle(seed=None)
+    if _fits_object_store(cfg, sum(f.size for f in files)):
+        ds = ds.materialize()
+    return ds.random_shuffle(seed=None), ds.count()
 
 
 def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[str, Any]):
@@ -146,8 +171,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         shutil.rmtree(run_dir)
     data = load_prepared(cfg.prepared)
     hidden = cold_start_items(data.items[S.ITEM_ID].to_numpy(), cfg.cold_start_fraction, cfg.seed)
-    ds = train_dataset(cfg, hidden if hidden.any() else None)
-    rows = ds.count()
+    ds, rows = train_dataset(cfg, hidden if hidden.any() else None)
     steps = rows // (cfg.batch_size * cfg.num_workers)
     if steps == 0:
         raise ValueError(
