@@ -194,24 +194,29 @@ class Ranker:
                 if c.item_id not in self.index and c.text:
                     cold_keys[(c.item_id, c.text)] = None
         cold = self._cold_vectors(cold_keys) if cold_keys else {}
-        width = max(1, max(len(q.candidates) for q in queries))
-        d = self.vectors.shape[1]
-        cand = torch.zeros(len(queries), width, d, device=self.device, dtype=self.vectors.dtype)
+        table, cold_rows = self.vectors, {}
+        if cold:
+            keys = list(cold)
+            table = torch.cat([self.vectors, torch.stack([cold[key] for key in keys])])
+            cold_rows = {key: len(self.vectors) + i for i, key in enumerate(keys)}
+        # Rows of `table` per query and candidate slot; 0 (the padding item) fills
+        # the slots of short queries and of candidates that cannot be scored.
+        rows = np.zeros((len(queries), max(1, max(len(q.candidates) for q in queries))), np.int64)
         plans: list[tuple[list[int], list[str], list[tuple[str, str]]]] = []
         for b, q in enumerate(queries):
             cols, ids, errors = [], [], []
             for j, c in enumerate(q.candidates):
                 idx = self.index.get(c.item_id)
-                if idx is not None:
-                    cand[b, j] = self.vectors[idx]
-                elif c.text:
-                    cand[b, j] = cold[(c.item_id, c.text)]
-                else:
+                if idx is None and c.text:
+                    idx = cold_rows[(c.item_id, c.text)]
+                elif idx is None:
                     errors.append((c.item_id, "unknown item_id and no text to encode it from"))
                     continue
+                rows[b, j] = idx
                 cols.append(j)
                 ids.append(c.item_id)
             plans.append((cols, ids, errors))
+        cand = table[torch.from_numpy(rows).to(self.device)]
         hist = make_history(
             [h[0] for h in hists],
             [h[1] for h in hists],
