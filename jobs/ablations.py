@@ -90,13 +90,20 @@ def summary(metrics: dict, seeds: list[int], k: int) -> str:
         lines += [
             "",
             f"Cold start (held-out items vs {metrics['num_negatives']} other held-out "
-            "items; random: HR@10 0.100, NDCG@10 0.045):",
+            "items; random: HR@10 0.100, NDCG@10 0.045), on the valid + test targets that "
+            "are held-out items, and on every event on a held-out item (per-user means):",
             "",
-            "| model | HR@10 | NDCG@10 | users |",
-            "|---|---:|---:|---:|",
+            "| model | valid + test HR@10 | NDCG@10 | users | every event HR@10 | NDCG@10 "
+            "| users | events |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in cold.items():
-            lines.append(f"| {name} | {r[f'hr@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']} |")
+            a = r["all_events"]
+            lines.append(
+                f"| {name} | {r.get(f'hr@{k}', float('nan')):.4f} "
+                f"| {r.get(f'ndcg@{k}', float('nan')):.4f} | {r.get('users', 0)} "
+                f"| {a[f'hr@{k}']:.4f} | {a[f'ndcg@{k}']:.4f} | {a['users']} | {a['events']} |"
+            )
     if metrics.get("paired"):
         lines += ["", *paired_table(metrics)]
     return "\n".join(lines)

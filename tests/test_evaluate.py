@@ -111,3 +111,72 @@ def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_p
     assert "## Paired comparisons" in report and "| tiny - popularity |" in report
     with pytest.raises(ValueError, match=r"paired names \['nope'\]"):
         EvaluateConfig(**{**ev.model_dump(), "paired": [("tiny", "nope")]})
+
+
+def test_every_event_on_a_held_out_item_is_a_cold_target_with_its_past(prepared):
+    import numpy as np
+
+    from ray_app.evaluation.evaluate import held_out_events
+    from ray_app.training.loop import cold_start_items
+
+    data = load_prepared(prepared)
+    mask = cold_start_items(data.items["item_id"].to_numpy(), 0.2, 0)
+    t = held_out_events(data, mask)
+    train = data.train
+    on_held = mask[train["item_idx"].to_numpy()]
+    firsts = ~train["user_id"].duplicated().to_numpy()
+    assert len(t) == (on_held & ~firsts).sum() > len(data.splits["test"])
+    assert mask[t.targets].all()
+    # A target's history is every earlier train event of that user, in order.
+    for i in (0, len(t) // 2, len(t) - 1):
+        events = train[train["user_id"] == t.user_ids[i]]
+        pos = len(t.histories[i])
+        assert pos >= 1
+        assert events["item_idx"].iloc[pos] == t.targets[i]
+        np.testing.assert_array_equal(events["item_idx"].to_numpy()[:pos], t.histories[i])
+        np.testing.assert_array_equal(events["timestamp"].to_numpy()[:pos], t.history_times[i])
+        assert t.target_times[i] == events["timestamp"].iloc[pos]
+
+
+def test_a_cold_start_model_is_scored_on_held_out_items(prepared, trained, tmp_path):
+    import numpy as np
+
+    from ray_app.evaluation.model_scorer import RerankerScorer
+    from ray_app.model.artifact import load_artifact
+    from ray_app.training.trainer import run_train
+    from tests.conftest import tiny_config
+
+    cold_cfg = tiny_config(prepared, tmp_path / "cold", epochs=1, cold_start_fraction=0.2)
+    run_train(cold_cfg)
+    # Scoring only the candidates gives the whole catalogue's scores at those columns.
+    art = load_artifact(trained[0].output)
+    scorer = RerankerScorer(art.model, art.item_vectors)
+    data = load_prepared(prepared)
+    t = data.splits["test"].subset(slice(0, 40))
+    cand = sampled_candidates(data, "test", 20, seed=0, targets=t)
+    np.testing.assert_allclose(
+        scorer.score_candidates(t, cand),
+        np.take_along_axis(scorer.score_targets(t), cand, 1),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    ev = EvaluateConfig(
+        prepared=prepared,
+        output=str(tmp_path / "eval"),
+        baselines=["popularity"],
+        models={"cold": cold_cfg.output, "warm": trained[0].output},
+        num_negatives=20,  # 60 held-out items to sample from
+        paired=[("cold", "cold"), ("cold", "warm")],
+    )
+    metrics = run_evaluate(ev)
+    assert set(metrics["cold_start"]) == {"cold"}  # only a model that held items out
+    cold = metrics["cold_start"]["cold"]
+    every = cold["all_events"]
+    assert every["events"] > cold["users"] and every["users"] <= len(data.splits["test"])
+    random_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / 21
+    # Text alone ranks items the model never trained on above random.
+    assert every["ndcg@10"] > 1.1 * random_ndcg
+    same = metrics["paired"]["cold - cold"]
+    assert same["cold_start_all"]["diff"] == 0 and same["cold_start_all"]["users"] == every["users"]
+    assert "cold_start" not in metrics["paired"]["cold - warm"]  # different held-out items
+    assert "every event" in (tmp_path / "eval" / "report.md").read_text()

@@ -42,6 +42,10 @@ class Baseline:
         the item histories."""
         return self.score_all(targets.histories)
 
+    def score_candidates(self, targets: SplitTargets, candidates: np.ndarray) -> np.ndarray:
+        """(n, c) scores of each target's user for the item indices `candidates` only."""
+        return np.take_along_axis(self.score_targets(targets), candidates, axis=1)
+
     def score(self, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
         full = self.score_all(histories)
         return np.take_along_axis(full, candidates, axis=1)

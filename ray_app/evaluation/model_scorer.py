@@ -43,21 +43,35 @@ class RerankerScorer(Baseline):
     def score_all(self, histories: list[np.ndarray]) -> np.ndarray:
         raise TypeError("the re-ranker needs event types and times: use score_targets")
 
+    def _histories(self, t: SplitTargets):
+        return make_history(
+            t.histories,
+            t.history_events,
+            t.history_times,
+            t.target_times,
+            self.model.cfg.max_history,
+        ).to(self.device)
+
     @torch.no_grad()
     def score_targets(self, targets: SplitTargets) -> np.ndarray:
         self.model.eval()
         out = []
         n = self.users_per_chunk
         for lo in range(0, len(targets), n):
-            t = targets.subset(slice(lo, lo + n))
-            hist = make_history(
-                t.histories,
-                t.history_events,
-                t.history_times,
-                t.target_times,
-                self.model.cfg.max_history,
-            ).to(self.device)
+            hist = self._histories(targets.subset(slice(lo, lo + n)))
             out.append(self.model.predict(hist, self.item_vectors).double().cpu().numpy())
         scores = np.concatenate(out) if out else np.zeros((0, len(self.item_vectors)))
         scores[:, 0] = -np.inf
         return scores
+
+    @torch.no_grad()
+    def score_candidates(self, targets: SplitTargets, candidates: np.ndarray) -> np.ndarray:
+        """Only the candidates' columns, without scoring the whole catalogue."""
+        self.model.eval()
+        out = []
+        n = self.users_per_chunk
+        for lo in range(0, len(targets), n):
+            hist = self._histories(targets.subset(slice(lo, lo + n)))
+            idx = torch.from_numpy(candidates[lo : lo + n]).to(self.device)
+            out.append(self.model.predict(hist, self.item_vectors[idx]).double().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros(candidates.shape)
