@@ -8,7 +8,9 @@ Examples::
                    --set output=runs/ml/prepared
     rerank train --set prepared=runs/ml/prepared --set output=runs/ml/model
     rerank evaluate --config cluster/configs/evaluate-movielens.yaml
-    rerank serve --set model=runs/demo/model --set port=8000
+    rerank nightly --set model=runs/demo/model --set prepared=runs/demo/prepared \\
+                   --set output=runs/demo/topk --date 2026-11-23
+    rerank serve --set model=runs/demo/model --set topk=runs/demo/topk --set port=8000
     rerank demo --workdir runs/demo
 """
 
@@ -25,6 +27,7 @@ from ray_app.config import (
     ConfigError,
     EvaluateConfig,
     GenerateConfig,
+    NightlyConfig,
     PrepareConfig,
     ServeConfig,
     TrainConfig,
@@ -104,6 +107,17 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     cfg = load_config(EvaluateConfig, args.config, args.overrides)
     metrics = run_evaluate(cfg)
     print(markdown(metrics))
+    return 0
+
+
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    from ray_app.batch.nightly import run_nightly
+
+    overrides = [*args.overrides, *([f"date={args.date}"] if args.date else [])]
+    cfg = load_config(NightlyConfig, args.config, overrides)
+    out = run_nightly(cfg)
+    keep = ("output", "date", "as_of", "model_version", "counts", "latest", "timings")
+    print(json.dumps({k: out[k] for k in keep}, indent=2))
     return 0
 
 
@@ -192,7 +206,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rerank",
-        description="LM re-ranking for recommenders on Ray: prepare data, train, evaluate, serve.",
+        description="LM re-ranking for recommenders on Ray: prepare data, train, evaluate, "
+        "precompute nightly top-K lists, serve.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=__doc__.split("Examples::", 1)[1],
     )
@@ -232,6 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--set prepared=runs/ml/prepared --set output=runs/ml/eval",
         ),
         (
+            "nightly",
+            _cmd_nightly,
+            "precompute every user's top-K to Parquet and publish it (Ray Data)",
+            "Retrieve candidates for every user with the user vector against the item table, "
+            "re-rank them with the model, keep the top K and publish "
+            "<output>/dt=<date>/part-*.parquet atomically, then point <output>/LATEST at it. "
+            "Schedule it daily. Example: rerank nightly --set model=runs/demo/model "
+            "--set prepared=runs/demo/prepared --set output=runs/demo/topk --date 2026-11-23",
+        ),
+        (
             "serve",
             _cmd_serve,
             "serve the re-ranker over HTTP with Ray Serve (autoscaling, batching)",
@@ -244,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=description)
         _add_config_args(p)
         p.set_defaults(func=func)
+        if name == "nightly":
+            p.add_argument("--date", help="YYYY-MM-DD (UTC) the lists are for; default: today")
 
     p = sub.add_parser(
         "demo",

@@ -224,6 +224,10 @@ class EvaluateConfig(_Strict):
     sasrec_epochs: int = Field(default=300, ge=1)
     # Trained re-rankers to score beside the baselines: name -> artifact path.
     models: dict[str, PathLike] = Field(default_factory=dict)
+    # Precomputed top-K lists to score with the full-ranking protocol: name ->
+    # a `nightly` partition run with `as_of: test` (or `valid`), e.g.
+    # runs/ml/backtest/dt=2026-11-23.
+    lists: dict[str, PathLike] = Field(default_factory=dict)
     # Pairs of methods [a, b] compared user by user on test (and on cold-start
     # items when both hold items out): mean and standard error of a - b NDCG@k.
     paired: list[tuple[str, str]] = Field(default_factory=list)
@@ -415,6 +419,58 @@ class ServeConfig(AppArgs):
 
     def app_args(self) -> AppArgs:
         return AppArgs.model_validate(self.model_dump(include=set(AppArgs.model_fields)))
+
+
+class NightlyConfig(_Strict):
+    """Config of the `nightly` stage: every user's top-K from the whole catalogue."""
+
+    # The model artifact (as served); its item table is the retrieval index.
+    model: PathLike
+    # A prepare output: every user's events come from its interactions.
+    prepared: PathLike
+    # The top-K root: lists go to <output>/dt=<date>/part-*.parquet, and
+    # <output>/LATEST names the newest published partition.
+    output: PathLike
+    # YYYY-MM-DD (UTC) the lists are for; default: today. Recency is measured to
+    # the end of that day, so a re-run of the same date gives the same lists.
+    date: str | None = None
+    k: int = Field(default=100, ge=1)
+    # Candidates per user from the user vector against the item table (exact),
+    # re-ranked by the full model; 0 = the whole catalogue (exact top-K, slower).
+    num_candidates: int = Field(default=200, ge=0)
+    # Backtest: `valid`/`test` ranks each user as of their valid/test target
+    # (history before it, recency to its time), which the evaluate stage then
+    # scores with its full-ranking protocol. `now` uses every event.
+    as_of: Literal["now", "valid", "test"] = "now"
+    # Maximal marginal relevance: 0 = off; w in (0, 1) trades relevance for
+    # dissimilarity (cosine of item vectors) to the items already listed.
+    diversity: float = Field(default=0.0, ge=0, lt=1)
+    # Added to a candidate's score times (1 - its popularity percentile): 0 = off.
+    long_tail_boost: float = Field(default=0.0, ge=0)
+    # Users per forward pass, and Ray Data actors holding the model (default:
+    # one per CPU, or per GPU when the cluster has GPUs).
+    batch_size: int = Field(default=256, ge=1)
+    concurrency: int | None = Field(default=None, ge=1)
+    cpus_per_actor: float = Field(default=1.0, gt=0)
+    use_gpu: bool | Literal["auto"] = "auto"
+    torch_threads: int = Field(default=1, ge=1)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    # Testing hook: every actor raises on its Nth batch (a crash half-way).
+    fail_after_batches: int | None = Field(default=None, ge=1)
+
+    @field_validator("date")
+    @classmethod
+    def _day(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+            raise ValueError(f"date must be YYYY-MM-DD, got {v!r}")
+        if v is not None:
+            import datetime as dt
+
+            try:
+                dt.date.fromisoformat(v)
+            except ValueError as e:
+                raise ValueError(f"date {v!r}: {e}") from None
+        return v
 
 
 class GenerateConfig(_Strict):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def root_cause(exc: BaseException) -> BaseException:
     """The innermost user exception: Ray wraps task errors, the message is inside."""
@@ -15,6 +17,17 @@ def root_cause(exc: BaseException) -> BaseException:
     return exc
 
 
+_RAISED = re.compile(r"^(\w+(?:Error|Exception)): (.+)$")
+
+
 def describe(exc: BaseException) -> str:
+    """`Type: message` of the error the user's code raised. Ray Data ships a failed
+    UDF's own exception only as traceback text inside the task error; its last
+    `SomeError: message` line is the one that names the problem."""
     cause = root_cause(exc)
+    if type(cause).__name__ == "UserCodeException":
+        raised = [m for line in str(exc).splitlines() if (m := _RAISED.match(line.strip()))]
+        raised = [m for m in raised if m.group(1) != "UserCodeException"]
+        if raised:
+            return f"{raised[-1].group(1)}: {raised[-1].group(2)}"
     return f"{type(cause).__name__}: {cause}"

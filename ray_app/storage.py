@@ -155,19 +155,49 @@ def write_text(uri: str, text: str) -> None:
     write_bytes(uri, text.encode())
 
 
+def write_text_atomic(uri: str, text: str) -> None:
+    """Readers see the old or the new text, never a partial one: a local file is
+    written beside and renamed over; an object store's put is atomic already."""
+    fs, path = resolve(uri)
+    if not isinstance(fs, pafs.LocalFileSystem):
+        write_text(uri, text)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def read_text(uri: str) -> str:
     fs, path = resolve(uri)
     with fs.open_input_stream(path) as f:
         return f.read().decode()
 
 
-def read_parquet(uri: str, columns: list[str] | None = None):
-    """A Parquet file or directory of files (local or URI) as one pandas frame."""
+def parquet_dataset(uri: str):
+    """The `*.parquet` files of a file or directory (local or URI) as one pyarrow dataset;
+    a stage's `manifest.json` and markers beside them are not data."""
     import pyarrow.dataset as pads
 
     fs, path = resolve(uri)
-    ds = pads.dataset(path, filesystem=fs, format="parquet")
-    return ds.to_table(columns=columns).to_pandas()
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        return pads.dataset(path, filesystem=fs, format="parquet")
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    files = sorted(
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and i.path.endswith(".parquet")
+        and all(_is_data_file(c) for c in posixpath.relpath(i.path, path).split("/"))
+    )
+    return pads.dataset(files, filesystem=fs, format="parquet")
+
+
+def read_parquet(uri: str, columns: list[str] | None = None):
+    """A Parquet file or directory of files (local or URI) as one pandas frame."""
+    return parquet_dataset(uri).to_table(columns=columns).to_pandas()
 
 
 def write_bytes(uri: str, data: bytes) -> None:

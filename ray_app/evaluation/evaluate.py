@@ -289,6 +289,56 @@ def load_models(
     return models, info, held
 
 
+def score_lists(
+    data: EvalData, path: str, k: int, bags: sp.csr_matrix
+) -> tuple[str, dict[str, Any]]:
+    """Full-ranking metrics of precomputed top-K lists (a `nightly` partition run as of
+    a split): the split's target in the user's list or not, as the evaluation's own
+    full-ranking protocol does for a model's top-k. Returns (split, summary)."""
+    from ray_app.storage import read_parquet, require_complete
+
+    manifest = require_complete(path)
+    split = manifest.get("as_of")
+    if split not in ("valid", "test"):
+        raise ValueError(
+            f"lists {path}: made with as_of={split!r}; score lists made as of the split "
+            "they are judged on (nightly --set as_of=test), else each target is already "
+            "in the history they exclude"
+        )
+    table = read_parquet(path).sort_values([S.USER_ID, S.RANK], kind="stable")
+    index = dict(zip(data.items[S.ITEM_ID].iloc[1:], data.items[S.ITEM_IDX].iloc[1:], strict=True))
+    unknown = set(table[S.ITEM_ID]) - index.keys()
+    if unknown:
+        raise ValueError(
+            f"lists {path}: {len(unknown)} item ids are not in the prepared catalogue "
+            f"({sorted(unknown)[:3]}...); score lists on the data their model was trained on"
+        )
+    table[S.ITEM_IDX] = table[S.ITEM_ID].map(index).astype(np.int64)
+    per_user = {u: g.to_numpy() for u, g in table.groupby(S.USER_ID, sort=False)[S.ITEM_IDX]}
+    targets = data.splits[split]
+    topk = [per_user.get(u, np.zeros(0, np.int64))[:k] for u in targets.user_ids]
+    relevant = [np.array([t]) for t in targets.targets]
+    full = {
+        f"recall@{k}": M.mean_defined(M.recall_at_k(topk, relevant, k)),
+        f"ndcg@{k}": M.mean_defined(M.ndcg_lists(topk, relevant, k)),
+        f"coverage@{k}": M.coverage(topk, data.num_items, k),
+        f"long_tail_share@{k}": M.long_tail_share(topk, data.train_counts, k),
+        f"diversity@{k}": _diversity(np.array([t for t in topk if len(t) == k]), bags),
+    }
+    return split, {
+        "full": full,
+        "users": len(targets),
+        "users_with_list": int(sum(len(t) > 0 for t in topk)),
+        "list_length": int(table.groupby(S.USER_ID).size().max()),
+        "model_version": manifest.get("model_version"),
+        "config": {
+            key: manifest.get("config", {}).get(key)
+            for key in ("num_candidates", "diversity", "long_tail_boost")
+        },
+        "source": path,
+    }
+
+
 def held_out_events(data: EvalData, mask: np.ndarray) -> SplitTargets:
     """Every train-split event on a held-out item after a user's first event.
 
@@ -462,6 +512,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     test_stats[name] = merged
                     details[name] = breakdowns(merged, data, split, k)
         cold, cold_users = cold_start(models, held, data, cfg)
+        lists = {}
+        for name, path in cfg.lists.items():
+            split, summary = score_lists(data, path, k, bags)
+            lists[name] = {"split": split, **summary}
         metrics = {
             "k": k,
             "protocols": {
@@ -476,6 +530,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             "baselines": info,
             "models": model_info,
             "cold_start": cold,
+            "lists": lists,
             "paired": paired(cfg.paired, test_stats, cold_users, held, k),
             "num_negatives": cfg.num_negatives,
         }

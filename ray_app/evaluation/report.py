@@ -81,6 +81,28 @@ def markdown(metrics: dict[str, Any]) -> str:
                 f"| {name} | {vt} | {a[f'hr@{k}']:.4f} | {a[f'ndcg@{k}']:.4f} | {a['users']} "
                 f"| {a['events']} | {r['held_out_items']} |"
             )
+    if metrics.get("lists"):
+        lines += [
+            "",
+            "## Precomputed top-K lists (nightly, as of a split)",
+            "",
+            "The split's target in the user's list: the full-ranking protocol applied to "
+            "the lists themselves.",
+            "",
+            f"| lists | split | full Recall@{k} | full NDCG@{k} | coverage@{k} "
+            f"| long-tail@{k} | diversity@{k} | candidates | diversity w | tail boost "
+            "| users with a list |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name, r in metrics["lists"].items():
+            f, c = r["full"], r["config"]
+            lines.append(
+                f"| {name} | {r['split']} | {f[f'recall@{k}']:.4f} | {f[f'ndcg@{k}']:.4f} "
+                f"| {f[f'coverage@{k}']:.3f} | {f[f'long_tail_share@{k}']:.3f} "
+                f"| {f[f'diversity@{k}']:.3f} | {c['num_candidates'] or 'all'} "
+                f"| {c['diversity']} | {c['long_tail_boost']} "
+                f"| {r['users_with_list']} / {r['users']} |"
+            )
     if metrics.get("paired"):
         lines += ["", "## Paired comparisons", "", *paired_table(metrics)]
     lines += [

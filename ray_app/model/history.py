@@ -27,6 +27,9 @@ class History:
     def __len__(self) -> int:
         return len(self.items)
 
+    def __getitem__(self, rows: slice) -> History:
+        return History(self.items[rows], self.events[rows], self.gaps[rows])
+
 
 def recency_bucket(gaps: torch.Tensor, buckets: int) -> torch.Tensor:
     """Seconds -> 1 + floor(log2(1 + minutes)), capped; 0 is kept for padding."""

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ray_app.data import schema as S
 from ray_app.model.artifact import Artifact, load_artifact
-from ray_app.model.history import make_history
+from ray_app.model.history import History, make_history
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Ranker:
         self.model = artifact.model.to(self.device).eval()
         self.vectors = artifact.item_vectors.to(self.device)
         self.index = artifact.item_index
+        self.item_ids = artifact.items[S.ITEM_ID].to_numpy()  # by item_idx
         self.events = artifact.event_index
         self.default_event = next(iter(self.events.values()), 1)
         self.max_length = int(artifact.config.get("text_max_length", 32))
@@ -174,6 +176,53 @@ class Ranker:
             dropped,
         )
 
+    def history(
+        self,
+        items: Sequence[np.ndarray],
+        events: Sequence[np.ndarray],
+        times: Sequence[np.ndarray],
+        now: np.ndarray,
+    ) -> History:
+        """Per-user item_idx / event_idx / time arrays (oldest first) -> the model's input,
+        cut to the model's history length, recency measured to `now` (one per user)."""
+        return make_history(items, events, times, now, self.max_history).to(self.device)
+
+    @torch.no_grad()
+    def score_rows(
+        self, hist: History, rows: torch.Tensor, table: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, C) scores of each user's candidates, given as rows of `table` (default:
+        the item table, row = item_idx). Every scoring path ends here: `/v1/rerank`
+        through `score`, the nightly lists through `retrieve` + this."""
+        table = self.vectors if table is None else table
+        return self.model.predict(hist, table[rows.to(self.device)])
+
+    @torch.no_grad()
+    def retrieve(
+        self, hist: History, n: int, exclude: Sequence[np.ndarray], block: int = 65_536
+    ) -> torch.Tensor:
+        """(B, n) item_idx with the highest user-vector . item-vector, `exclude`d items
+        (per user) and padding left out; exact, over blocks of the item table so that
+        memory stays at B x block whatever the catalogue size. Slots a user has no
+        item left for hold 0."""
+        user, _ = self.model.encode_user(hist)
+        total = len(self.vectors) - 1
+        n = min(n, total)
+        best_s = torch.full((len(user), 0), -torch.inf, device=self.device)
+        best_i = torch.zeros((len(user), 0), dtype=torch.long, device=self.device)
+        for lo in range(1, total + 1, block):
+            hi = min(lo + block, total + 1)
+            s = user @ self.vectors[lo:hi].T
+            for b, ex in enumerate(exclude):
+                local = ex[(ex >= lo) & (ex < hi)] - lo
+                if len(local):
+                    s[b, torch.from_numpy(local).to(self.device)] = -torch.inf
+            s = torch.cat([best_s, s], 1)
+            ids = torch.arange(lo, hi, device=self.device).expand(len(user), -1)
+            best_s, top = s.topk(min(n, s.shape[1]), dim=1)
+            best_i = torch.cat([best_i, ids], 1).gather(1, top)
+        return best_i.masked_fill(best_s == -torch.inf, 0)
+
     @torch.no_grad()
     def score(self, queries: Sequence[Query], strict_events: bool = True) -> list[Ranked]:
         """Rank every query's candidates in one forward pass (dynamic batching feeds this).
@@ -216,15 +265,13 @@ class Ranker:
                 cols.append(j)
                 ids.append(c.item_id)
             plans.append((cols, ids, errors))
-        cand = table[torch.from_numpy(rows).to(self.device)]
-        hist = make_history(
+        hist = self.history(
             [h[0] for h in hists],
             [h[1] for h in hists],
             [h[2] for h in hists],
             np.asarray([q.now if q.now is not None else clock for q in queries]),
-            self.max_history,
-        ).to(self.device)
-        scores = self.model.predict(hist, cand).float().cpu().numpy()
+        )
+        scores = self.score_rows(hist, torch.from_numpy(rows), table).float().cpu().numpy()
         out = []
         for b, (q, (cols, ids, errors)) in enumerate(zip(queries, plans, strict=True)):
             s = scores[b, cols]

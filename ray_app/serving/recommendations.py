@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from ray_app.data import schema as S
-from ray_app.storage import exists, join, read_text, resolve
+from ray_app.storage import exists, join, parquet_dataset, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +40,7 @@ class TopKReader:
         partition = read_text(latest).strip()
         with self._lock:
             if self._open is None or self._open[0] != partition:
-                fs, path = resolve(join(self.root, partition))
-                self._open = (partition, pads.dataset(path, filesystem=fs, format="parquet"))
+                self._open = (partition, parquet_dataset(join(self.root, partition)))
             return self._open
 
     def get(self, user_id: str, k: int | None = None) -> dict:

@@ -1,0 +1,1 @@
+"""Batch jobs over the model artifact: the nightly top-K lists."""

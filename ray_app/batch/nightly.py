@@ -1,0 +1,459 @@
+"""The nightly job: every user's top-K from the whole catalogue, published as Parquet.
+
+    rerank nightly --set model=runs/demo/model --set prepared=runs/demo/prepared \\
+                   --set output=runs/demo/topk --date 2026-11-23
+
+Ray Data reads the prepared interactions and gathers each user's events in
+time order (`groupby(user_id).map_groups`); an actor pool of `TopKActor`
+(the model loaded once per actor, as the same `Ranker` that serves
+`/v1/rerank`) retrieves candidates with the user vector against the item
+table, re-ranks them with the full model and keeps the best K. The lists go
+to a staging directory, are published as `dt=<date>` with `_SUCCESS`, and
+only then does `LATEST` move to them: a run that dies half-way leaves the
+previous lists and `LATEST` as they were.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import itertools
+import logging
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+import torch.nn.functional as F
+
+from ray_app.config import NightlyConfig, dump_config
+from ray_app.data import schema as S
+from ray_app.errors import describe
+from ray_app.model.ranker import Ranker
+from ray_app.runtime import cluster_cpus, ensure_ray
+from ray_app.storage import (
+    StagedOutput,
+    absolute,
+    code_version,
+    exists,
+    join,
+    parquet_dataset,
+    read_text,
+    require_complete,
+    resolve,
+    write_text_atomic,
+)
+
+logger = logging.getLogger(__name__)
+
+# One row per user, what `user_events` hands to the ranking actors.
+NOW = "now"  # when recency is measured to; 0 = the run's time
+HIST_TIME = "hist_time"
+USER_ROWS = pa.schema(
+    [
+        pa.field(S.USER_ID, pa.string()),
+        pa.field(S.HIST_ITEM_IDX, pa.list_(pa.int32())),
+        pa.field(S.HIST_EVENT_IDX, pa.list_(pa.int8())),
+        pa.field(HIST_TIME, pa.list_(pa.int64())),
+        pa.field(NOW, pa.int64()),
+    ]
+)
+# Users x candidates scored in one forward pass when the whole catalogue is
+# re-ranked (num_candidates=0), which bounds the attention tensor's memory.
+MAX_CELLS = 1 << 19
+
+
+def partition_name(date: str) -> str:
+    return f"dt={date}"
+
+
+def end_of_day(date: str) -> int:
+    """Epoch seconds at the end of `date` (UTC): the moment the lists are for."""
+    day = dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc)
+    return int((day + dt.timedelta(days=1)).timestamp()) - 1
+
+
+def user_events(group: pa.Table, as_of: str) -> pa.Table:
+    """One user's events (any order) -> one row: their history in time order.
+
+    `as_of` `valid`/`test`: only the events before the user's first event of
+    that split, and recency measured to its time (no row without one), which
+    is the history the evaluate stage scores that target with.
+    """
+    order = pc.sort_indices(
+        group,
+        [(S.TIMESTAMP, "ascending"), (S.SOURCE_FILE, "ascending"), (S.SOURCE_ROW, "ascending")],
+    )
+    g = group.take(order)
+    n, now = g.num_rows, 0
+    if as_of != "now":
+        hits = np.flatnonzero(pc.equal(g[S.SPLIT], as_of).to_numpy(zero_copy_only=False))
+        if not len(hits):
+            return USER_ROWS.empty_table()
+        n = int(hits[0])
+        now = int(g[S.TIMESTAMP][n].as_py())
+
+    def head(col: str, typ: pa.DataType) -> pa.Array:
+        return pa.array([g[col].slice(0, n).to_numpy()], pa.list_(typ))
+
+    return pa.Table.from_arrays(
+        [
+            pa.array([g[S.USER_ID][0].as_py()], pa.string()),
+            head(S.ITEM_IDX, pa.int32()),
+            head(S.EVENT_IDX, pa.int8()),
+            head(S.TIMESTAMP, pa.int64()),
+            pa.array([now], pa.int64()),
+        ],
+        schema=USER_ROWS,
+    )
+
+
+@dataclass(frozen=True)
+class ListOptions:
+    """How a list is made, from `NightlyConfig`."""
+
+    k: int
+    num_candidates: int
+    diversity: float = 0.0
+    now: int = 0  # for users whose row carries none
+
+    @classmethod
+    def from_config(cls, cfg: NightlyConfig, now: int) -> ListOptions:
+        return cls(cfg.k, cfg.num_candidates, cfg.diversity, now)
+
+
+def _lists(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    offsets = column.offsets.to_numpy()
+    values = column.values.to_numpy(zero_copy_only=False).astype(np.int64)
+    return [values[offsets[i] : offsets[i + 1]] for i in range(len(column))]
+
+
+def mmr(scores: torch.Tensor, vectors: torch.Tensor, k: int, weight: float) -> torch.Tensor:
+    """Maximal marginal relevance: (B, k) positions into each row's candidates.
+
+    Each step takes the candidate with the best (1 - weight) x relevance (the
+    score, min-max scaled per user) - weight x its largest cosine similarity to
+    the items already taken. -inf scores are never taken (position -1 once a
+    user has none left).
+    """
+    ok = torch.isfinite(scores)
+    lo = torch.where(ok, scores, torch.inf).min(1, keepdim=True).values
+    hi = torch.where(ok, scores, -torch.inf).max(1, keepdim=True).values
+    rel = (scores - lo) / (hi - lo).clamp(min=1e-12)
+    v = F.normalize(vectors, dim=-1)
+    most_similar = torch.zeros_like(scores)
+    rows = torch.arange(len(scores), device=scores.device)
+    picks = []
+    for _ in range(min(k, scores.shape[1])):
+        obj = ((1 - weight) * rel - weight * most_similar).masked_fill(~ok, -torch.inf)
+        j = obj.argmax(1)
+        none_left = ~torch.isfinite(obj[rows, j])
+        picks.append(j.masked_fill(none_left, -1))
+        ok[rows, j] = False
+        sim = (v * v[rows, j].unsqueeze(1)).sum(-1)
+        most_similar = torch.maximum(most_similar, sim)
+    return torch.stack(picks, 1)
+
+
+def top_k(
+    ranker: Ranker,
+    users: pa.Table,
+    opts: ListOptions,
+    boost: torch.Tensor | None = None,
+) -> pa.Table:
+    """USER_ROWS -> TOPK_SCHEMA rows: each user's best `k` unseen items, best first.
+
+    The scores are `Ranker.score_rows` of the user's history and the
+    candidates, the very scores `/v1/rerank` returns for them; `boost` (per
+    item_idx) and `diversity` change the order only, never the score column.
+    """
+    items = _lists(users[S.HIST_ITEM_IDX])
+    events = _lists(users[S.HIST_EVENT_IDX])
+    times = _lists(users[HIST_TIME])
+    now = users[NOW].to_numpy()
+    now = np.where(now > 0, now, opts.now)
+    hist = ranker.history(items, events, times, now)
+    total = len(ranker.vectors) - 1
+    if opts.num_candidates:
+        cand = ranker.retrieve(hist, opts.num_candidates, items)
+    else:
+        cand = torch.arange(1, total + 1).expand(len(items), -1).clone()
+        for b, seen in enumerate(items):
+            cand[b, torch.from_numpy(seen[seen > 0] - 1)] = 0
+        cand = cand.to(ranker.device)
+    scores = torch.cat(
+        [
+            ranker.score_rows(hist[lo:hi], cand[lo:hi])
+            for lo, hi in _spans(len(items), max(1, MAX_CELLS // max(1, cand.shape[1])))
+        ]
+    ).float()
+    scores = scores.masked_fill(cand == 0, -torch.inf)
+    ordered = scores if boost is None else scores + boost.to(scores.device)[cand]
+    if opts.diversity > 0:
+        pos = mmr(ordered, ranker.vectors[cand], opts.k, opts.diversity)
+    else:
+        top = ordered.topk(min(opts.k, ordered.shape[1]), dim=1)
+        pos = top.indices.masked_fill(~torch.isfinite(top.values), -1)
+    keep = (pos >= 0).cpu().numpy()
+    pos = pos.clamp(min=0)
+    idx = cand.gather(1, pos).cpu().numpy()
+    sc = scores.gather(1, pos).cpu().numpy()
+    n = keep.sum(1)
+    ranks = np.broadcast_to(np.arange(1, pos.shape[1] + 1, dtype=np.int32), keep.shape)
+    return pa.Table.from_arrays(
+        [
+            pa.array(np.repeat(users[S.USER_ID].to_numpy(zero_copy_only=False), n), pa.string()),
+            pa.array(ranks[keep], pa.int32()),
+            pa.array(ranker.item_ids[idx[keep]], pa.string()),
+            pa.array(sc[keep].astype(np.float32), pa.float32()),
+            pa.array([ranker.version] * int(n.sum()), pa.string()),
+        ],
+        schema=S.TOPK_SCHEMA,
+    )
+
+
+def _spans(n: int, size: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+
+
+class TopKActor:
+    """`map_batches` actor: the model is loaded once (`loader`, injectable for tests),
+    then every batch of users becomes their top-K rows."""
+
+    def __init__(
+        self,
+        model: str,
+        opts: ListOptions,
+        boost: np.ndarray | None = None,
+        torch_threads: int = 1,
+        device: str = "cpu",
+        fail_after_batches: int | None = None,
+        loader: Callable[..., Ranker] = Ranker.from_path,
+    ) -> None:
+        torch.set_num_threads(torch_threads)
+        self.ranker = loader(model, device=device)
+        self.opts = opts
+        self.boost = None if boost is None else torch.from_numpy(boost).float()
+        self.fail_after = fail_after_batches
+        self.batches = 0
+
+    def __call__(self, users: pa.Table) -> pa.Table:
+        self.batches += 1
+        if self.fail_after is not None and self.batches >= self.fail_after:
+            raise RuntimeError(f"injected failure at batch {self.batches} (fail_after_batches)")
+        return top_k(self.ranker, users, self.opts, self.boost)
+
+
+def popularity_boost(ds: Any, num_items: int, weight: float) -> np.ndarray:
+    """weight x (1 - popularity percentile) per item_idx, from train-split events."""
+
+    def train_items(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.equal(batch[S.SPLIT], "train")).select([S.ITEM_IDX])
+
+    counts = np.zeros(num_items + 1)
+    agg = ds.map_batches(train_items, batch_format="pyarrow").groupby(S.ITEM_IDX).count()
+    df = agg.to_pandas()
+    counts[df[S.ITEM_IDX].to_numpy()] = df.iloc[:, 1].to_numpy()
+    pct = np.argsort(np.argsort(counts[1:], kind="stable"), kind="stable") / max(1, num_items - 1)
+    out = np.zeros(num_items + 1, dtype=np.float32)
+    out[1:] = weight * (1.0 - pct)
+    return out
+
+
+def read_latest(root: str) -> str | None:
+    latest = join(root, S.TOPK_LATEST)
+    return read_text(latest).strip() if exists(latest) else None
+
+
+def _partitions(fs: Any, path: str) -> int:
+    """Groups of users for the shuffle: about 64 MB of Parquet events each, at least one
+    per CPU. Ray Data's default (200) gave a small data set 200 tiny blocks, and the
+    actors spent their time on per-task overhead (95 s for 15k events vs 19 s)."""
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    size = sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
+    return int(min(1000, max(cluster_cpus(), -(-size // (64 << 20)))))
+
+
+def _actors(cfg: NightlyConfig, gpu: bool) -> int | tuple[int, int]:
+    """The actor pool: `concurrency` if set, else from 1 up to one per GPU (or per CPU).
+
+    Starting at one leaves CPUs to the shuffle that gathers each user's events
+    (a pool started at full size on a small machine held every CPU while that
+    shuffle waited for one); Ray Data grows the pool once rows arrive.
+    """
+    import ray
+
+    if cfg.concurrency:
+        return cfg.concurrency
+    if gpu:
+        most = int(ray.cluster_resources().get("GPU", 1))
+    else:
+        most = int(cluster_cpus() // cfg.cpus_per_actor)
+    return (1, max(1, most))
+
+
+class NightlyError(RuntimeError):
+    """The ranking pipeline failed; nothing was published (the message says why)."""
+
+
+def _write_lists(
+    cfg: NightlyConfig,
+    staging: str,
+    model: str,
+    prepared: str,
+    num_items: int,
+    opts: ListOptions,
+    actors: int | tuple[int, int],
+    gpu: bool,
+    loader: Callable[..., Ranker] | None,
+) -> str | None:
+    """The Ray Data pipeline, written to `staging`: None, or what went wrong.
+
+    The error comes back as text, not raised, because a raised error's
+    traceback keeps the failed Dataset, and with it its actor pool and their
+    CPUs, alive for as long as the caller holds the error: the next run in the
+    same process (a scheduler's retry, the tests) found the cluster short of
+    CPUs and waited forever.
+    """
+    import ray.data
+
+    fs, path = resolve(join(prepared, "interactions"))
+    cols = [S.USER_ID, S.ITEM_IDX, S.EVENT_IDX, S.TIMESTAMP, S.SPLIT, S.SOURCE_FILE, S.SOURCE_ROW]
+    events = ray.data.read_parquet(path, filesystem=fs).select_columns(cols)
+    boost = None
+    if cfg.long_tail_boost > 0:
+        boost = popularity_boost(events, num_items, cfg.long_tail_boost)
+    users = events.groupby(S.USER_ID, num_partitions=_partitions(fs, path)).map_groups(
+        user_events, fn_args=(cfg.as_of,), batch_format="pyarrow"
+    )
+    lists = users.map_batches(
+        TopKActor,
+        fn_constructor_kwargs={
+            "model": model,
+            "opts": opts,
+            "boost": boost,
+            "torch_threads": cfg.torch_threads,
+            "device": "cuda" if gpu else "cpu",
+            "fail_after_batches": cfg.fail_after_batches,
+            **({"loader": loader} if loader is not None else {}),
+        },
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        concurrency=actors,
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=1 if gpu else 0,
+    )
+    out_fs, out_path = resolve(staging)
+    try:
+        lists.write_parquet(out_path, filesystem=out_fs)
+    except Exception as e:
+        # The traceback as text: a log record holding exc_info (pytest's log
+        # capture keeps records) would keep the Dataset alive just the same.
+        logger.error("nightly ranking failed; nothing published\n%s", traceback.format_exc())
+        return describe(e)
+    return None
+
+
+def run_nightly(cfg: NightlyConfig, loader: Callable[..., Ranker] | None = None) -> dict[str, Any]:
+    """Rank every user, publish `dt=<date>` atomically, then move `LATEST` to it."""
+    import ray
+
+    t0 = time.time()
+    date = cfg.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    require_complete(cfg.model)
+    prep_manifest = require_complete(cfg.prepared)
+    ensure_ray(cfg.ray)
+    model, prepared = absolute(cfg.model), absolute(cfg.prepared)
+    from ray_app.model.artifact import load_artifact
+
+    art = load_artifact(model)
+    gpu = bool(cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0))
+    opts = ListOptions.from_config(cfg, end_of_day(date))
+    actors = _actors(cfg, gpu)
+    name = partition_name(date)
+    with StagedOutput(join(cfg.output, name)) as stage:
+        error = _write_lists(
+            cfg, stage.staging, model, prepared, art.model.num_items, opts, actors, gpu, loader
+        )
+        if error is None:
+            counts = _count(stage.staging)
+            if counts["rows"] == 0:
+                error = f"no lists were produced from {cfg.prepared} (as_of={cfg.as_of}): no users"
+        if error is not None:
+            gc.collect()  # the failed pipeline's actors go now, not at some later collection
+            raise NightlyError(f"nightly {name}: {error}; LATEST and published lists unchanged")
+        manifest = {
+            "stage": "nightly",
+            "run_id": stage.run_id,
+            "date": date,
+            "as_of": cfg.as_of,
+            "model": cfg.model,
+            "model_version": art.version,
+            "prepared": cfg.prepared,
+            "prepared_run_id": prep_manifest.get("run_id"),
+            "config": dump_config(cfg),
+            "counts": counts,
+            "actors": actors,
+            "device": "cuda" if gpu else "cpu",
+            "code_version": code_version(),
+            "timings": {"total_s": round(time.time() - t0, 2)},
+        }
+        stage.publish(manifest)
+    moved = _move_latest(cfg.output, name, cfg.as_of)
+    logger.info(
+        "published %d lists (%d rows) to %s%s",
+        counts["users"],
+        counts["rows"],
+        join(cfg.output, name),
+        "; LATEST points to it" if moved else "",
+    )
+    return {**manifest, "latest": read_latest(cfg.output), "output": join(cfg.output, name)}
+
+
+def _count(uri: str) -> dict[str, int]:
+    ds = parquet_dataset(uri)
+    return {"rows": ds.count_rows(), "users": ds.count_rows(filter=pc.field(S.RANK) == 1)}
+
+
+def _move_latest(root: str, name: str, as_of: str) -> bool:
+    """Point LATEST at `name` unless it names a later date already (a backfill of an
+    older date does not roll serving back); backtests never move it."""
+    if as_of != "now":
+        return False
+    current = read_latest(root)
+    if current is not None and current > name:
+        logger.info("LATEST stays at %s (later than %s)", current, name)
+        return False
+    write_text_atomic(join(root, S.TOPK_LATEST), name + "\n")
+    return True
+
+
+def single_process(
+    ranker: Ranker,
+    interactions: Sequence[pa.Table],
+    opts: ListOptions,
+    batch_size: int,
+) -> pa.Table:
+    """The same lists without Ray: one process, users in order (the benchmark's reference)."""
+    table = pa.concat_tables(interactions)
+    users = table[S.USER_ID].to_numpy(zero_copy_only=False)
+    order = np.argsort(users, kind="stable")
+    table = table.take(order)
+    users = users[order]
+    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
+    rows = [user_events(table.slice(lo, hi - lo), "now") for lo, hi in itertools.pairwise(bounds)]
+    user_rows = pa.concat_tables(rows)
+    out = [
+        top_k(ranker, user_rows.slice(lo, hi - lo), opts)
+        for lo, hi in _spans(len(rows), batch_size)
+    ]
+    return pa.concat_tables(out)

@@ -1,0 +1,178 @@
+"""The nightly top-K job on a local Ray with the session's tiny trained model."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from ray_app.batch.nightly import end_of_day, mmr, run_nightly
+from ray_app.config import EvaluateConfig, NightlyConfig
+from ray_app.data import schema as S
+from ray_app.evaluation.evaluate import run_evaluate
+from ray_app.model.ranker import Candidate, Event, Query, Ranker
+from ray_app.storage import read_parquet
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+K = 10
+
+
+def _config(prepared: str, model: str, out: Path, **kw) -> NightlyConfig:
+    base = {
+        "model": model,
+        "prepared": prepared,
+        "output": str(out),
+        "date": "2026-11-23",
+        "k": K,
+        "num_candidates": 50,
+        "batch_size": 64,
+    }
+    return NightlyConfig.model_validate({**base, **kw})
+
+
+def _lists(path: Path) -> pd.DataFrame:
+    return read_parquet(str(path)).sort_values([S.USER_ID, S.RANK], ignore_index=True)
+
+
+@pytest.fixture(scope="module")
+def nightly(prepared, trained, tmp_path_factory):
+    """One published nightly run: (config, result, interactions)."""
+    out = tmp_path_factory.mktemp("topk")
+    cfg = _config(prepared, trained[0].output, out)
+    return cfg, run_nightly(cfg), read_parquet(str(Path(prepared) / "interactions"))
+
+
+def test_every_user_gets_k_unseen_items_ranked_1_to_k(nightly):
+    cfg, result, events = nightly
+    part = Path(cfg.output) / "dt=2026-11-23"
+    assert (part / "_SUCCESS").is_file() and (part / "manifest.json").is_file()
+    assert (Path(cfg.output) / "LATEST").read_text().strip() == "dt=2026-11-23"
+    files = list(part.glob("*.parquet"))
+    assert files and all(pq.read_schema(f).equals(S.TOPK_SCHEMA) for f in files)
+    lists = _lists(part)
+    users = events[S.USER_ID].unique()
+    assert set(lists[S.USER_ID]) == set(users)
+    assert result["counts"] == {"rows": len(users) * K, "users": len(users)}
+    per_user = lists.groupby(S.USER_ID)
+    assert (per_user.size() == K).all()
+    assert (per_user[S.RANK].apply(list).map(lambda r: r == list(range(1, K + 1)))).all()
+    # Best first: scores never rise down a list.
+    assert (per_user[S.SCORE].apply(lambda s: bool(np.all(np.diff(s.to_numpy()) <= 0)))).all()
+    seen = events.groupby(S.USER_ID)[S.ITEM_ID].apply(set)
+    listed = per_user[S.ITEM_ID].apply(set)
+    assert all(not (listed[u] & seen[u]) for u in users)
+    assert (lists[S.MODEL_VERSION] == result["model_version"]).all()
+
+
+def test_scores_are_the_ones_the_online_ranker_gives(nightly):
+    cfg, _, events = nightly
+    lists = _lists(Path(cfg.output) / "dt=2026-11-23")
+    ranker = Ranker.from_path(cfg.model)
+    names = {v: k for k, v in ranker.events.items()}
+    queries, expected = [], []
+    for user in sorted(lists[S.USER_ID].unique())[:20]:
+        ev = events[events[S.USER_ID] == user]
+        mine = lists[lists[S.USER_ID] == user]
+        history = [
+            Event(i, int(t), names[int(e)])
+            for i, t, e in zip(ev[S.ITEM_ID], ev[S.TIMESTAMP], ev[S.EVENT_IDX], strict=True)
+        ]
+        # The candidates in another order: the ranker must give them back in the list's.
+        cands = [Candidate(c) for c in mine[S.ITEM_ID][::-1]]
+        queries.append(Query(history, cands, now=end_of_day("2026-11-23")))
+        expected.append(list(zip(mine[S.ITEM_ID], mine[S.SCORE], strict=True)))
+    for got, want in zip(ranker.score(queries), expected, strict=True):
+        assert [i for i, _ in got.items] == [i for i, _ in want]
+        np.testing.assert_allclose([s for _, s in got.items], [s for _, s in want], atol=1e-5)
+
+
+def test_rerun_of_a_date_is_idempotent_and_leaves_no_staging(nightly):
+    cfg, first, _ = nightly
+    before = _lists(Path(cfg.output) / "dt=2026-11-23")
+    again = run_nightly(cfg)
+    assert again["run_id"] != first["run_id"]
+    pd.testing.assert_frame_equal(_lists(Path(cfg.output) / "dt=2026-11-23"), before)
+    assert not [p for p in Path(cfg.output).iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_that_dies_half_way_leaves_latest_and_the_last_lists(nightly, tmp_path):
+    cfg, _, _ = nightly
+    root = Path(cfg.output)
+    before = _lists(root / "dt=2026-11-23")
+    broken = cfg.model_copy(update={"date": "2026-11-24", "fail_after_batches": 2})
+    with pytest.raises(Exception, match="injected failure"):
+        run_nightly(broken)
+    assert (root / "LATEST").read_text().strip() == "dt=2026-11-23"
+    assert not (root / "dt=2026-11-24").exists()
+    assert [p.name for p in root.iterdir() if p.name.startswith(".dt=2026-11-24.staging")]
+    pd.testing.assert_frame_equal(_lists(root / "dt=2026-11-23"), before)
+    # The next good run of that date publishes it, moves LATEST and clears the debris.
+    run_nightly(broken.model_copy(update={"fail_after_batches": None}))
+    assert (root / "LATEST").read_text().strip() == "dt=2026-11-24"
+    assert not [p for p in root.iterdir() if p.name.startswith(".")]
+    # A backfill of an older date does not roll LATEST back.
+    run_nightly(cfg.model_copy(update={"date": "2026-11-20"}))
+    assert (root / "LATEST").read_text().strip() == "dt=2026-11-24"
+
+
+def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
+    prepared, trained, tmp_path
+):
+    model = trained[0].output
+    # As of each user's test target, the whole catalogue re-ranked: the lists are
+    # the model's top-k that the evaluation's full-ranking protocol ranks with.
+    exact = _config(prepared, model, tmp_path / "exact", as_of="test", num_candidates=0)
+    run_nightly(exact)
+    retrieved = _config(prepared, model, tmp_path / "retrieved", as_of="test", num_candidates=50)
+    run_nightly(retrieved)
+    diverse = _config(prepared, model, tmp_path / "diverse", as_of="test", diversity=0.5)
+    run_nightly(diverse)
+    assert not (tmp_path / "exact" / "LATEST").exists()  # a backtest never moves LATEST
+    ev = EvaluateConfig(
+        prepared=prepared,
+        output=str(tmp_path / "eval"),
+        baselines=["popularity"],
+        models={"model": model},
+        lists={
+            "exact": str(tmp_path / "exact" / "dt=2026-11-23"),
+            "retrieved": str(tmp_path / "retrieved" / "dt=2026-11-23"),
+            "diverse": str(tmp_path / "diverse" / "dt=2026-11-23"),
+        },
+    )
+    metrics = run_evaluate(ev)
+    direct = metrics["results"]["test"]["model"]["full"]
+    lists = metrics["lists"]
+    assert lists["exact"]["split"] == "test"
+    for key in ("recall@10", "ndcg@10", "coverage@10", "long_tail_share@10"):
+        assert lists["exact"]["full"][key] == pytest.approx(direct[key], abs=1e-9), key
+    # Retrieval keeps most of it; MMR trades accuracy for more varied lists.
+    assert lists["retrieved"]["full"]["ndcg@10"] > 0.8 * direct["ndcg@10"]
+    assert lists["diverse"]["full"]["diversity@10"] > lists["retrieved"]["full"]["diversity@10"]
+    assert "## Precomputed top-K lists" in (tmp_path / "eval" / "report.md").read_text()
+    with pytest.raises(ValueError, match="as_of"):
+        run_evaluate(
+            ev.model_copy(
+                update={
+                    "output": str(tmp_path / "eval2"),
+                    "lists": {"now": str(tmp_path / "retrieved" / "dt=2026-11-23")},
+                    "models": {},
+                }
+            )
+        )
+
+
+def test_mmr_trades_relevance_for_dissimilar_items():
+    torch.manual_seed(0)
+    # Two near-duplicate best items and a different third one.
+    vecs = torch.tensor([[[1.0, 0.0], [0.99, 0.01], [0.0, 1.0], [0.7, 0.7]]])
+    scores = torch.tensor([[3.0, 2.9, 2.0, -math.inf]])
+    assert mmr(scores, vecs, 3, 0.0)[0].tolist() == [0, 1, 2]
+    assert mmr(scores, vecs, 3, 0.5)[0].tolist() == [0, 2, 1]
+    # The -inf candidate is never listed; a list runs out with -1.
+    assert mmr(scores, vecs, 4, 0.5)[0].tolist()[-1] == -1
