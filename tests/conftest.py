@@ -32,7 +32,11 @@ def ray_local():
         configure_logging=False,
         object_store_memory=512 * 1024 * 1024,
     )
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    # A pipeline stuck waiting for CPUs (e.g. held by a leaked actor) fails a
+    # test in minutes, not after Ray Data's default half hour.
+    ctx.execution_no_progress_timeout_s = 300
     yield ray
     ray.shutdown()
 

@@ -283,7 +283,7 @@ def _partitions(fs: Any, path: str) -> int:
     return int(min(1000, max(cluster_cpus(), -(-size // (64 << 20)))))
 
 
-def _actors(cfg: NightlyConfig, gpu: bool) -> int | tuple[int, int]:
+def _actors(cfg: NightlyConfig, gpu: bool) -> Any:
     """The actor pool: `concurrency` if set, else from 1 up to one per GPU (or per CPU).
 
     Starting at one leaves CPUs to the shuffle that gathers each user's events
@@ -291,14 +291,15 @@ def _actors(cfg: NightlyConfig, gpu: bool) -> int | tuple[int, int]:
     shuffle waited for one); Ray Data grows the pool once rows arrive.
     """
     import ray
+    from ray.data import ActorPoolStrategy
 
     if cfg.concurrency:
-        return cfg.concurrency
+        return ActorPoolStrategy(size=cfg.concurrency)
     if gpu:
         most = int(ray.cluster_resources().get("GPU", 1))
     else:
         most = int(cluster_cpus() // cfg.cpus_per_actor)
-    return (1, max(1, most))
+    return ActorPoolStrategy(min_size=1, max_size=max(1, most))
 
 
 class NightlyError(RuntimeError):
@@ -312,17 +313,19 @@ def _write_lists(
     prepared: str,
     num_items: int,
     opts: ListOptions,
-    actors: int | tuple[int, int],
+    actors: Any,
     gpu: bool,
     loader: Callable[..., Ranker] | None,
 ) -> str | None:
     """The Ray Data pipeline, written to `staging`: None, or what went wrong.
 
-    The error comes back as text, not raised, because a raised error's
-    traceback keeps the failed Dataset, and with it its actor pool and their
-    CPUs, alive for as long as the caller holds the error: the next run in the
-    same process (a scheduler's retry, the tests) found the cluster short of
-    CPUs and waited forever.
+    The error comes back as text, not raised, and is then cut loose from its
+    tracebacks: Ray Data frees a failed pipeline's actors (and their CPUs)
+    only when nothing refers to its executor any more, and the frames of its
+    scheduling thread do, through the error's context. Ray Data logs that
+    error object, so a log handler that keeps records (pytest keeps every
+    one) held them, and the next run in the same process (a retry, a
+    notebook, the tests) found the cluster short of CPUs and waited forever.
     """
     import ray.data
 
@@ -348,7 +351,7 @@ def _write_lists(
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=actors,
         num_cpus=cfg.cpus_per_actor,
         num_gpus=1 if gpu else 0,
     )
@@ -356,11 +359,25 @@ def _write_lists(
     try:
         lists.write_parquet(out_path, filesystem=out_fs)
     except Exception as e:
-        # The traceback as text: a log record holding exc_info (pytest's log
-        # capture keeps records) would keep the Dataset alive just the same.
         logger.error("nightly ranking failed; nothing published\n%s", traceback.format_exc())
-        return describe(e)
+        message = describe(e)
+        _detach(e)
+        return message
     return None
+
+
+def _detach(exc: BaseException) -> None:
+    """Cut `exc` and every exception chained to it loose from their tracebacks and
+    from each other, once they have been turned into text."""
+    todo: list[BaseException | None] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+        e.__traceback__ = e.__cause__ = e.__context__ = None
 
 
 def run_nightly(cfg: NightlyConfig, loader: Callable[..., Ranker] | None = None) -> dict[str, Any]:
@@ -402,7 +419,7 @@ def run_nightly(cfg: NightlyConfig, loader: Callable[..., Ranker] | None = None)
             "prepared_run_id": prep_manifest.get("run_id"),
             "config": dump_config(cfg),
             "counts": counts,
-            "actors": actors,
+            "actors": {"min": actors.min_size, "max": actors.max_size},
             "device": "cuda" if gpu else "cpu",
             "code_version": code_version(),
             "timings": {"total_s": round(time.time() - t0, 2)},

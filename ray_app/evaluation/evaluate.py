@@ -157,6 +157,19 @@ def summarize(res: dict[str, Any], data: EvalData, k: int, bags: sp.csr_matrix) 
     }
 
 
+def repeat_targets(targets: SplitTargets) -> np.ndarray:
+    """(n,) bool: the target item is already in the user's history (a re-consumption).
+
+    The full-ranking protocol ranks such a target like any other, but a list of
+    items new to the user (the nightly lists) can never hold it; MovieLens
+    has none, a shop's logs (view, then cart, then purchase) many.
+    """
+    return np.array(
+        [bool(np.isin(t, h)) for t, h in zip(targets.targets, targets.histories, strict=True)],
+        dtype=bool,
+    )
+
+
 def breakdowns(res: dict[str, Any], data: EvalData, split: str, k: int) -> dict[str, Any]:
     """Full-ranking and sampled NDCG@k by history length and by target popularity."""
     targets = data.splits[split]
@@ -175,6 +188,15 @@ def breakdowns(res: dict[str, Any], data: EvalData, split: str, k: int) -> dict[
         f"{HISTORY_BUCKETS[-1]}+"
     ]
     out: dict[str, Any] = {}
+    repeat = repeat_targets(targets)
+    out["full_by_target"] = {
+        label: {
+            f"recall@{k}": M.mean_defined(M.hit_rate(res["full"], k)[mask]),
+            f"ndcg@{k}": M.mean_defined(M.ndcg(res["full"], k)[mask]),
+            "users": int(mask.sum()),
+        }
+        for label, mask in (("new", ~repeat), ("repeat", repeat))
+    }
     for proto in ("full", "sampled"):
         nd = M.ndcg(res[proto], k)
         out[f"{proto}_ndcg_by_history"] = {
@@ -318,15 +340,23 @@ def score_lists(
     targets = data.splits[split]
     topk = [per_user.get(u, np.zeros(0, np.int64))[:k] for u in targets.user_ids]
     relevant = [np.array([t]) for t in targets.targets]
+    recall = M.recall_at_k(topk, relevant, k)
+    ndcg = M.ndcg_lists(topk, relevant, k)
+    new = ~repeat_targets(targets)
     full = {
-        f"recall@{k}": M.mean_defined(M.recall_at_k(topk, relevant, k)),
-        f"ndcg@{k}": M.mean_defined(M.ndcg_lists(topk, relevant, k)),
+        f"recall@{k}": M.mean_defined(recall),
+        f"ndcg@{k}": M.mean_defined(ndcg),
         f"coverage@{k}": M.coverage(topk, data.num_items, k),
         f"long_tail_share@{k}": M.long_tail_share(topk, data.train_counts, k),
         f"diversity@{k}": _diversity(np.array([t for t in topk if len(t) == k]), bags),
     }
     return split, {
         "full": full,
+        "new_targets": {
+            f"recall@{k}": M.mean_defined(recall[new]),
+            f"ndcg@{k}": M.mean_defined(ndcg[new]),
+            "users": int(new.sum()),
+        },
         "users": len(targets),
         "users_with_list": int(sum(len(t) > 0 for t in topk)),
         "list_length": int(table.groupby(S.USER_ID).size().max()),

@@ -87,21 +87,43 @@ def markdown(metrics: dict[str, Any]) -> str:
             "## Precomputed top-K lists (nightly, as of a split)",
             "",
             "The split's target in the user's list: the full-ranking protocol applied to "
-            "the lists themselves.",
+            "the lists themselves. A list holds only items new to the user, so a target "
+            "the user had already interacted with (a repeat) is never in it; 'new "
+            "targets' leaves those out, comparable to the model's full ranking on the "
+            "same targets (breakdowns).",
             "",
-            f"| lists | split | full Recall@{k} | full NDCG@{k} | coverage@{k} "
+            f"| lists | split | full Recall@{k} | full NDCG@{k} | new targets NDCG@{k} "
+            f"| coverage@{k} "
             f"| long-tail@{k} | diversity@{k} | candidates | diversity w | tail boost "
             "| users with a list |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in metrics["lists"].items():
             f, c = r["full"], r["config"]
             lines.append(
                 f"| {name} | {r['split']} | {f[f'recall@{k}']:.4f} | {f[f'ndcg@{k}']:.4f} "
+                f"| {r['new_targets'][f'ndcg@{k}']:.4f} ({r['new_targets']['users']}) "
                 f"| {f[f'coverage@{k}']:.3f} | {f[f'long_tail_share@{k}']:.3f} "
                 f"| {f[f'diversity@{k}']:.3f} | {c['num_candidates'] or 'all'} "
                 f"| {c['diversity']} | {c['long_tail_boost']} "
                 f"| {r['users_with_list']} / {r['users']} |"
+            )
+    by_target = {n: d["full_by_target"] for n, d in metrics.get("breakdowns_test", {}).items()}
+    if any(b["repeat"]["users"] for b in by_target.values()):
+        lines += [
+            "",
+            "## Test, full ranking: targets new to the user vs repeats",
+            "",
+            f"| method | new Recall@{k} | new NDCG@{k} | repeat Recall@{k} "
+            f"| repeat NDCG@{k} | new / repeat users |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for name, b in by_target.items():
+            new, rep = b["new"], b["repeat"]
+            lines.append(
+                f"| {name} | {new[f'recall@{k}']:.4f} | {new[f'ndcg@{k}']:.4f} "
+                f"| {rep[f'recall@{k}']:.4f} | {rep[f'ndcg@{k}']:.4f} "
+                f"| {new['users']} / {rep['users']} |"
             )
     if metrics.get("paired"):
         lines += ["", "## Paired comparisons", "", *paired_table(metrics)]
