@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/rerank demo --workdir $(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=20
 
 lint: install
 	$(BIN)/ruff check ray_app jobs tests
