@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from ray_app.batch.nightly import end_of_day, mmr, run_nightly
+from ray_app.batch.nightly import _move_latest, end_of_day, mmr, run_nightly
 from ray_app.config import EvaluateConfig, NightlyConfig
 from ray_app.data import schema as S
 from ray_app.evaluation.evaluate import run_evaluate
@@ -116,8 +116,9 @@ def test_a_run_that_dies_half_way_leaves_latest_and_the_last_lists(nightly, tmp_
     run_nightly(broken.model_copy(update={"fail_after_batches": None}))
     assert (root / "LATEST").read_text().strip() == "dt=2026-11-24"
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
-    # A backfill of an older date does not roll LATEST back.
-    run_nightly(cfg.model_copy(update={"date": "2026-11-20"}))
+    # A backfill of an older date does not roll LATEST back; a backtest never moves it.
+    assert not _move_latest(str(root), "dt=2026-11-20", "now")
+    assert not _move_latest(str(root), "dt=2026-11-25", "test")
     assert (root / "LATEST").read_text().strip() == "dt=2026-11-24"
 
 
@@ -164,16 +165,19 @@ def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
     assert lists["retrieved"]["full"]["ndcg@10"] >= 0.8 * lists["exact"]["full"]["ndcg@10"] > 0
     assert lists["diverse"]["full"]["diversity@10"] > lists["retrieved"]["full"]["diversity@10"]
     assert "## Precomputed top-K lists" in (tmp_path / "eval" / "report.md").read_text()
-    with pytest.raises(ValueError, match="as_of"):
-        run_evaluate(
-            ev.model_copy(
-                update={
-                    "output": str(tmp_path / "eval2"),
-                    "lists": {"now": str(tmp_path / "retrieved" / "dt=2026-11-23")},
-                    "models": {},
-                }
-            )
-        )
+
+
+def test_lists_made_as_of_now_are_not_scored_against_a_split(nightly, prepared, tmp_path):
+    cfg, _, _ = nightly
+    ev = EvaluateConfig(
+        prepared=prepared,
+        output=str(tmp_path / "eval"),
+        baselines=["popularity"],
+        lists={"now": str(Path(cfg.output) / "dt=2026-11-23")},
+    )
+    with pytest.raises(ValueError, match="as_of='now'"):
+        run_evaluate(ev)
+    assert not (tmp_path / "eval").exists()
 
 
 def test_mmr_trades_relevance_for_dissimilar_items():
