@@ -102,6 +102,7 @@ def main() -> int:
     from ray_app.config import NightlyConfig
     from ray_app.model.ranker import Ranker
     from ray_app.runtime import ensure_ray
+    from ray_app.storage import read_parquet
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--users", type=int, nargs="+", default=[10_000, 100_000])
@@ -159,7 +160,7 @@ def main() -> int:
         reference = single_process(ranker, tables, opts, args.batch_size)
         single_s = time.perf_counter() - t
 
-        lists = pq.read_table(out / f"dt={date}").to_pandas()
+        lists = read_parquet(str(out / f"dt={date}"))
         ref = reference.to_pandas()
         users = np.random.default_rng(0).choice(ref["user_id"].unique(), 200, replace=False)
         a = lists[lists.user_id.isin(users)].sort_values(["user_id", "rank"], ignore_index=True)
