@@ -33,6 +33,7 @@ from ray import serve
 from ray_app.serving.api import RerankRequest
 
 noop_api = FastAPI()
+JSON = {"content-type": "application/json"}
 
 
 @serve.deployment(name="Noop", max_ongoing_requests=64)
@@ -49,20 +50,24 @@ class Noop:
         }
 
 
-def run_load(url: str, bodies, concurrency: int, seconds: float) -> dict:
+def run_load(url: str, make_bodies, concurrency: int, seconds: float) -> dict:
+    """`concurrency` client threads, each with its own body source (`make_bodies(seed)`):
+    a generator shared by threads raises "generator already executing" and kills
+    the thread, which silently lowers the concurrency measured."""
     lat: list[float] = []
     fails = [0]
     lock = threading.Lock()
     stop = time.time() + seconds
 
-    def client() -> None:
+    def client(seed: int) -> None:
         s = requests.Session()
+        bodies = make_bodies(seed)
         while time.time() < stop:
-            body = next(bodies)
             t = time.perf_counter()
             try:
-                ok = s.post(url, json=body, timeout=60).status_code == 200
-            except requests.RequestException:
+                ok = s.post(url, data=next(bodies), headers=JSON, timeout=60).status_code == 200
+            except Exception:
+                logging.exception("request failed")
                 ok = False
             dt = time.perf_counter() - t
             with lock:
@@ -71,7 +76,7 @@ def run_load(url: str, bodies, concurrency: int, seconds: float) -> dict:
                 else:
                     fails[0] += 1
 
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(concurrency)]
     t0 = time.time()
     for th in threads:
         th.start()
@@ -122,28 +127,33 @@ def main() -> int:
     art = load_artifact(args.model)
     ids = art.items["item_id"].to_numpy()[1:]
     types = art.config.get("event_types") or [None]
-    rng = np.random.default_rng(0)
     now = int(time.time())
 
-    def known():
-        while True:
+    def known(seed: int):
+        """A fixed pool of bodies, serialized once, so the clients spend their CPU
+        on HTTP rather than on building JSON (both apps get the same bodies)."""
+        rng = np.random.default_rng(seed)
+        pool = []
+        for _ in range(64):
             cands = rng.choice(ids, size=100, replace=False)
             hist = rng.choice(ids, size=50, replace=False)
-            yield {
+            body = {
                 "history": [
                     {"item_id": str(h), "timestamp": now - 3600 * (50 - j), "event_type": types[0]}
                     for j, h in enumerate(hist)
                 ],
                 "candidates": [{"item_id": str(c)} for c in cands],
             }
+            pool.append(json.dumps(body).encode())
+        return itertools.cycle(pool)
 
-    counter = itertools.count()
+    counter = itertools.count()  # next() on a count is atomic in CPython
 
-    def cold():
+    def cold(seed: int):
         words = ["space", "drama", "comedy", "war", "love", "robot", "music", "crime", "family"]
         while True:
             n = next(counter)
-            yield {
+            body = {
                 "candidates": [
                     {
                         "item_id": f"new-{n}-{i}",
@@ -152,6 +162,7 @@ def main() -> int:
                     for i in range(100)
                 ]
             }
+            yield json.dumps(body).encode()
 
     results = []
     for case, make in (("known", known), ("cold", cold)):
@@ -161,8 +172,8 @@ def main() -> int:
                 ("noop", f"{base}/noop/v1/rerank"),
                 ("rerank", f"{url}/v1/rerank"),
             ):
-                run_load(target, make(), c, min(2.0, args.seconds))  # warm-up
-                row[name] = run_load(target, make(), c, args.seconds)
+                run_load(target, make, c, min(2.0, args.seconds))  # warm-up
+                row[name] = run_load(target, make, c, args.seconds)
             row["ratio"] = row["rerank"]["req_per_s"] / row["noop"]["req_per_s"]
             results.append(row)
             print(json.dumps(row), flush=True)
