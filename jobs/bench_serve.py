@@ -15,7 +15,6 @@ For each case and concurrency it prints requests/s, p50 and p99 latency and the
 re-ranker's throughput as a share of the no-op's.
 """
 
-
 import argparse
 import itertools
 import json

@@ -458,18 +458,21 @@ class NightlyConfig(_Strict):
     # Testing hook: every actor raises on its Nth batch (a crash half-way).
     fail_after_batches: int | None = Field(default=None, ge=1)
 
-    @field_validator("date")
+    @field_validator("date", mode="before")
     @classmethod
-    def _day(cls, v: str | None) -> str | None:
-        if v is not None and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
-            raise ValueError(f"date must be YYYY-MM-DD, got {v!r}")
-        if v is not None:
-            import datetime as dt
+    def _day(cls, v: Any) -> str | None:
+        import datetime as dt
 
-            try:
-                dt.date.fromisoformat(v)
-            except ValueError as e:
-                raise ValueError(f"date {v!r}: {e}") from None
+        if isinstance(v, dt.date):  # YAML reads an unquoted 2026-11-24 as a date
+            v = v.isoformat()
+        if v is None:
+            return None
+        if not isinstance(v, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", v):
+            raise ValueError(f"date must be YYYY-MM-DD, got {v!r}")
+        try:
+            dt.date.fromisoformat(v)
+        except ValueError as e:
+            raise ValueError(f"date {v!r}: {e}") from None
         return v
 
 
@@ -526,6 +529,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"override {key}: value {raw!r} is not valid YAML: {e}") from e
+    except ValueError as e:  # a YAML timestamp that is no real day: 2026-02-30
+        raise ConfigError(f"override {key}: value {raw!r}: {e}") from e
     return key.split("."), value
 
 
@@ -573,7 +578,7 @@ def load_config(
             raise ConfigError(f"config file not found: {p}")
         try:
             loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, ValueError) as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")

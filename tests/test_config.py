@@ -107,3 +107,19 @@ def test_presplit_needs_both_the_method_and_the_files():
                 "input.splits.train=t.csv",
             ],
         )
+
+
+def test_nightly_date_from_cli_yaml_or_quoted(tmp_path):
+    """`--date 2026-11-24` and an unquoted YAML date both arrive as YAML dates; the
+    scheduled job must accept them, and reject a day that does not exist."""
+    from ray_app.config import NightlyConfig
+
+    base = ["model=m", "prepared=p", "output=o"]
+    assert load_config(NightlyConfig, None, [*base, "date=2026-11-24"]).date == "2026-11-24"
+    f = tmp_path / "n.yaml"
+    f.write_text("model: m\nprepared: p\noutput: o\ndate: 2026-02-28\n")
+    assert load_config(NightlyConfig, f).date == "2026-02-28"
+    assert load_config(NightlyConfig, None, [*base, "date='2026-01-05'"]).date == "2026-01-05"
+    for bad in ("date=2026-02-30", "date=20261124", "date=yesterday"):
+        with pytest.raises(ConfigError, match="date"):
+            load_config(NightlyConfig, None, [*base, bad])
