@@ -11,7 +11,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),,$(TORCH_CPU_SPEC))
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test lint bench-prepare clean
+.PHONY: install demo test lint bench-prepare cluster-local clean
 
 $(BIN)/rerank: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: install
 lint: install
 	$(BIN)/ruff check ray_app jobs tests
 	$(BIN)/ruff format --check ray_app jobs tests
+
+# Local cluster parity: a Ray head on 127.0.0.1, the pipeline submitted with
+# `ray job submit`, the head stopped. ARGS go to jobs/pipeline.py.
+cluster-local: install
+	VENV=$(VENV) bash cluster/local-cluster.sh $(ARGS)
 
 bench-prepare: install
 	$(BIN)/python jobs/bench_prepare.py

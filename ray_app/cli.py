@@ -11,6 +11,7 @@ Examples::
     rerank nightly --set model=runs/demo/model --set prepared=runs/demo/prepared \\
                    --set output=runs/demo/topk --date 2026-11-23
     rerank serve --set model=runs/demo/model --set topk=runs/demo/topk --set port=8000
+    rerank pipeline --config cluster/configs/pipeline-demo.yaml --set workdir=runs/pipeline
     rerank demo --workdir runs/demo
 """
 
@@ -28,6 +29,7 @@ from ray_app.config import (
     EvaluateConfig,
     GenerateConfig,
     NightlyConfig,
+    PipelineConfig,
     PrepareConfig,
     ServeConfig,
     TrainConfig,
@@ -140,66 +142,41 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pipeline(args: argparse.Namespace) -> int:
+    from ray_app.pipeline import run_pipeline
+
+    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    cfg.stage_configs()  # every stage's keys checked before the first stage starts
+    run_pipeline(cfg)
+    return 0
+
+
+def demo_config(args: argparse.Namespace) -> PipelineConfig:
+    """The pipeline on the embedded defaults: generated sample data, the bundled
+    encoder, a training time budget and a short SASRec so it takes minutes."""
+    base = {
+        "workdir": args.workdir,
+        "generate": {"num_events": args.events},
+        "train": {
+            "model": {"encoder": args.encoder},
+            "epochs": 2,
+            "max_minutes": args.train_minutes,
+            "resume": False,
+        },
+        "evaluate": {"sasrec_epochs": args.sasrec_epochs},
+    }
+    cfg = load_config(PipelineConfig, None, args.overrides, base=base)
+    cfg.stage_configs()
+    return cfg
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    """Generate sample data, prepare it, train the re-ranker, evaluate it against the
-    baselines (local Ray)."""
-    from ray_app.data.prepare import run_prepare
-    from ray_app.data.synthetic import generate
-    from ray_app.storage import join
+    from ray_app.pipeline import run_pipeline
 
-    raw = join(args.workdir, "raw")
-    gen = load_config(GenerateConfig, None, [f"output={raw}", f"num_events={args.events}"])
-    generate(gen)
-    prep = load_config(
-        PrepareConfig,
-        None,
-        [
-            f"input.interactions={join(raw, 'interactions')}",
-            f"input.items={join(raw, 'items')}",
-            f"output={join(args.workdir, 'prepared')}",
-            *args.overrides,
-        ],
-    )
-    manifest = run_prepare(prep)
-    print(
-        json.dumps(
-            {"prepared": prep.output, "counts": manifest["counts"], "timings": manifest["timings"]},
-            indent=2,
-        )
-    )
-    from ray_app.evaluation.evaluate import run_evaluate
-    from ray_app.evaluation.report import markdown
-    from ray_app.training.trainer import run_train
-
-    model_dir = join(args.workdir, "model")
-    train = load_config(
-        TrainConfig,
-        None,
-        [
-            f"prepared={prep.output}",
-            f"output={model_dir}",
-            f"model.encoder={args.encoder}",
-            "epochs=2",
-            # A time budget keeps the demo to minutes on a laptop CPU.
-            f"max_minutes={args.train_minutes}",
-            "resume=false",
-        ],
-    )
-    trained = run_train(train)
-    print(json.dumps({"model": model_dir, "epochs": trained["history"]}, indent=2))
-    ev = load_config(
-        EvaluateConfig,
-        None,
-        [
-            f"prepared={prep.output}",
-            f"output={join(args.workdir, 'evaluation')}",
-            # A short SASRec keeps the demo to minutes; the cluster config trains longer.
-            f"sasrec_epochs={args.sasrec_epochs}",
-            f"models.reranker={model_dir}",
-        ],
-    )
-    print(markdown(run_evaluate(ev)))
-    print(f"report and plots: {ev.output}")
+    cfg = demo_config(args)
+    run_pipeline(cfg)
+    paths = cfg.paths()
+    print(f"report and plots: {paths['evaluation']}\ntop-K lists: {paths['topk']}")
     return 0
 
 
@@ -257,6 +234,17 @@ def build_parser() -> argparse.ArgumentParser:
             "--set prepared=runs/demo/prepared --set output=runs/demo/topk --date 2026-11-23",
         ),
         (
+            "pipeline",
+            _cmd_pipeline,
+            "run prepare -> train -> evaluate -> nightly as one job",
+            "Each stage's keys under its name, the paths between stages under --set workdir "
+            "(or generate: to start from sample data). For ray job submit: "
+            "ray job submit --working-dir . -- python jobs/pipeline.py --config "
+            "cluster/configs/pipeline-demo.yaml. "
+            "Example: rerank pipeline --config cluster/configs/pipeline-demo.yaml "
+            "--set workdir=runs/pipeline --set train.max_minutes=2",
+        ),
+        (
             "serve",
             _cmd_serve,
             "serve the re-ranker over HTTP with Ray Serve (autoscaling, batching)",
@@ -302,8 +290,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except Exception as e:
         from ray_app.errors import describe
+        from ray_app.pipeline import StageFailed
 
-        print(f"error: {describe(e)}", file=sys.stderr)
+        print(f"error: {e if isinstance(e, StageFailed) else describe(e)}", file=sys.stderr)
         if args.verbose:
             raise
         return 1

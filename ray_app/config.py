@@ -607,3 +607,79 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def dump_config(cfg: BaseModel) -> dict[str, Any]:
     """The resolved config as plain data, for manifests and checkpoints."""
     return cfg.model_dump(mode="json")
+
+
+StageName = Literal["generate", "prepare", "train", "evaluate", "nightly"]
+STAGES: tuple[StageName, ...] = ("generate", "prepare", "train", "evaluate", "nightly")
+_STAGE_MODELS: dict[str, type[BaseModel]] = {
+    "generate": GenerateConfig,
+    "prepare": PrepareConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "nightly": NightlyConfig,
+}
+
+
+class PipelineConfig(_Strict):
+    """Config of the whole pipeline (`rerank pipeline`, `jobs/pipeline.py`): each
+    stage's own config keys under its name; the paths that link the stages
+    (prepared data, model, evaluation, top-K lists) default to folders of `workdir`."""
+
+    workdir: PathLike
+    # Sample data instead of your logs: GenerateConfig keys (`{}` = the defaults);
+    # prepare then reads the generated files. Leave unset to prepare `prepare.input`.
+    generate: dict[str, Any] | None = None
+    prepare: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    evaluate: dict[str, Any] = Field(default_factory=dict)
+    nightly: dict[str, Any] = Field(default_factory=dict)
+    # Stages to run, in pipeline order (default: all; `generate` only when set).
+    stages: list[StageName] | None = None
+
+    def paths(self) -> dict[str, str]:
+        from ray_app.storage import join
+
+        return {
+            name: join(self.workdir, name)
+            for name in ("raw", "prepared", "model", "evaluation", "topk")
+        }
+
+    def stage_configs(self) -> dict[str, BaseModel]:
+        """Every stage's validated config, linked through `workdir`; a bad key in any
+        stage stops the pipeline before the first stage starts, naming `stage.key`."""
+        p = self.paths()
+        raw = {
+            "generate": {"output": p["raw"]},
+            "prepare": {"output": p["prepared"]},
+            "train": {"output": p["model"]},
+            "evaluate": {"output": p["evaluation"]},
+            "nightly": {"output": p["topk"]},
+        }
+        raw["generate"] = _deep_merge(raw["generate"], self.generate or {})
+        gen_out = raw["generate"]["output"]
+        if self.generate is not None:
+            files = {"interactions": f"{gen_out}/interactions", "items": f"{gen_out}/items"}
+            raw["prepare"]["input"] = files
+        for name in ("prepare", "train", "evaluate", "nightly"):
+            raw[name] = _deep_merge(raw[name], getattr(self, name))
+        prepared = raw["prepare"]["output"]
+        model = raw["train"]["output"]
+        raw["train"] = {"prepared": prepared, **raw["train"]}
+        raw["evaluate"] = {"prepared": prepared, "models": {"reranker": model}, **raw["evaluate"]}
+        raw["nightly"] = {"prepared": prepared, "model": model, **raw["nightly"]}
+        wanted = self.stages or [s for s in STAGES if s != "generate" or self.generate is not None]
+        out: dict[str, BaseModel] = {}
+        problems: list[str] = []
+        for name in STAGES:
+            if name not in wanted:
+                continue
+            try:
+                out[name] = _STAGE_MODELS[name].model_validate(raw[name])
+            except ValidationError as e:
+                problems += [
+                    f"  {name}.{line.strip()}"
+                    for line in _format_errors(_STAGE_MODELS[name], e, "").splitlines()[1:]
+                ]
+        if problems:
+            raise ConfigError("invalid PipelineConfig config:\n" + "\n".join(problems))
+        return out

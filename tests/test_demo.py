@@ -1,37 +1,45 @@
-"""The README's demo command, on a small generated data set."""
+"""The README's demo command: the pipeline on the embedded defaults.
+
+The pipeline itself runs end to end as a Ray job in tests/test_jobs.py; here the
+demo's flags must reach the stages they are for, and a bad `--set` must stop
+it before any work."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from ray_app.cli import main
+from ray_app.cli import build_parser, demo_config, main
+from ray_app.config import ConfigError
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+def _args(*extra: str):
+    return build_parser().parse_args(["demo", "--workdir", "/w", *extra])
 
 
-def test_demo_runs_every_stage_and_publishes(ray_local, tmp_path, capsys):
-    rc = main(
-        [
-            "demo",
-            "--workdir",
-            str(tmp_path),
-            "--events",
-            "5000",
-            "--sasrec-epochs",
-            "2",
-            "--encoder",
-            "tiny",
-            "--train-minutes",
-            "0.5",
-        ]
-    )
-    assert rc == 0
-    out = capsys.readouterr().out
-    assert "| ease |" in out and "| reranker |" in out and "report and plots:" in out
-    assert (tmp_path / "model" / "_SUCCESS").exists()
-    manifest = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
-    assert manifest["counts"]["interactions"]["read"] == 5000
-    for name in ("_SUCCESS", "metrics.json", "report.md", "metrics_by_method.png"):
-        assert (tmp_path / "evaluation" / name).exists(), name
+def test_demo_runs_every_stage_on_generated_data_with_the_bundled_encoder():
+    stages = demo_config(_args()).stage_configs()
+    assert list(stages) == ["generate", "prepare", "train", "evaluate", "nightly"]
+    assert stages["generate"].output == "/w/raw"
+    assert stages["prepare"].input.interactions == "/w/raw/interactions"
+    assert stages["train"].model.encoder == "default" and stages["train"].prepared == "/w/prepared"
+    assert stages["evaluate"].models == {"reranker": "/w/model"}
+    assert stages["nightly"].model == "/w/model" and stages["nightly"].output == "/w/topk"
+
+
+def test_demo_flags_and_overrides_reach_their_stage():
+    args = _args(
+        "--events", "5000", "--encoder", "tiny", "--train-minutes", "0.5",
+        "--sasrec-epochs", "2", "--set", "nightly.k=20", "--set", "prepare.split.max_history=9",
+    )  # fmt: skip
+    s = demo_config(args).stage_configs()
+    assert s["generate"].num_events == 5000 and s["train"].model.encoder == "tiny"
+    assert s["train"].max_minutes == 0.5 and s["evaluate"].sasrec_epochs == 2
+    assert s["nightly"].k == 20 and s["prepare"].split.max_history == 9
+
+
+def test_a_bad_demo_override_stops_before_any_work(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="train.epochz: unknown key"):
+        demo_config(_args("--set", "train.epochz=3"))
+    assert main(["demo", "--workdir", str(tmp_path), "--set", "nightly.k=0"]) == 2
+    assert "nightly.k" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
