@@ -1,4 +1,4 @@
-"""`ray job submit --working-dir . -- python jobs/pipeline.py --config cluster/configs/pipeline-demo.yaml`
+"""`ray job submit --working-dir . -- python jobs/pipeline.py --config <pipeline YAML>`
 
 prepare -> train -> evaluate -> nightly in one Ray job (plus `generate` when the
 config asks for sample data). Exit code 0 when every stage published its output,

@@ -563,6 +563,18 @@ def _format_errors(model: type[BaseModel], err: ValidationError, source: str) ->
     return "\n".join(lines)
 
 
+def _read_yaml(p: Path, what: str = "") -> dict[str, Any]:
+    if not p.is_file():
+        raise ConfigError(f"{what}config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except (yaml.YAMLError, ValueError) as e:
+        raise ConfigError(f"{what}config file {p} is not valid YAML: {e}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{what}config file {p} must hold a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(
     model: type[M],
     path: str | os.PathLike[str] | None = None,
@@ -573,17 +585,8 @@ def load_config(
     data: dict[str, Any] = dict(base or {})
     source = "defaults"
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except (yaml.YAMLError, ValueError) as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {p} must hold a mapping, got {type(loaded).__name__}")
-        data = _deep_merge(data, loaded)
-        source = str(p)
+        data = _deep_merge(data, _read_yaml(Path(path)))
+        source = str(path)
     for text in overrides or []:
         keys, value = parse_override(text)
         _apply(data, keys, value)
@@ -628,6 +631,9 @@ class PipelineConfig(_Strict):
     workdir: PathLike
     # Sample data instead of your logs: GenerateConfig keys (`{}` = the defaults);
     # prepare then reads the generated files. Leave unset to prepare `prepare.input`.
+    # A stage's section holds its keys; `config: <that stage's YAML file>` in it
+    # reads the file first (cluster/configs/train-cluster.yaml), so one file serves
+    # the stage's own job and the pipeline, and `--set train.epochs=3` still works.
     generate: dict[str, Any] | None = None
     prepare: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
@@ -644,6 +650,11 @@ class PipelineConfig(_Strict):
             for name in ("raw", "prepared", "model", "evaluation", "topk")
         }
 
+    def _section(self, name: str) -> dict[str, Any]:
+        value = dict(getattr(self, name) or {})
+        path = value.pop("config", None)
+        return _deep_merge(_read_yaml(Path(path), f"{name}.config: "), value) if path else value
+
     def stage_configs(self) -> dict[str, BaseModel]:
         """Every stage's validated config, linked through `workdir`; a bad key in any
         stage stops the pipeline before the first stage starts, naming `stage.key`."""
@@ -655,13 +666,13 @@ class PipelineConfig(_Strict):
             "evaluate": {"output": p["evaluation"]},
             "nightly": {"output": p["topk"]},
         }
-        raw["generate"] = _deep_merge(raw["generate"], self.generate or {})
+        raw["generate"] = _deep_merge(raw["generate"], self._section("generate"))
         gen_out = raw["generate"]["output"]
         if self.generate is not None:
             files = {"interactions": f"{gen_out}/interactions", "items": f"{gen_out}/items"}
             raw["prepare"]["input"] = files
         for name in ("prepare", "train", "evaluate", "nightly"):
-            raw[name] = _deep_merge(raw[name], getattr(self, name))
+            raw[name] = _deep_merge(raw[name], self._section(name))
         prepared = raw["prepare"]["output"]
         model = raw["train"]["output"]
         raw["train"] = {"prepared": prepared, **raw["train"]}

@@ -28,7 +28,9 @@ class StageFailed(RuntimeError):
     """A pipeline stage raised; `stage` names it and `__cause__` is the error."""
 
     def __init__(self, stage: str, seconds: float, cause: BaseException) -> None:
-        super().__init__(f"pipeline stage '{stage}' failed after {seconds:.1f} s: {describe(cause)}")
+        super().__init__(
+            f"pipeline stage '{stage}' failed after {seconds:.1f} s: {describe(cause)}"
+        )
         self.stage = stage
 
 

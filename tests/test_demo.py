@@ -38,7 +38,7 @@ def test_demo_flags_and_overrides_reach_their_stage():
 
 
 def test_a_bad_demo_override_stops_before_any_work(tmp_path, capsys):
-    with pytest.raises(ConfigError, match="train.epochz: unknown key"):
+    with pytest.raises(ConfigError, match=r"train\.epochz: unknown key"):
         demo_config(_args("--set", "train.epochz=3"))
     assert main(["demo", "--workdir", str(tmp_path), "--set", "nightly.k=0"]) == 2
     assert "nightly.k" in capsys.readouterr().err
