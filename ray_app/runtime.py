@@ -35,6 +35,9 @@ def ensure_ray(cfg: RayConfig) -> None:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         logger.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus or "all")
         ray.init(
+            # "local": a new instance even when `ray start` left one running here,
+            # which a bare ray.init() would silently join.
+            address="local",
             num_cpus=cfg.num_cpus,
             include_dashboard=cfg.dashboard,
             dashboard_host="127.0.0.1",

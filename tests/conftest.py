@@ -24,6 +24,7 @@ def ray_local():
     import ray.data
 
     ray.init(
+        address="local",  # never join a cluster that `ray start` left on this machine
         num_cpus=2,
         # Ray Train's controller watches its workers through the dashboard's state API.
         include_dashboard=True,
