@@ -10,6 +10,7 @@ error instead of a made-up score.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -100,6 +101,11 @@ class Ranker:
     @classmethod
     def from_path(cls, path: str, cache_size: int = 10_000, device: str = "cpu") -> Ranker:
         return cls(load_artifact(path, device), cache_size, device)
+
+    @functools.cached_property
+    def vector_mean(self) -> torch.Tensor:
+        """The catalogue's mean item vector (padding row 0 left out)."""
+        return self.vectors[1:].mean(0)
 
     @property
     def version(self) -> str:
