@@ -7,7 +7,9 @@
 #   cluster/local-cluster.sh --config my.yaml --set train.max_minutes=2
 #   make cluster-local ARGS="--set workdir=$PWD/runs/local"
 #
-# Arguments go to jobs/pipeline.py. Exit code: the job's (0 = SUCCEEDED).
+# Arguments go to jobs/pipeline.py. The job runs in a copy of the working dir
+# that is deleted with the cluster, so its paths must be absolute (or URIs): the
+# default run writes to $PWD/runs/cluster-local. Exit code: the job's (0 = SUCCEEDED).
 # Env: VENV (.venv), GCS_PORT (6390), DASHBOARD_PORT (8266), NUM_CPUS (all),
 # RUNTIME_ENV (a runtime_env YAML; default: ship the working dir and use the
 # packages of $VENV, which is what the head runs on).
@@ -19,7 +21,9 @@ export PATH="$VENV/bin:$PATH"
 GCS_PORT=${GCS_PORT:-6390}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8266}
 ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
-if [ $# -eq 0 ]; then set -- --config cluster/configs/pipeline-demo.yaml; fi
+if [ $# -eq 0 ]; then
+  set -- --config cluster/configs/pipeline-demo.yaml --set "workdir=$PWD/runs/cluster-local"
+fi
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/rerank-ray.XXXXXX")
 # A token of this cluster only, for the head and for `ray job` (Ray's token auth).
