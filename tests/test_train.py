@@ -90,12 +90,12 @@ def test_artifact_holds_everything_and_reloads_to_identical_scores(prepared, tra
 
 def test_a_worker_failure_is_recovered_from_the_last_checkpoint(prepared, tmp_path):
     cfg = tiny_config(
-        prepared, tmp_path, epochs=2, fail_at_step=7, checkpoint_every_steps=5, max_failures=1
+        prepared, tmp_path, epochs=1, fail_at_step=7, checkpoint_every_steps=5, max_failures=1
     )
     metrics = run_train(cfg)
     assert (tmp_path / "runs" / ".train.failed-once").exists()  # it did fail once
-    assert metrics["steps"] == 2 * (metrics["train_examples"] // BATCH)
-    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert metrics["steps"] == metrics["train_examples"] // BATCH > 7
+    assert [h["epoch"] for h in metrics["history"]] == [1]
     assert metrics["history"][-1]["step"] == metrics["steps"]
 
 
