@@ -163,63 +163,12 @@ def _short(params: dict) -> str:
 
 def write_report(out_dir: str, metrics: dict[str, Any]) -> list[str]:
     """`report.md` and PNG plots under `out_dir` (local or URI); returns the plot names."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ray_app import plots
 
     write_text(join(out_dir, "report.md"), markdown(metrics))
-    k = metrics["k"]
-    test = metrics["results"]["test"]
-    names = list(test)
-    plots = []
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, proto, metric_names in (
-        (axes[0], "sampled", [f"hr@{k}", f"ndcg@{k}"]),
-        (axes[1], "full", [f"recall@{k}", f"ndcg@{k}"]),
-    ):
-        width = 0.8 / len(metric_names)
-        for j, m in enumerate(metric_names):
-            vals = [test[n][proto][m] for n in names]
-            bars = ax.bar([i + j * width for i in range(len(names))], vals, width, label=m)
-            ax.bar_label(bars, fmt="%.3f", fontsize=7)
-        ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(names))], names)
-        ax.set_title(f"test, {proto} protocol")
-        ax.legend()
-    fig.tight_layout()
-    plots.append(_save(fig, out_dir, "metrics_by_method.png"))
-
-    details = metrics.get("breakdowns_test", {})
-    for key, title in (
-        ("ndcg_by_history", "history length (events before target)"),
-        ("ndcg_by_popularity", "target item popularity (train count rank)"),
-    ):
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, proto in zip(axes, ("full", "sampled"), strict=True):
-            for n in names:
-                d = details.get(n, {}).get(f"{proto}_{key}", {})
-                ax.plot(list(d), [v["ndcg"] for v in d.values()], marker="o", label=n)
-            if names and details.get(names[0]):
-                d0 = details[names[0]][f"{proto}_{key}"]
-                ax.set_xticks(
-                    range(len(d0)), [f"{b}\n(n={v['users']})" for b, v in d0.items()], fontsize=7
-                )
-            ax.set_title(f"test NDCG@{k} by {title.split(' (')[0]}, {proto}")
-            ax.set_xlabel(title)
-            ax.legend(fontsize=7)
-        fig.tight_layout()
-        plots.append(_save(fig, out_dir, f"{key}.png"))
-    return plots
-
-
-def _save(fig, out_dir: str, name: str) -> str:
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    write_bytes(join(out_dir, name), buf.getvalue())
-    return name
+    figures = {"metrics_by_method.png": plots.metrics_by_method(metrics)}
+    for key in plots.BREAKDOWNS:
+        figures[f"{key}.png"] = plots.ndcg_breakdown(metrics, key)
+    for name, fig in figures.items():
+        write_bytes(join(out_dir, name), plots.save_png(fig))
+    return list(figures)

@@ -132,7 +132,13 @@ def from_prepare_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
     """Rebuild the model from an artifact (local or URI), ready to `predict`."""
     require_complete(path)
-    local = Path(local_copy(path, tempfile.mkdtemp(prefix="rerank-artifact-")))
+    with tempfile.TemporaryDirectory(prefix="rerank-artifact-") as tmp:
+        return _load_local(path, Path(local_copy(path, tmp)), device)
+
+
+def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:
+    """Everything is read into memory here, so a remote artifact's temporary copy
+    can go as soon as this returns."""
     config = json.loads((local / CONFIG).read_text())
     if config.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: artifact format {config.get('format')} is not supported")

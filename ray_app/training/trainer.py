@@ -125,37 +125,11 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[
     )
 
 
-def plot_history(history: list[dict[str, Any]], path: Path) -> None:
-    """Loss and validation NDCG per epoch, the curves people look at first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 3.5))
-    a.plot(epochs, [h["loss"] for h in history], marker="o")
-    a.set_title("training loss")
-    # Full-ranking NDCG is an order of magnitude below the sampled metrics:
-    # on a shared axis its curve would look flat.
-    for key in [k for k in history[0] if k.startswith("valid_")]:
-        ax = c if "full" in key else b
-        ax.plot(epochs, [h[key] for h in history], marker="o", label=key.removeprefix("valid_"))
-    b.set_title("validation, sampled candidates")
-    c.set_title("validation, full ranking")
-    for ax in (a, b, c):
-        ax.set_xlabel("epoch")
-    for ax in (b, c):
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Fine-tune with Ray Train, then build and publish the model artifact."""
     import torch
 
+    from ray_app import plots
     from ray_app.evaluation.data import load_prepared
     from ray_app.model.artifact import from_prepare_manifest, save_artifact
     from ray_app.training.batches import ItemText
@@ -222,7 +196,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 **from_prepare_manifest(prep_manifest),
             )
             if progress.history:
-                plot_history(progress.history, Path(tmp) / "training_curves.png")
+                (Path(tmp) / "training_curves.png").write_bytes(
+                    plots.save_png(plots.training_curves(progress.history), dpi=100)
+                )
             upload_dir(tmp, stage.staging)
         stage.publish(
             {
