@@ -1,18 +1,8 @@
 """`rerank`: one console script, a subcommand per stage.
 
-Examples::
-
-    rerank generate --set output=runs/demo/raw --set num_events=200000
-    rerank prepare --config cluster/configs/prepare-movielens.yaml
-    rerank prepare --set input.adapter=movielens --set input.path=data/ml-latest-small \\
-                   --set output=runs/ml/prepared
-    rerank train --set prepared=runs/ml/prepared --set output=runs/ml/model
-    rerank evaluate --config cluster/configs/evaluate-movielens.yaml
-    rerank nightly --set model=runs/demo/model --set prepared=runs/demo/prepared \\
-                   --set output=runs/demo/topk --date 2026-11-23
-    rerank serve --set model=runs/demo/model --set topk=runs/demo/topk --set port=8000
-    rerank pipeline --config cluster/configs/pipeline-demo.yaml --set workdir=runs/pipeline
-    rerank demo --workdir runs/demo
+Each subcommand's help text and examples live in COMMANDS below (the tests run
+every example through the parser and the config models, so they stay valid);
+`rerank <command> --help` shows them, `rerank config <stage>` lists every key.
 """
 
 from __future__ import annotations
@@ -22,6 +12,7 @@ import contextlib
 import json
 import logging
 import sys
+import textwrap
 from collections.abc import Sequence
 
 from ray_app.config import (
@@ -56,7 +47,8 @@ def _add_config_args(p: argparse.ArgumentParser, with_file: bool = True) -> None
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config key, e.g. --set split.max_history=100 (repeatable)",
+        help="override a config key, e.g. --set split.max_history=100 (repeatable); "
+        "`rerank config <command>` lists every key",
     )
 
 
@@ -180,103 +172,185 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+COMMANDS: dict[str, tuple[str, str, list[str]]] = {
+    # name: (one-line help, description, examples)
+    "generate": (
+        "write synthetic interaction logs and an item catalogue",
+        "Synthetic logs for trying the project without data: users with a few interests, "
+        "Zipf-like item popularity, several event types, and item titles, genres and "
+        "descriptions that carry the signal the text encoder can learn from. Writes "
+        "<output>/interactions/part-*.parquet and <output>/items/items.parquet.",
+        [
+            "rerank generate --set output=runs/raw --set num_events=1000000",
+            "rerank generate --set output=runs/raw --set num_items=5000 --set seed=1",
+        ],
+    ),
+    "prepare": (
+        "validate logs and build sequences/examples (Ray Data)",
+        "Read the logs and the catalogue (CSV/TSV/JSONL/Parquet, local or s3://, gs://...), "
+        "validate every row (bad rows kept in rejected/ with a reason and counted), order "
+        "each user's events in time, split train/valid/test and build training examples "
+        "with sampled negatives. Publishes <output>/ atomically with a manifest.json.",
+        [
+            "rerank prepare --config cluster/configs/prepare-movielens.yaml",
+            "rerank prepare --set input.adapter=movielens --set input.path=data/ml-latest-small "
+            "--set output=runs/ml/prepared",
+            "rerank prepare --set input.interactions='logs/*.parquet' --set input.items="
+            "items.jsonl --set input.interaction_columns.user_id=uid --set output=runs/prepared",
+        ],
+    ),
+    "train": (
+        "fine-tune the re-ranker with Ray Train and publish a model artifact",
+        "Train the text + behaviour re-ranker on a prepare output with Ray Train (one DDP "
+        "process per worker; NCCL and mixed precision on GPUs), validate every epoch, keep the "
+        "best epoch, checkpoint from rank 0 and publish <output>/ (safetensors weights, item "
+        "table, encoder, metrics, training_curves.png). A re-run with the same output resumes "
+        "from the last checkpoint.",
+        [
+            "rerank train --config cluster/configs/train-movielens.yaml",
+            "rerank train --set prepared=runs/ml/prepared --set output=runs/ml/model "
+            "--set max_minutes=10",
+            "rerank train --config cluster/configs/train-cluster.yaml --set num_workers=4",
+        ],
+    ),
+    "evaluate": (
+        "score the model and baselines on a prepared split: both protocols, report and plots",
+        "Fit popularity, item-kNN, EASE and a SASRec-style model on train, tune them on valid, "
+        "and score them and any trained models on valid and test, sampled (99 negatives) and "
+        "full-ranking. Writes metrics.json, report.md and PNG plots to <output>/.",
+        [
+            "rerank evaluate --config cluster/configs/evaluate-movielens.yaml",
+            "rerank evaluate --set prepared=runs/ml/prepared --set output=runs/ml/eval "
+            "--set models.reranker=runs/ml/model",
+            "rerank evaluate --set prepared=runs/ml/prepared --set output=runs/ml/eval "
+            "--set baselines=[popularity,ease]",
+        ],
+    ),
+    "nightly": (
+        "precompute every user's top-K to Parquet and publish it (Ray Data)",
+        "For every user: retrieve candidates with the user vector against the item table, "
+        "re-rank them with the model (the serving Ranker), keep the top K and publish "
+        "<output>/dt=<date>/part-*.parquet atomically, then point <output>/LATEST at it. "
+        "Schedule it daily (cluster/kuberay/nightly-cronjob.yaml).",
+        [
+            "rerank nightly --set model=runs/demo/model --set prepared=runs/demo/prepared "
+            "--set output=runs/demo/topk",
+            "rerank nightly --config cluster/configs/nightly-cluster.yaml --date 2026-11-24",
+            "rerank nightly --set model=runs/demo/model --set prepared=runs/demo/prepared "
+            "--set output=runs/demo/backtest --set as_of=test",
+        ],
+    ),
+    "pipeline": (
+        "run generate? -> prepare -> train -> evaluate -> nightly as one job",
+        "Each stage's keys under its name (or `config: <stage file>`), the paths between "
+        "stages under workdir. Every key is checked before the first stage starts. On a "
+        "cluster: ray job submit --working-dir . -- python jobs/pipeline.py --config ...",
+        [
+            "rerank pipeline --config cluster/configs/pipeline-demo.yaml "
+            "--set workdir=runs/pipeline",
+            "rerank pipeline --config cluster/configs/pipeline-demo.yaml "
+            "--set workdir=runs/p --set train.max_minutes=2 --set stages=[train,evaluate]",
+        ],
+    ),
+    "serve": (
+        "serve the re-ranker over HTTP with Ray Serve (autoscaling, batching)",
+        "Deploy the model artifact as a Ray Serve app on 127.0.0.1 (host/port to change): "
+        "POST /v1/rerank, POST /v1/events, GET /v1/users/{id}/recommendations, /healthz, "
+        "/readyz, OpenAPI at /docs. Ctrl-C stops it. On KubeRay: "
+        "cluster/kuberay/rayservice.yaml.",
+        [
+            "rerank serve --set model=runs/demo/model --set topk=runs/demo/topk",
+            "rerank serve --set model=runs/demo/model --set seed_histories=runs/demo/prepared "
+            "--set port=8080",
+            "rerank serve --set model=runs/demo/model --set events.kind=redis "
+            "--set events.redis_url=redis://127.0.0.1:6379/0",
+        ],
+    ),
+    "demo": (
+        "the whole pipeline on generated sample data, local Ray (what `make demo` runs)",
+        "Generate sample data and run prepare, train (bundled all-MiniLM-L6-v2, a time "
+        "budget), evaluate and nightly on a local Ray. Outputs under --workdir; --set takes "
+        "pipeline keys (stage-prefixed).",
+        [
+            "rerank demo --workdir runs/demo",
+            "rerank demo --workdir runs/small --events 20000 --train-minutes 1 --encoder tiny",
+            "rerank demo --set train.epochs=3 --set nightly.k=50",
+        ],
+    ),
+    "config": (
+        "print the configuration reference of a stage (every key, type, default)",
+        "Every key a stage's YAML or --set accepts, generated from the config models: "
+        "dotted key, type, default and description.",
+        ["rerank config train", "rerank config serve", "rerank config"],
+    ),
+}
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from ray_app.config_reference import reference_markdown, stage_markdown
+
+    print(stage_markdown(args.stage) if args.stage else reference_markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    examples = "\n".join(f"  {ex[0]}" for _, _, ex in COMMANDS.values())
     parser = argparse.ArgumentParser(
         prog="rerank",
         description="LM re-ranking for recommenders on Ray: prepare data, train, evaluate, "
-        "precompute nightly top-K lists, serve.",
+        "precompute nightly top-K lists, serve. `rerank <command> --help` shows each "
+        "command's options and examples.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__.split("Examples::", 1)[1],
+        epilog=f"examples:\n{examples}",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    funcs = {
+        "generate": _cmd_generate,
+        "prepare": _cmd_prepare,
+        "train": _cmd_train,
+        "evaluate": _cmd_evaluate,
+        "nightly": _cmd_nightly,
+        "pipeline": _cmd_pipeline,
+        "serve": _cmd_serve,
+        "demo": _cmd_demo,
+        "config": _cmd_config,
+    }
+    for name, (help_text, description, command_examples) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=textwrap.fill(description, 88),
+            epilog="examples:\n" + "\n".join(f"  {ex}" for ex in command_examples),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        p.set_defaults(func=funcs[name])
+        if name == "demo":
+            p.add_argument("--workdir", default="runs/demo", help="where data and outputs go")
+            p.add_argument("--events", type=int, default=200_000, help="events to generate")
+            p.add_argument(
+                "--sasrec-epochs", type=int, default=40, help="epochs for the SASRec baseline"
+            )
+            p.add_argument(
+                "--train-minutes",
+                type=float,
+                default=6.0,
+                help="training time budget of the re-ranker",
+            )
+            p.add_argument(
+                "--encoder",
+                default="default",
+                help="text encoder (default: bundled all-MiniLM-L6-v2; tiny: random, for tests)",
+            )
+            _add_config_args(p, with_file=False)
+        elif name == "config":
+            from ray_app.config_reference import STAGE_MODELS
 
-    stages = (
-        (
-            "generate",
-            _cmd_generate,
-            "write synthetic interaction logs and a catalogue",
-            "Synthetic logs with topic-driven users, Zipf popularity and text that carries "
-            "signal. Example: rerank generate --set output=runs/raw --set num_events=1000000",
-        ),
-        (
-            "prepare",
-            _cmd_prepare,
-            "validate logs and build sequences/examples (Ray Data)",
-            "Read, validate, dedupe, split and build training examples. Example: rerank "
-            "prepare --set input.adapter=movielens --set input.path=ml-latest-small "
-            "--set output=runs/ml/prepared",
-        ),
-        (
-            "train",
-            _cmd_train,
-            "fine-tune the re-ranker with Ray Train and publish a model artifact",
-            "Train the text + behaviour re-ranker on a prepared output across Ray Train "
-            "workers, checkpointing every epoch; a re-run with the same output resumes. "
-            "Example: rerank train --config cluster/configs/train-movielens.yaml",
-        ),
-        (
-            "evaluate",
-            _cmd_evaluate,
-            "score baselines on a prepared split: both protocols, report and plots",
-            "Fit popularity, item-kNN, EASE and a SASRec-style model on train, tune on valid, "
-            "score valid and test (sampled and full ranking). Example: rerank evaluate "
-            "--set prepared=runs/ml/prepared --set output=runs/ml/eval",
-        ),
-        (
-            "nightly",
-            _cmd_nightly,
-            "precompute every user's top-K to Parquet and publish it (Ray Data)",
-            "Retrieve candidates for every user with the user vector against the item table, "
-            "re-rank them with the model, keep the top K and publish "
-            "<output>/dt=<date>/part-*.parquet atomically, then point <output>/LATEST at it. "
-            "Schedule it daily. Example: rerank nightly --set model=runs/demo/model "
-            "--set prepared=runs/demo/prepared --set output=runs/demo/topk --date 2026-11-23",
-        ),
-        (
-            "pipeline",
-            _cmd_pipeline,
-            "run prepare -> train -> evaluate -> nightly as one job",
-            "Each stage's keys under its name, the paths between stages under --set workdir "
-            "(or generate: to start from sample data). For ray job submit: "
-            "ray job submit --working-dir . -- python jobs/pipeline.py --config "
-            "cluster/configs/pipeline-demo.yaml. "
-            "Example: rerank pipeline --config cluster/configs/pipeline-demo.yaml "
-            "--set workdir=runs/pipeline --set train.max_minutes=2",
-        ),
-        (
-            "serve",
-            _cmd_serve,
-            "serve the re-ranker over HTTP with Ray Serve (autoscaling, batching)",
-            "Deploy the model artifact as a Ray Serve app on 127.0.0.1 (host/port to change): "
-            "POST /v1/rerank, POST /v1/events, GET /v1/users/{id}/recommendations, /docs. "
-            "Example: rerank serve --set model=runs/demo/model --set topk=runs/demo/topk",
-        ),
-    )
-    for name, func, help_text, description in stages:
-        p = sub.add_parser(name, help=help_text, description=description)
-        _add_config_args(p)
-        p.set_defaults(func=func)
+            p.add_argument("stage", nargs="?", choices=list(STAGE_MODELS), help="default: all")
+        else:
+            _add_config_args(p)
         if name == "nightly":
             p.add_argument("--date", help="YYYY-MM-DD (UTC) the lists are for; default: today")
-
-    p = sub.add_parser(
-        "demo",
-        help="the whole pipeline on generated sample data, local Ray",
-        description="Generate sample data and run every stage on a local Ray. "
-        "Example: rerank demo --workdir runs/demo",
-    )
-    p.add_argument("--workdir", default="runs/demo", help="where data and outputs go")
-    p.add_argument("--events", type=int, default=200_000, help="events to generate")
-    p.add_argument("--sasrec-epochs", type=int, default=40, help="epochs for the SASRec baseline")
-    p.add_argument(
-        "--train-minutes", type=float, default=6.0, help="training time budget of the re-ranker"
-    )
-    p.add_argument(
-        "--encoder", default="default", help="text encoder (default: bundled all-MiniLM-L6-v2)"
-    )
-    _add_config_args(p, with_file=False)
-    p.set_defaults(func=_cmd_demo)
     return parser
 
 

@@ -23,7 +23,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
 
 PathLike = Annotated[str, Field(min_length=1)]
@@ -37,12 +39,19 @@ class RayConfig(_Strict):
     """Where to run. `address: null` starts a local Ray in-process on 127.0.0.1."""
 
     address: str | None = None
+    """A Ray cluster to join (`ray://...`, `auto`, host:port); null starts a local Ray (or joins
+    RAY_ADDRESS).
+    """
     num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs of a local Ray (default: all)."""
     object_store_memory_mb: int | None = Field(default=None, ge=64)
+    """Object store size of a local Ray (default: Ray's)."""
     show_progress: bool = True
-    # A local Ray's dashboard (on 127.0.0.1). Ray Train's controller watches
-    # its workers through the state API that the dashboard serves.
+    """Ray Data progress bars."""
     dashboard: bool = True
+    """A local Ray's dashboard (on 127.0.0.1). Ray Train's controller watches its workers through
+    the state API that the dashboard serves.
+    """
 
 
 class InputConfig(_Strict):
@@ -58,19 +67,35 @@ class InputConfig(_Strict):
     """
 
     adapter: AdapterName = "generic"
+    """How source files map onto the contracts: `generic`, `movielens`, `movielens100k`, `amazon`.
+    """
     path: str | None = None
+    """The data set folder for the MovieLens adapters (ratings.csv, movies.csv, tags.csv / u.data,
+    u.item).
+    """
     interactions: Paths | None = None
-    # A data set that comes already split: {train: ..., valid: ..., test: ...}.
-    # Needs split.method: presplit; the files' split labels are kept as given.
+    """Interaction logs: a file, folder, glob or URI, or a list of them."""
     splits: dict[Literal["train", "valid", "test"], Paths] | None = None
+    """A data set that comes already split: {train: ..., valid: ..., test: ...}. Needs
+    split.method: presplit; the files' split labels are kept as given.
+    """
     items: Paths | None = None
+    """The item catalogue (ids and text fields), same forms as `interactions`."""
     tags: Paths | None = None
+    """MovieLens tags file, when not `<path>/tags.csv`."""
     format: FileFormat = "auto"
+    """File format; `auto` goes by extension (.csv, .tsv, .jsonl/.json, .parquet, optionally
+    compressed).
+    """
     delimiter: str | None = Field(default=None, min_length=1, max_length=1)
-    # contract name -> source column name, for `generic`.
+    """CSV field delimiter when it is not the format's own."""
     interaction_columns: dict[str, str] = Field(default_factory=dict)
+    """contract name -> source column name, for `generic`."""
     item_columns: dict[str, str] = Field(default_factory=dict)
+    """`generic`: contract name -> your column for the catalogue, e.g. {item_id: sku, title: name}.
+    """
     timestamp_unit: Literal["s", "ms", "us", "ns"] = "s"
+    """Unit of numeric timestamps."""
 
     @model_validator(mode="after")
     def _check_sources(self) -> InputConfig:
@@ -104,13 +129,21 @@ class ValidationConfig(_Strict):
         ],
         min_length=1,
     )
+    """Accepted event types (case-insensitive); other values are rejected as `unknown_event_type`.
+    """
     default_event_type: str = "interaction"
-    # Seconds since the epoch, or ISO-8601. null max = now + 1 day at run start.
+    """Event type of rows that have none."""
     min_timestamp: int | str = "1990-01-01T00:00:00Z"
+    """Earliest accepted time (epoch seconds or ISO-8601)."""
     max_timestamp: int | str | None = None
+    """Latest accepted time; null = the run's start + 1 day."""
     max_text_chars: int = Field(default=20_000, ge=1)
+    """Longest accepted item text (catalogue rows above it are rejected)."""
     max_id_chars: int = Field(default=256, ge=1)
+    """Longest accepted user or item id."""
     max_rejected_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    """The run fails, publishing nothing, when a larger share of interactions or items is rejected.
+    """
 
     @model_validator(mode="after")
     def _default_event_known(self) -> ValidationConfig:
@@ -137,10 +170,15 @@ class SplitConfig(_Strict):
     """
 
     method: Literal["leave_last_out", "time", "presplit"] = "leave_last_out"
+    """`leave_last_out`, `time` (global cut-offs) or `presplit` (input.splits)."""
     valid_start: int | str | None = None
+    """`time`: first moment of the valid period (epoch seconds or ISO-8601)."""
     test_start: int | str | None = None
+    """`time`: first moment of the test period."""
     min_interactions: int = Field(default=5, ge=3)
+    """Users with fewer events go to `filtered/` (counted, not rejected)."""
     max_history: int = Field(default=50, ge=1, le=4096)
+    """Events kept before each target as its history."""
 
     @model_validator(mode="after")
     def _time_needs_cutoffs(self) -> SplitConfig:
@@ -153,9 +191,13 @@ class NegativesConfig(_Strict):
     """Sampled negatives per training example; never one of the user's items."""
 
     num_negatives: int = Field(default=20, ge=0)
+    """Sampled negatives stored with each training example."""
     sampler: Literal["uniform", "popularity"] = "popularity"
+    """`popularity` (train counts + 1, to the power popularity_alpha) or `uniform`."""
     popularity_alpha: float = Field(default=0.75, ge=0.0, le=2.0)
+    """Exponent of the popularity sampler (0 = uniform, 1 = proportional)."""
     seed: int = 42
+    """Negatives are a hash of (seed, user, position): independent of buckets and workers."""
 
 
 DEFAULT_TEMPLATE = ["{title}", "Genres: {genres}", "Tags: {tags}", "{categories}", "{description}"]
@@ -171,26 +213,41 @@ class TextConfig(_Strict):
     """
 
     template: list[str] | str = Field(default_factory=lambda: list(DEFAULT_TEMPLATE))
+    """Parts of the item text, joined by `separator`; parts whose fields are all empty are dropped.
+    """
     separator: str = ". "
+    """Joins the template's parts."""
     list_delimiter: str = "|"
+    """Separates list values (genres, tags) given as one string."""
     tokenizer: str = "default"
+    """`default` (all-MiniLM-L6-v2, bundled) or a Hugging Face tokenizer folder or id."""
     max_length: int = Field(default=32, ge=4, le=8192)
+    """Tokens kept per item text."""
 
 
 class PrepareConfig(_Strict):
     """Config of the `prepare` stage."""
 
     input: InputConfig
+    """Where the logs and the catalogue are, and how to read them."""
     output: PathLike
+    """Folder the prepared data is published to (atomically, with `_SUCCESS`)."""
     validation: ValidationConfig = Field(default_factory=ValidationConfig)
+    """What counts as a bad row."""
     split: SplitConfig = Field(default_factory=SplitConfig)
+    """How each user's events are split into train, valid and test."""
     negatives: NegativesConfig = Field(default_factory=NegativesConfig)
+    """Negatives stored with each training example."""
     text: TextConfig = Field(default_factory=TextConfig)
+    """How item text is rendered and tokenized."""
     ray: RayConfig = Field(default_factory=RayConfig)
-    # Users are hash-partitioned into buckets processed independently, which
-    # bounds memory per task; 0 = derive from input size.
+    """Which Ray to run on."""
     num_buckets: int = Field(default=0, ge=0, le=65536)
+    """Users are hash-partitioned into buckets processed independently, which bounds memory per
+    task; 0 = derive from input size.
+    """
     overwrite: bool = True
+    """Replace an existing output; false fails instead."""
 
     @model_validator(mode="after")
     def _presplit_matches_input(self) -> PrepareConfig:
@@ -210,27 +267,37 @@ class EvaluateConfig(_Strict):
     """Config of the `evaluate` stage: what to score, on which prepared data, how."""
 
     prepared: PathLike
+    """A `prepare` output: methods are fitted on train, tuned on valid, scored on test."""
     output: PathLike
+    """Folder for metrics.json, report.md, plots and the sampled candidate lists."""
     k: int = Field(default=10, ge=1, le=1000)
+    """Cut-off of HR, NDCG, Recall, coverage, long-tail and diversity."""
     num_negatives: int = Field(default=99, ge=1)
+    """Sampled protocol: items drawn per user beside the held-out one."""
     seed: int = 0
+    """Seed of the sampled candidates (the same lists for every method)."""
     baselines: list[BaselineName] = Field(
         default_factory=lambda: ["popularity", "item_knn", "ease", "sasrec"]
     )
+    """Baselines to fit: popularity, item_knn, ease, sasrec."""
     ease_lambdas: list[float] = Field(
         default_factory=lambda: [10.0, 30.0, 100.0, 300.0, 1000.0], min_length=1
     )
+    """EASE regularisation values searched on valid."""
     knn_neighbours: list[int] = Field(default_factory=lambda: [5, 10, 20, 50, 100], min_length=1)
+    """Item-kNN neighbour counts searched on valid."""
     sasrec_epochs: int = Field(default=300, ge=1)
-    # Trained re-rankers to score beside the baselines: name -> artifact path.
+    """Most SASRec epochs (the best on valid is kept)."""
     models: dict[str, PathLike] = Field(default_factory=dict)
-    # Precomputed top-K lists to score with the full-ranking protocol: name ->
-    # a `nightly` partition run with `as_of: test` (or `valid`), e.g.
-    # runs/ml/backtest/dt=2026-11-23.
+    """Trained re-rankers to score beside the baselines: name -> artifact path."""
     lists: dict[str, PathLike] = Field(default_factory=dict)
-    # Pairs of methods [a, b] compared user by user on test (and on cold-start
-    # items when both hold items out): mean and standard error of a - b NDCG@k.
+    """Precomputed top-K lists to score with the full-ranking protocol: name -> a `nightly`
+    partition run with `as_of: test` (or `valid`), e.g. runs/ml/backtest/dt=2026-11-23.
+    """
     paired: list[tuple[str, str]] = Field(default_factory=list)
+    """Pairs of methods [a, b] compared user by user on test (and on cold-start items when both
+    hold items out): mean and standard error of a - b NDCG@k.
+    """
 
     @model_validator(mode="after")
     def _paired_names_exist(self) -> EvaluateConfig:
@@ -247,69 +314,103 @@ class TrainConfig(_Strict):
     """Config of the `train` stage: data, model, optimisation, workers, checkpoints."""
 
     prepared: PathLike
-    # The model artifact directory, published atomically at the end.
+    """A `prepare` output."""
     output: PathLike
+    """The model artifact directory, published atomically at the end."""
     model: ModelConfig = Field(default_factory=ModelConfig)
-    # Ray Train run storage (checkpoints). A new run with the same storage and
-    # name resumes from the last checkpoint. Default: `<output>.runs`.
+    """The network: encoder, what is fine-tuned, tower sizes."""
     storage: str | None = None
+    """Ray Train run storage (checkpoints). A new run with the same storage and name resumes from
+    the last checkpoint. Default: `<output>.runs`.
+    """
     run_name: str = "train"
+    """Ray Train run name under `storage`."""
     resume: bool = True
+    """Continue the run of the same storage and name from its last checkpoint; false starts over."""
     epochs: int = Field(default=8, ge=1)
+    """Most epochs (early stopping and max_minutes can end sooner)."""
     batch_size: int = Field(default=256, ge=2)
-    # How many of each example's prepared negatives join the batch's shared
-    # candidate set. The other examples' targets are negatives in any case
-    # (in-batch, popularity-distributed, logQ-corrected); every candidate goes
-    # through the fine-tuned encoder layers, so each one costs a text pass.
+    """Examples per step, over all workers."""
     negatives_per_example: int = Field(default=0, ge=0)
+    """How many of each example's prepared negatives join the batch's shared candidate set. The
+    other examples' targets are negatives in any case (in-batch, popularity-distributed,
+    logQ-corrected); every candidate goes through the fine-tuned encoder layers, so each one
+    costs a text pass.
+    """
     loss: Literal["softmax", "bce"] = "softmax"
+    """`softmax` (sampled softmax over the batch's shared candidates, logQ-corrected) or `bce`."""
     lr: float = Field(default=2e-3, gt=0)
+    """Learning rate of everything but the encoder (AdamW)."""
     encoder_lr: float = Field(default=5e-5, gt=0)
-    # Epochs that train the heads on the frozen encoder before its trainable
-    # layers are updated (linear probing, then fine-tuning): fine-tuning from
-    # the first step, while the heads are random, distorted the pretrained
-    # text features and lost to a frozen encoder on MovieLens.
+    """Learning rate of the encoder's trainable layers."""
     encoder_frozen_epochs: int = Field(default=1, ge=0)
+    """Epochs that train the heads on the frozen encoder before its trainable layers are updated
+    (linear probing, then fine-tuning): fine-tuning from the first step, while the heads are
+    random, distorted the pretrained text features and lost to a frozen encoder on MovieLens.
+    """
     weight_decay: float = Field(default=0.01, ge=0)
+    """AdamW weight decay."""
     warmup_fraction: float = Field(default=0.05, ge=0, lt=1)
+    """Share of the steps with a linear warm-up; then cosine decay."""
     grad_clip: float = Field(default=1.0, gt=0)
-    # Steps between re-encoding every item's text with the current weights
-    # (the history side of the model reads that table).
+    """Gradient norm clipping."""
     refresh_text_every: int = Field(default=100, ge=1)
-    # The batch's target items go through the trained encoder layers in this
-    # many length-sorted groups (less padding); negatives use the text table.
+    """Steps between re-encoding every item's text with the current weights (the history side of
+    the model reads that table).
+    """
     text_chunks: int = Field(default=4, ge=1)
-    # Batches each worker's Ray Data iterator fetches ahead of the step, so a
-    # slow fetch from the dataset's split coordinator overlaps training.
+    """The batch's target items go through the trained encoder layers in this many length-sorted
+    groups (less padding); negatives use the text table.
+    """
     prefetch_batches: int = Field(default=4, ge=0)
-    # Keep the decoded examples in the object store across epochs: `auto` when
-    # they take under a third of it; false streams them from storage each epoch.
+    """Batches each worker's Ray Data iterator fetches ahead of the step, so a slow fetch from the
+    dataset's split coordinator overlaps training.
+    """
     cache_examples: bool | Literal["auto"] = "auto"
+    """Keep the decoded examples in the object store across epochs: `auto` when they take under a
+    third of it; false streams them from storage each epoch.
+    """
     checkpoint_every_steps: int = Field(default=0, ge=0)
+    """Also checkpoint every N steps within an epoch (0 = at epoch ends only)."""
     keep_checkpoints: int = Field(default=2, ge=1)
+    """Checkpoints kept in storage."""
     patience: int = Field(default=2, ge=1)
+    """Epochs without a better select_metric before training stops."""
     select_metric: Literal["ndcg_full", "ndcg_sampled"] = "ndcg_full"
+    """Validation metric that picks the best epoch: full-ranking or sampled NDCG@k."""
     k: int = Field(default=10, ge=1)
+    """Cut-off of the validation metrics."""
     valid_negatives: int = Field(default=99, ge=1)
-    # Stop after this much training time (checked every step, then validate
-    # and checkpoint); null = no limit.
+    """Sampled negatives per validation user (the evaluate stage's protocol)."""
     max_minutes: float | None = Field(default=None, gt=0)
+    """Stop after this much training time (checked every step, then validate and checkpoint); null
+    = no limit.
+    """
     num_workers: int = Field(default=1, ge=1)
-    # CPUs each worker reserves, and the threads its PyTorch uses (default:
-    # the reserved CPUs). Leave some CPUs unreserved for Ray Data to feed the
-    # workers: on one small machine reserve 1 per worker and use more threads.
+    """Ray Train workers (DDP processes), one GPU each when use_gpu."""
     cpus_per_worker: int = Field(default=1, ge=1)
+    """CPUs each worker reserves, and the threads its PyTorch uses (default: the reserved CPUs).
+    Leave some CPUs unreserved for Ray Data to feed the workers: on one small machine reserve 1
+    per worker and use more threads.
+    """
     torch_threads: int | None = Field(default=None, ge=1)
+    """PyTorch threads per worker (default: cpus_per_worker)."""
     use_gpu: bool | Literal["auto"] = "auto"
+    """`auto` uses GPUs when the cluster has them."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """`auto`: bf16 autocast on GPUs that support it, else fp16 with loss scaling; fp32 on CPUs."""
     max_failures: int = Field(default=2, ge=-1)
-    # Share of items held out of training entirely (their events removed from
-    # the train split) to measure cold start; 0 = none.
+    """Worker failures Ray Train recovers from the last checkpoint (-1 = unlimited)."""
     cold_start_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Share of items held out of training entirely (their events removed from the train split) to
+    measure cold start; 0 = none.
+    """
     seed: int = 0
+    """Seed of initialisation, shuffling and dropout."""
     ray: RayConfig = Field(default_factory=RayConfig)
-    # Testing hook: the worker of rank 0 raises once when it reaches this step.
+    """Which Ray to run on."""
     fail_at_step: int | None = Field(default=None, ge=1)
+    """Testing hook: the worker of rank 0 raises once when it reaches this step."""
 
     @model_validator(mode="after")
     def _bce_needs_negatives(self) -> TrainConfig:
@@ -326,27 +427,40 @@ class ServeLimits(_Strict):
     """What one request may carry. Larger requests get 413 naming the field."""
 
     max_candidates: int = Field(default=1000, ge=1)
+    """Candidates per /v1/rerank request."""
     max_history: int = Field(default=500, ge=0)
+    """History events per request."""
     max_events: int = Field(default=1000, ge=1)
+    """Events per /v1/events request."""
     max_text_chars: int = Field(default=4000, ge=1)
+    """Characters of a new candidate's text."""
     max_k: int = Field(default=1000, ge=1)
+    """Largest `k`."""
     max_body_bytes: int = Field(default=2_000_000, ge=1024)
+    """Largest request body."""
 
 
 class AutoscalingSettings(_Strict):
     """Ray Serve `autoscaling_config` of the re-ranker deployment."""
 
     min_replicas: int = Field(default=1, ge=0)
+    """Fewest replicas (0 scales to zero when idle)."""
     max_replicas: int = Field(default=4, ge=1)
+    """Most replicas."""
     initial_replicas: int | None = Field(default=None, ge=0)
-    # Requests in flight per replica the autoscaler aims for (queued + running).
+    """Replicas at deploy time (default: min_replicas)."""
     target_ongoing_requests: float = Field(default=8.0, gt=0)
+    """Requests in flight per replica the autoscaler aims for (queued + running)."""
     upscale_delay_s: float = Field(default=10.0, ge=0)
+    """Load must stay above target this long before a replica is added."""
     downscale_delay_s: float = Field(default=60.0, ge=0)
-    # How often replicas report their load, and the window it is averaged over
-    # (Serve wants the window longer than the interval).
+    """Load must stay below target this long before a replica is removed."""
     metrics_interval_s: float = Field(default=2.0, gt=0)
+    """How often replicas report their load, and the window it is averaged over (Serve wants the
+    window longer than the interval).
+    """
     look_back_period_s: float = Field(default=10.0, gt=0)
+    """Window the load is averaged over."""
 
     @model_validator(mode="after")
     def _ordered(self) -> AutoscalingSettings:
@@ -370,10 +484,13 @@ class EventStoreConfig(_Strict):
     """
 
     kind: Literal["actor", "redis"] = "actor"
-    # redis://host:port/db; default: the RERANK_REDIS_URL environment variable.
+    """`actor` (one named Ray actor) or `redis`."""
     redis_url: str | None = None
+    """redis://host:port/db; default: the RERANK_REDIS_URL environment variable."""
     max_events_per_user: int = Field(default=200, ge=1)
+    """Most recent events kept per user."""
     key_prefix: str = "rerank:events:"
+    """Redis key prefix of the users' event lists."""
 
     @model_validator(mode="after")
     def _redis_has_url(self) -> EventStoreConfig:
@@ -385,37 +502,51 @@ class EventStoreConfig(_Strict):
 class AppArgs(_Strict):
     """Arguments of the Serve application (`serve run/deploy ray_app.serving.app:build_app`)."""
 
-    # The model artifact to serve; a new value in user_config swaps it live.
     model: PathLike = "runs/demo/model"
-    # The nightly top-K root (holding LATEST); null = no recommendations endpoint data.
+    """The model artifact to serve; a new value in user_config swaps it live."""
     topk: str | None = None
+    """The nightly top-K root (holding LATEST); null = no recommendations endpoint data."""
     events: EventStoreConfig = Field(default_factory=EventStoreConfig)
+    """Where users' recent events are stored between requests."""
     limits: ServeLimits = Field(default_factory=ServeLimits)
+    """What one request may carry (413 beyond)."""
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
-    # Dynamic batching across requests (@serve.batch).
+    """Serve's autoscaling_config of the deployment."""
     max_batch_size: int = Field(default=16, ge=1)
+    """Dynamic batching across requests (@serve.batch)."""
     batch_wait_timeout_s: float = Field(default=0.005, ge=0)
+    """How long a request waits for others to join its batch."""
     max_ongoing_requests: int = Field(default=64, ge=1)
+    """Requests a replica holds at once (Serve queues the rest)."""
     num_cpus: float = Field(default=1.0, gt=0)
+    """CPUs per replica."""
     num_gpus: float = Field(default=0.0, ge=0)
+    """GPUs per replica (0 = CPU)."""
     torch_threads: int = Field(default=1, ge=1)
-    # New items (sent with text) whose vectors are kept per replica.
+    """PyTorch threads per replica."""
     cold_cache_size: int = Field(default=10_000, ge=0)
-    # Name of an environment variable holding a bearer token; when it is set,
-    # /v1/* requires `Authorization: Bearer <token>`.
+    """New items (sent with text) whose vectors are kept per replica."""
     auth_token_env: str | None = None
+    """Name of an environment variable holding a bearer token; when it is set, /v1/* requires
+    `Authorization: Bearer <token>`.
+    """
 
 
 class ServeConfig(AppArgs):
     """`rerank serve`: the app's arguments plus where it listens and which Ray it runs on."""
 
     host: str = "127.0.0.1"
+    """Address Serve's HTTP proxy binds to (0.0.0.0 to listen beyond this machine)."""
     port: int = Field(default=8000, ge=1, le=65535)
+    """HTTP port."""
     app_name: str = "rerank"
+    """Serve application name."""
     route_prefix: str = "/"
-    # A prepare output whose users' events seed the event store at start-up.
+    """URL prefix of the app."""
     seed_histories: str | None = None
+    """A prepare output whose users' events seed the event store at start-up."""
     ray: RayConfig = Field(default_factory=RayConfig)
+    """Which Ray to run on."""
 
     def app_args(self) -> AppArgs:
         return AppArgs.model_validate(self.model_dump(include=set(AppArgs.model_fields)))
@@ -424,39 +555,49 @@ class ServeConfig(AppArgs):
 class NightlyConfig(_Strict):
     """Config of the `nightly` stage: every user's top-K from the whole catalogue."""
 
-    # The model artifact (as served); its item table is the retrieval index.
     model: PathLike
-    # A prepare output: every user's events come from its interactions.
+    """The model artifact (as served); its item table is the retrieval index."""
     prepared: PathLike
-    # The top-K root: lists go to <output>/dt=<date>/part-*.parquet, and
-    # <output>/LATEST names the newest published partition.
+    """A prepare output: every user's events come from its interactions."""
     output: PathLike
-    # YYYY-MM-DD (UTC) the lists are for; default: today. Recency is measured to
-    # the end of that day, so a re-run of the same date gives the same lists.
+    """The top-K root: lists go to <output>/dt=<date>/part-*.parquet, and <output>/LATEST names the
+    newest published partition.
+    """
     date: str | None = None
+    """YYYY-MM-DD (UTC) the lists are for; default: today. Recency is measured to the end of that
+    day, so a re-run of the same date gives the same lists.
+    """
     k: int = Field(default=100, ge=1)
-    # Candidates per user from the user vector against the item table (exact),
-    # re-ranked by the full model; 0 = the whole catalogue (exact top-K, slower).
+    """Items per user's list."""
     num_candidates: int = Field(default=200, ge=0)
-    # Backtest: `valid`/`test` ranks each user as of their valid/test target
-    # (history before it, recency to its time), which the evaluate stage then
-    # scores with its full-ranking protocol. `now` uses every event.
+    """Candidates per user from the user vector against the item table (exact), re-ranked by the
+    full model; 0 = the whole catalogue (exact top-K, slower).
+    """
     as_of: Literal["now", "valid", "test"] = "now"
-    # Maximal marginal relevance: 0 = off; w in (0, 1) trades relevance for
-    # dissimilarity (cosine of item vectors) to the items already listed.
+    """Backtest: `valid`/`test` ranks each user as of their valid/test target (history before it,
+    recency to its time), which the evaluate stage then scores with its full-ranking protocol.
+    `now` uses every event.
+    """
     diversity: float = Field(default=0.0, ge=0, lt=1)
-    # Added to a candidate's score times (1 - its popularity percentile): 0 = off.
+    """Maximal marginal relevance: 0 = off; w in (0, 1) trades relevance for dissimilarity (cosine
+    of item vectors) to the items already listed.
+    """
     long_tail_boost: float = Field(default=0.0, ge=0)
-    # Users per forward pass, and Ray Data actors holding the model (default:
-    # one per CPU, or per GPU when the cluster has GPUs).
+    """Added to a candidate's score times (1 - its popularity percentile): 0 = off."""
     batch_size: int = Field(default=256, ge=1)
+    """Users per forward pass of an actor."""
     concurrency: int | None = Field(default=None, ge=1)
+    """Actors holding the model (default: one per CPU, or per GPU)."""
     cpus_per_actor: float = Field(default=1.0, gt=0)
+    """CPUs each actor reserves."""
     use_gpu: bool | Literal["auto"] = "auto"
+    """`auto` puts the actors on GPUs when the cluster has them."""
     torch_threads: int = Field(default=1, ge=1)
+    """PyTorch threads per actor."""
     ray: RayConfig = Field(default_factory=RayConfig)
-    # Testing hook: every actor raises on its Nth batch (a crash half-way).
+    """Which Ray to run on."""
     fail_after_batches: int | None = Field(default=None, ge=1)
+    """Testing hook: every actor raises on its Nth batch (a crash half-way)."""
 
     @field_validator("date", mode="before")
     @classmethod
@@ -480,14 +621,23 @@ class GenerateConfig(_Strict):
     """Config of the synthetic data generator (the embedded default data)."""
 
     output: PathLike
+    """Folder for `interactions/part-*.parquet` and `items/items.parquet` (local or URI)."""
     num_events: int = Field(default=200_000, ge=1_000)
+    """Interaction events to write."""
     num_users: int | None = Field(default=None, ge=10)
+    """Users (default: num_events / 40)."""
     num_items: int | None = Field(default=None, ge=20)
+    """Items in the catalogue (default: num_events / 100, within 200..200,000)."""
     num_topics: int = Field(default=12, ge=2, le=64)
+    """Interest topics; each user mostly follows a few, and item text names its topic."""
     events_per_file: int = Field(default=1_000_000, ge=1_000)
+    """Events per Parquet file (more files = more parallel reads in prepare)."""
     seed: int = 7
+    """Random seed: the same seed gives the same data."""
     start: str = "2024-01-01T00:00:00Z"
+    """Time of the first event (ISO-8601)."""
     days: int = Field(default=180, ge=1)
+    """Days the events are spread over."""
 
     @field_validator("start")
     @classmethod
@@ -629,18 +779,26 @@ class PipelineConfig(_Strict):
     (prepared data, model, evaluation, top-K lists) default to folders of `workdir`."""
 
     workdir: PathLike
-    # Sample data instead of your logs: GenerateConfig keys (`{}` = the defaults);
-    # prepare then reads the generated files. Leave unset to prepare `prepare.input`.
-    # A stage's section holds its keys; `config: <that stage's YAML file>` in it
-    # reads the file first (cluster/configs/train-cluster.yaml), so one file serves
-    # the stage's own job and the pipeline, and `--set train.epochs=3` still works.
+    """Folder (or URI) under which the stages' outputs go: raw/, prepared/, model/, evaluation/,
+    topk/.
+    """
     generate: dict[str, Any] | None = None
+    """Sample data instead of your logs: GenerateConfig keys (`{}` = the defaults); prepare then
+    reads the generated files. Leave unset to prepare `prepare.input`. A stage's section holds
+    its keys; `config: <that stage's YAML file>` in it reads the file first
+    (cluster/configs/train-cluster.yaml), so one file serves the stage's own job and the
+    pipeline, and `--set train.epochs=3` still works.
+    """
     prepare: dict[str, Any] = Field(default_factory=dict)
+    """PrepareConfig keys (or `config: <file>` plus keys to change)."""
     train: dict[str, Any] = Field(default_factory=dict)
+    """TrainConfig keys (or `config: <file>` plus keys to change)."""
     evaluate: dict[str, Any] = Field(default_factory=dict)
+    """EvaluateConfig keys (or `config: <file>` plus keys to change)."""
     nightly: dict[str, Any] = Field(default_factory=dict)
-    # Stages to run, in pipeline order (default: all; `generate` only when set).
+    """NightlyConfig keys (or `config: <file>` plus keys to change)."""
     stages: list[StageName] | None = None
+    """Stages to run, in pipeline order (default: all; `generate` only when set)."""
 
     def paths(self) -> dict[str, str]:
         from ray_app.storage import join

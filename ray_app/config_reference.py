@@ -1,0 +1,142 @@
+"""The configuration reference, generated from the config models themselves.
+
+Every key's type, default and description come from the pydantic models in
+`ray_app/config.py` (descriptions are the fields' docstrings), so the
+reference cannot drift from what the code accepts. `rerank config <stage>`
+prints one stage's table; the README's copy is rewritten with
+`python -m ray_app.config_reference --write README.md`, and a test fails when
+it is stale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
+
+from ray_app.config import (
+    EvaluateConfig,
+    GenerateConfig,
+    NightlyConfig,
+    PipelineConfig,
+    PrepareConfig,
+    ServeConfig,
+    TrainConfig,
+)
+
+STAGE_MODELS: dict[str, type[BaseModel]] = {
+    "generate": GenerateConfig,
+    "prepare": PrepareConfig,
+    "train": TrainConfig,
+    "evaluate": EvaluateConfig,
+    "nightly": NightlyConfig,
+    "serve": ServeConfig,
+    "pipeline": PipelineConfig,
+}
+BEGIN = "<!-- BEGIN CONFIG REFERENCE (python -m ray_app.config_reference --write README.md) -->"
+END = "<!-- END CONFIG REFERENCE -->"
+
+
+def _nested(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return None
+
+
+def type_name(annotation: Any) -> str:
+    """A short, readable type: `a` | `b` for literals, `X or null` for optionals."""
+    origin = get_origin(annotation)
+    if origin is typing.Annotated:
+        return type_name(get_args(annotation)[0])
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(annotation)
+        parts = [type_name(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin in (list, tuple, dict):
+        inner = ", ".join(type_name(a) for a in get_args(annotation) if a is not Ellipsis)
+        return f"{origin.__name__}[{inner}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def default_text(field: Any) -> str:
+    if field.is_required():
+        return "**required**"
+    value = field.default_factory() if field.default_factory else field.default
+    if value is PydanticUndefined:
+        return ""
+    if isinstance(value, BaseModel):
+        return ""
+    return f"`{json.dumps(value)}`"
+
+
+def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) of every key, nested sections flattened."""
+    out: list[tuple[str, str, str, str]] = []
+    for name, field in model.model_fields.items():
+        description = " ".join((field.description or "").split())
+        if description.startswith("Testing hook"):
+            continue
+        sub = _nested(field.annotation)
+        if sub is not None:
+            out += rows(sub, f"{prefix}{name}.")
+        else:
+            key = f"{prefix}{name}"
+            out.append((key, type_name(field.annotation), default_text(field), description))
+    return out
+
+
+def stage_markdown(stage: str) -> str:
+    model = STAGE_MODELS[stage]
+    doc = " ".join((model.__doc__ or "").strip().split("\n\n")[0].split())
+    lines = [
+        f"#### `{stage}` ({model.__name__})",
+        "",
+        doc,
+        "",
+        "| key | type | default | description |",
+        "|---|---|---|---|",
+    ]
+    for key, typ, default, description in rows(model):
+        cells = [c.replace("|", "\\|") for c in (default, description)]
+        lines.append(f"| `{key}` | {typ} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def reference_markdown() -> str:
+    return "\n".join(stage_markdown(s) for s in STAGE_MODELS)
+
+
+def replace_section(text: str, body: str) -> str:
+    """`text` with what lies between BEGIN and END replaced by `body`."""
+    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
+    if not pattern.search(text):
+        raise ValueError(f"no {BEGIN!r} ... {END!r} section to replace")
+    return pattern.sub(lambda _: f"{BEGIN}\n\n{body}\n{END}", text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", metavar="README", help="rewrite the reference section there")
+    args = parser.parse_args(argv)
+    body = reference_markdown()
+    if args.write:
+        path = Path(args.write)
+        path.write_text(replace_section(path.read_text(), body))
+        print(f"wrote the configuration reference into {path}")
+    else:
+        sys.stdout.write(body)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
