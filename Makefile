@@ -11,7 +11,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),,$(TORCH_CPU_SPEC))
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test lint bench-prepare cluster-local clean
+.PHONY: install demo test lint quickstart strip-notebooks bench-prepare cluster-local clean
 
 $(BIN)/rerank: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,19 @@ test: install
 lint: install
 	$(BIN)/ruff check ray_app jobs tests
 	$(BIN)/ruff format --check ray_app jobs tests
+
+# The quickstart notebook run headless (a copy under runs/notebooks, so the
+# committed notebook keeps no outputs); open the result in Jupyter or VS Code.
+quickstart: install
+	mkdir -p runs/notebooks
+	cp notebooks/quickstart.ipynb runs/notebooks/quickstart.ipynb
+	$(BIN)/jupyter execute --inplace --timeout=3600 runs/notebooks/quickstart.ipynb
+	@echo "executed notebook with its outputs and plots: runs/notebooks/quickstart.ipynb"
+
+# Notebooks are committed without outputs (tests/test_notebooks.py checks);
+# `$(BIN)/nbstripout --install` makes git strip them on every commit.
+strip-notebooks: install
+	$(BIN)/nbstripout notebooks/*.ipynb
 
 # Local cluster parity: a Ray head on 127.0.0.1, the pipeline submitted with
 # `ray job submit`, the head stopped. ARGS go to jobs/pipeline.py.
