@@ -71,13 +71,16 @@ def metrics_by_method(metrics: dict[str, Any], split: str = "test") -> Figure:
         (axes[1], "full", [f"recall@{k}", f"ndcg@{k}"]),
     ):
         width = 0.8 / len(metric_names)
+        top = 0.0
         for j, m in enumerate(metric_names):
             vals = [res[n][proto][m] for n in names]
             bars = ax.bar([i + j * width for i in range(len(names))], vals, width, label=m)
             ax.bar_label(bars, fmt="%.3f", fontsize=7)
+            top = max(top, *vals)
         ax.set_xticks([i + width * (len(metric_names) - 1) / 2 for i in range(len(names))], names)
+        ax.set_ylim(0, top * 1.2 or 1)  # room for the legend above the bars
         ax.set_title(f"{split}, {proto} protocol")
-        ax.legend()
+        ax.legend(loc="upper left", ncols=2, fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -116,7 +119,7 @@ def history_and_ranking(
     history: Sequence[str],
     ranked: Sequence[tuple[str, float]],
     title: str = "",
-    width: int = 48,
+    width: int = 64,
 ) -> Figure:
     """A user's recent items (oldest at the top) beside the list the model made
     for them, with each item's score as a bar: what a person checks first when
