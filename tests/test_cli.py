@@ -45,7 +45,7 @@ def test_every_example_parses_into_a_valid_config(example, monkeypatch):
     if args.command == "demo":
         cli.demo_config(args)
         return
-    model = {**STAGE_MODELS}[args.command]
+    model = STAGE_MODELS[args.command]
     overrides = [*args.overrides, *([f"date={args.date}"] if getattr(args, "date", None) else [])]
     cfg = load_config(model, args.config, overrides)
     if isinstance(cfg, PipelineConfig):
@@ -55,7 +55,7 @@ def test_every_example_parses_into_a_valid_config(example, monkeypatch):
 def test_config_command_lists_every_key_with_type_and_default(capsys):
     assert cli.main(["config", "train"]) == 0
     out = capsys.readouterr().out
-    for key, typ, _, description in rows(STAGE_MODELS["train"]):
+    for key, _typ, _, description in rows(STAGE_MODELS["train"]):
         assert f"`{key}`" in out and description, key
     assert "`model.trainable_layers` | int | `1` |" in out
     assert "fail_at_step" not in out  # testing hooks stay out of the reference

@@ -38,7 +38,9 @@ def execute(name: str, env: dict[str, str], monkeypatch, tmp_path: Path):
 
 
 def outputs(nb, kind: str) -> list[dict]:
-    return [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if kind in o.get("data", {})]
+    return [
+        o for c in nb.cells if c.cell_type == "code" for o in c.outputs if kind in o.get("data", {})
+    ]
 
 
 def test_quickstart_runs_every_stage_and_draws_its_plots(monkeypatch, tmp_path):
@@ -47,10 +49,10 @@ def test_quickstart_runs_every_stage_and_draws_its_plots(monkeypatch, tmp_path):
         "quickstart.ipynb",
         {
             "RERANK_NB_WORKDIR": str(wd),
-            "RERANK_NB_EVENTS": "4000",
+            "RERANK_NB_EVENTS": "3000",
             "RERANK_NB_ENCODER": "tiny",
-            "RERANK_NB_EPOCHS": "2",
-            "RERANK_NB_BASELINES": "popularity,ease",
+            "RERANK_NB_EPOCHS": "1",
+            "RERANK_NB_BASELINES": "popularity",
             "RERANK_NB_PORT": str(free_port()),
         },
         monkeypatch,
