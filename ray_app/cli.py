@@ -150,7 +150,10 @@ def demo_config(args: argparse.Namespace) -> PipelineConfig:
         "workdir": args.workdir,
         "generate": {"num_events": args.events},
         "train": {
-            "model": {"encoder": args.encoder},
+            # A frozen encoder: on CPUs its steps are 2-3x cheaper, and in a budget of
+            # minutes more epochs beat fine-tuning its top layer (generated data, 4 min:
+            # full NDCG@10 0.239 vs 0.161).
+            "model": {"encoder": args.encoder, "trainable_layers": 0},
             "epochs": 2,
             "max_minutes": args.train_minutes,
             "resume": False,
