@@ -11,7 +11,7 @@ HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/
 TORCH_SPEC ?= $(if $(HAS_GPU),,$(TORCH_CPU_SPEC))
 WORKDIR ?= runs/demo
 
-.PHONY: install demo test lint quickstart strip-notebooks bench-prepare cluster-local clean
+.PHONY: install demo test lint notebook quickstart strip-notebooks bench-prepare cluster-local clean
 
 $(BIN)/rerank: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,13 +37,18 @@ lint: install
 	$(BIN)/ruff check ray_app jobs tests
 	$(BIN)/ruff format --check ray_app jobs tests
 
-# The quickstart notebook run headless (a copy under runs/notebooks, so the
-# committed notebook keeps no outputs); open the result in Jupyter or VS Code.
-quickstart: install
+# A notebook run headless: a copy under runs/notebooks (the committed notebook
+# keeps no outputs); open the result in Jupyter or VS Code to see the plots.
+# `make notebook NB=evaluation`; parameters come from RERANK_NB_* variables.
+NB ?= quickstart
+notebook: install
 	mkdir -p runs/notebooks
-	cp notebooks/quickstart.ipynb runs/notebooks/quickstart.ipynb
-	$(BIN)/jupyter execute --inplace --timeout=3600 runs/notebooks/quickstart.ipynb
-	@echo "executed notebook with its outputs and plots: runs/notebooks/quickstart.ipynb"
+	cp notebooks/$(NB).ipynb runs/notebooks/$(NB).ipynb
+	$(BIN)/jupyter execute --inplace --timeout=7200 runs/notebooks/$(NB).ipynb
+	@echo "executed notebook with its outputs and plots: runs/notebooks/$(NB).ipynb"
+
+quickstart:
+	$(MAKE) notebook NB=quickstart
 
 # Notebooks are committed without outputs (tests/test_notebooks.py checks);
 # `$(BIN)/nbstripout --install` makes git strip them on every commit.
