@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -365,6 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `rerank config train | head`: the reader left, not an error
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+        return 0
     except Exception as e:
         from ray_app.errors import describe
         from ray_app.pipeline import StageFailed
