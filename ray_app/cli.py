@@ -15,18 +15,12 @@ import os
 import sys
 import textwrap
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from ray_app.config import (
-    ConfigError,
-    EvaluateConfig,
-    GenerateConfig,
-    NightlyConfig,
-    PipelineConfig,
-    PrepareConfig,
-    ServeConfig,
-    TrainConfig,
-    load_config,
-)
+from ray_app.config import COMMAND_MODELS, ConfigError, PipelineConfig, load_config
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 logger = logging.getLogger("ray_app")
 
@@ -53,10 +47,19 @@ def _add_config_args(p: argparse.ArgumentParser, with_file: bool = True) -> None
     )
 
 
+def command_config(args: argparse.Namespace) -> BaseModel:
+    """The validated config of a stage command: its --config file, then --set
+    overrides, then its own flags (nightly's --date)."""
+    overrides = [*args.overrides]
+    if getattr(args, "date", None):
+        overrides.append(f"date={args.date}")
+    return load_config(COMMAND_MODELS[args.command], args.config, overrides)
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from ray_app.data.synthetic import generate
 
-    cfg = load_config(GenerateConfig, args.config, args.overrides)
+    cfg = command_config(args)
     summary = generate(cfg)
     print(json.dumps(summary, indent=2))
     return 0
@@ -65,7 +68,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_prepare(args: argparse.Namespace) -> int:
     from ray_app.data.prepare import run_prepare
 
-    cfg = load_config(PrepareConfig, args.config, args.overrides)
+    cfg = command_config(args)
     manifest = run_prepare(cfg)
     print(
         json.dumps(
@@ -79,7 +82,7 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     from ray_app.training.trainer import run_train
 
-    cfg = load_config(TrainConfig, args.config, args.overrides)
+    cfg = command_config(args)
     metrics = run_train(cfg)
     last = metrics["history"][-1] if metrics["history"] else {}
     print(
@@ -99,7 +102,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from ray_app.evaluation.evaluate import run_evaluate
     from ray_app.evaluation.report import markdown
 
-    cfg = load_config(EvaluateConfig, args.config, args.overrides)
+    cfg = command_config(args)
     metrics = run_evaluate(cfg)
     print(markdown(metrics))
     return 0
@@ -108,8 +111,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_nightly(args: argparse.Namespace) -> int:
     from ray_app.batch.nightly import run_nightly
 
-    overrides = [*args.overrides, *([f"date={args.date}"] if args.date else [])]
-    cfg = load_config(NightlyConfig, args.config, overrides)
+    cfg = command_config(args)
     out = run_nightly(cfg)
     keep = ("output", "date", "as_of", "model_version", "counts", "latest", "timings")
     print(json.dumps({k: out[k] for k in keep}, indent=2))
@@ -122,7 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from ray_app.serving.run import start
 
-    cfg = load_config(ServeConfig, args.config, args.overrides)
+    cfg = command_config(args)
     url = start(cfg)
     print(f"serving {cfg.model} on {url} (OpenAPI at {url}/docs); Ctrl-C stops", flush=True)
     stop = threading.Event()
@@ -138,7 +140,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_pipeline(args: argparse.Namespace) -> int:
     from ray_app.pipeline import run_pipeline
 
-    cfg = load_config(PipelineConfig, args.config, args.overrides)
+    cfg = command_config(args)
     cfg.stage_configs()  # every stage's keys checked before the first stage starts
     run_pipeline(cfg)
     return 0
@@ -348,9 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             _add_config_args(p, with_file=False)
         elif name == "config":
-            from ray_app.config_reference import STAGE_MODELS
-
-            p.add_argument("stage", nargs="?", choices=list(STAGE_MODELS), help="default: all")
+            p.add_argument("stage", nargs="?", choices=list(COMMAND_MODELS), help="default: all")
         else:
             _add_config_args(p)
         if name == "nightly":

@@ -764,7 +764,7 @@ def dump_config(cfg: BaseModel) -> dict[str, Any]:
 
 StageName = Literal["generate", "prepare", "train", "evaluate", "nightly"]
 STAGES: tuple[StageName, ...] = ("generate", "prepare", "train", "evaluate", "nightly")
-_STAGE_MODELS: dict[str, type[BaseModel]] = {
+STAGE_MODELS: dict[str, type[BaseModel]] = {
     "generate": GenerateConfig,
     "prepare": PrepareConfig,
     "train": TrainConfig,
@@ -843,12 +843,20 @@ class PipelineConfig(_Strict):
             if name not in wanted:
                 continue
             try:
-                out[name] = _STAGE_MODELS[name].model_validate(raw[name])
+                out[name] = STAGE_MODELS[name].model_validate(raw[name])
             except ValidationError as e:
                 problems += [
                     f"  {name}.{line.strip()}"
-                    for line in _format_errors(_STAGE_MODELS[name], e, "").splitlines()[1:]
+                    for line in _format_errors(STAGE_MODELS[name], e, "").splitlines()[1:]
                 ]
         if problems:
             raise ConfigError("invalid PipelineConfig config:\n" + "\n".join(problems))
         return out
+
+
+COMMAND_MODELS: dict[str, type[BaseModel]] = {
+    **STAGE_MODELS,
+    "serve": ServeConfig,
+    "pipeline": PipelineConfig,
+}
+"""The config model of every `rerank` command that takes one (`demo` builds a pipeline's)."""

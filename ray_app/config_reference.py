@@ -22,25 +22,8 @@ from typing import Any, Literal, get_args, get_origin
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from ray_app.config import (
-    EvaluateConfig,
-    GenerateConfig,
-    NightlyConfig,
-    PipelineConfig,
-    PrepareConfig,
-    ServeConfig,
-    TrainConfig,
-)
+from ray_app.config import COMMAND_MODELS
 
-STAGE_MODELS: dict[str, type[BaseModel]] = {
-    "generate": GenerateConfig,
-    "prepare": PrepareConfig,
-    "train": TrainConfig,
-    "evaluate": EvaluateConfig,
-    "nightly": NightlyConfig,
-    "serve": ServeConfig,
-    "pipeline": PipelineConfig,
-}
 BEGIN = "<!-- BEGIN CONFIG REFERENCE (python -m ray_app.config_reference --write README.md) -->"
 END = "<!-- END CONFIG REFERENCE -->"
 
@@ -96,7 +79,7 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
 
 
 def stage_markdown(stage: str) -> str:
-    model = STAGE_MODELS[stage]
+    model = COMMAND_MODELS[stage]
     doc = " ".join((model.__doc__ or "").strip().split("\n\n")[0].split())
     lines = [
         f"#### `{stage}` ({model.__name__})",
@@ -113,7 +96,7 @@ def stage_markdown(stage: str) -> str:
 
 
 def reference_markdown() -> str:
-    return "\n".join(stage_markdown(s) for s in STAGE_MODELS)
+    return "\n".join(stage_markdown(s) for s in COMMAND_MODELS)
 
 
 def replace_section(text: str, body: str) -> str:

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from ray_app import cli
-from ray_app.config import PipelineConfig, load_config
-from ray_app.config_reference import STAGE_MODELS, reference_markdown, rows
+from ray_app.config import COMMAND_MODELS, PipelineConfig
+from ray_app.config_reference import reference_markdown, rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,9 +45,7 @@ def test_every_example_parses_into_a_valid_config(example, monkeypatch):
     if args.command == "demo":
         cli.demo_config(args)
         return
-    model = STAGE_MODELS[args.command]
-    overrides = [*args.overrides, *([f"date={args.date}"] if getattr(args, "date", None) else [])]
-    cfg = load_config(model, args.config, overrides)
+    cfg = cli.command_config(args)
     if isinstance(cfg, PipelineConfig):
         cfg.stage_configs()
 
@@ -55,7 +53,7 @@ def test_every_example_parses_into_a_valid_config(example, monkeypatch):
 def test_config_command_lists_every_key_with_type_and_default(capsys):
     assert cli.main(["config", "train"]) == 0
     out = capsys.readouterr().out
-    for key, _typ, _, description in rows(STAGE_MODELS["train"]):
+    for key, _typ, _, description in rows(COMMAND_MODELS["train"]):
         assert f"`{key}`" in out and description, key
     assert "`model.trainable_layers` | int | `1` |" in out
     assert "fail_at_step" not in out  # testing hooks stay out of the reference
