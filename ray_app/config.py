@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ray_app.model.config import ModelConfig
+from ray_app.times import format_duration, parse_duration, parse_time
 
 
 class ConfigError(ValueError):
@@ -260,7 +261,8 @@ class PrepareConfig(_Strict):
         return self
 
 
-BaselineName = Literal["popularity", "item_knn", "ease", "sasrec"]
+BaselineName = Literal["popularity", "item_knn", "ease", "sasrec", "sasrec_ce"]
+DEFAULT_DELTAS = ["0s", "1h", "1d", "7d", "30d"]
 
 
 class EvaluateConfig(_Strict):
@@ -277,9 +279,11 @@ class EvaluateConfig(_Strict):
     seed: int = 0
     """Seed of the sampled candidates (the same lists for every method)."""
     baselines: list[BaselineName] = Field(
-        default_factory=lambda: ["popularity", "item_knn", "ease", "sasrec"]
+        default_factory=lambda: ["popularity", "item_knn", "ease", "sasrec", "sasrec_ce"]
     )
-    """Baselines to fit: popularity, item_knn, ease, sasrec."""
+    """Baselines to fit: popularity, item_knn, ease, sasrec (BCE with one sampled negative, as
+    published), sasrec_ce (full-softmax cross-entropy over the catalogue, "SASRec+").
+    """
     ease_lambdas: list[float] = Field(
         default_factory=lambda: [10.0, 30.0, 100.0, 300.0, 1000.0], min_length=1
     )
@@ -287,7 +291,25 @@ class EvaluateConfig(_Strict):
     knn_neighbours: list[int] = Field(default_factory=lambda: [5, 10, 20, 50, 100], min_length=1)
     """Item-kNN neighbour counts searched on valid."""
     sasrec_epochs: int = Field(default=300, ge=1)
-    """Most SASRec epochs (the best on valid is kept)."""
+    """Most SASRec epochs, either loss (the best on valid is kept)."""
+    sasrec_max_minutes: float | None = Field(default=20.0, gt=0)
+    """Fit-time cap of each SASRec variant, validation included (then the best epoch so far is
+    kept); null = none.
+    """
+    deltas: list[int | str] = Field(default_factory=lambda: list(DEFAULT_DELTAS))
+    """Returning users: every target is also scored at its history's last event + each of these
+    (seconds, or a number with s/m/h/d/w), the gaps a user who comes back later has; methods
+    without a time input score the same at every one.
+    """
+    backtest: bool = True
+    """Also score every method as the nightly job would have listed it: each target against
+    what the run of the UTC day before it knew (events before its day's 00:00, recency to the
+    end of the day before), the whole catalogue minus those events' items.
+    """
+    groups: dict[str, list[str]] = Field(default_factory=dict)
+    """Models reported together, e.g. {reranker: [seed0, seed1, seed2]}: a row with their mean
+    (± sd across members), compared user by user (mean of the members) with the best baseline.
+    """
     models: dict[str, PathLike] = Field(default_factory=dict)
     """Trained re-rankers to score beside the baselines: name -> artifact path."""
     lists: dict[str, PathLike] = Field(default_factory=dict)
@@ -299,6 +321,18 @@ class EvaluateConfig(_Strict):
     hold items out): mean and standard error of a - b NDCG@k.
     """
 
+    @field_validator("deltas")
+    @classmethod
+    def _durations(cls, v: list[int | str]) -> list[int | str]:
+        for d in v:
+            parse_duration(d)
+        return v
+
+    @property
+    def delta_seconds(self) -> dict[str, int]:
+        """Label (Δ=1h) -> seconds, in the configured order."""
+        return {f"Δ={format_duration(parse_duration(d))}": parse_duration(d) for d in self.deltas}
+
     @model_validator(mode="after")
     def _paired_names_exist(self) -> EvaluateConfig:
         known = set(self.baselines) | set(self.models)
@@ -307,6 +341,12 @@ class EvaluateConfig(_Strict):
             raise ValueError(
                 f"paired names {unknown} are neither baselines nor models {sorted(known)}"
             )
+        for group, members in self.groups.items():
+            missing = sorted(set(members) - set(self.models))
+            if missing or not members:
+                raise ValueError(f"groups.{group}: {missing or 'no members'} are not models")
+            if group in known:
+                raise ValueError(f"groups.{group}: the name is already a method")
         return self
 
 
@@ -382,6 +422,11 @@ class TrainConfig(_Strict):
     """Cut-off of the validation metrics."""
     valid_negatives: int = Field(default=99, ge=1)
     """Sampled negatives per validation user (the evaluate stage's protocol)."""
+    valid_users: int | None = Field(default=None, ge=1)
+    """Per-epoch validation on this many valid users (a fixed sample, the same for every run and
+    seed); null = all. Ranking a large catalogue for every valid user each epoch can cost more
+    than the epoch's training; the evaluate stage scores them all.
+    """
     max_minutes: float | None = Field(default=None, gt=0)
     """Stop after this much training time (checked every step, then validate and checkpoint); null
     = no limit.
@@ -438,6 +483,21 @@ class ServeLimits(_Strict):
     """Largest `k`."""
     max_body_bytes: int = Field(default=2_000_000, ge=1024)
     """Largest request body."""
+    min_timestamp: int | str = "1990-01-01T00:00:00Z"
+    """Earliest accepted `scored_at` (epoch seconds or ISO-8601), as prepare's
+    validation.min_timestamp.
+    """
+    max_timestamp: int | str | None = None
+    """Latest accepted `scored_at`; null = the request's arrival + 1 day, as prepare's
+    validation.max_timestamp.
+    """
+
+    @field_validator("min_timestamp", "max_timestamp")
+    @classmethod
+    def _time(cls, v: int | str | None) -> int | str | None:
+        if v is not None:
+            parse_time(v)
+        return v
 
 
 class AutoscalingSettings(_Strict):
@@ -647,24 +707,6 @@ class GenerateConfig(_Strict):
 
 
 M = TypeVar("M", bound=BaseModel)
-
-
-def parse_time(value: int | str) -> int:
-    """Seconds since the epoch from an int or an ISO-8601 string."""
-    if isinstance(value, int):
-        return value
-    import pandas as pd
-
-    text = str(value).strip()
-    if re.fullmatch(r"-?\d+", text):
-        return int(text)
-    try:
-        ts = pd.Timestamp(text)
-    except (ValueError, TypeError) as e:
-        raise ValueError(f"not an ISO-8601 time or epoch seconds: {value!r}") from e
-    if ts.tzinfo is None:
-        ts = ts.tz_localize("UTC")
-    return int(ts.timestamp())
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

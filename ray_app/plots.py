@@ -88,7 +88,31 @@ def metrics_by_method(metrics: dict[str, Any], split: str = "test") -> Figure:
 BREAKDOWNS = {
     "ndcg_by_history": "history length (events before target)",
     "ndcg_by_popularity": "target item popularity (train count rank)",
+    "ndcg_by_gap": "real gap from the last event to the target",
 }
+
+
+def ndcg_by_moment(metrics: dict[str, Any], split: str = "test") -> Figure:
+    """NDCG@k against the moment of scoring (the target's time, then the history's last
+    event + Δ), one line per method, both protocols: what a returning user gets. Methods
+    without a time input draw flat lines."""
+    plt = _pyplot()
+    k = metrics["k"]
+    mom = metrics["moments"]
+    moments = ["target", *mom["deltas_s"]]
+    table = mom["results"][split]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, proto in zip(axes, ("full", "sampled"), strict=True):
+        for name, row in table.items():
+            ys = [row.get(m, {}).get(proto, {}).get(f"ndcg@{k}", float("nan")) for m in moments]
+            style = "-" if mom["uses_time"].get(name, True) else "--"
+            ax.plot(range(len(moments)), ys, style, marker="o", label=name)
+        ax.set_xticks(range(len(moments)), moments, fontsize=8)
+        ax.set_xlabel("moment of scoring (target's time, then last event + Δ)")
+        ax.set_title(f"{split} NDCG@{k}, {proto}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def ndcg_breakdown(metrics: dict[str, Any], key: str = "ndcg_by_popularity") -> Figure:

@@ -10,7 +10,8 @@ import pytest
 
 from ray_app.config import EvaluateConfig, load_config
 from ray_app.evaluation.data import load_prepared
-from ray_app.evaluation.evaluate import run_evaluate, sampled_candidates
+from ray_app.evaluation.evaluate import run_evaluate
+from ray_app.evaluation.protocols import sampled_candidates
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -62,7 +63,7 @@ def test_evaluate_writes_metrics_report_plots_and_baselines_beat_random(prepared
     assert cand["candidates"].map(len).eq(100).all()
     random_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / 100
     test = metrics["results"]["test"]
-    assert set(test) == {"popularity", "item_knn", "ease", "sasrec"}
+    assert set(test) == {"popularity", "item_knn", "ease", "sasrec", "sasrec_ce"}
     for name, r in test.items():
         assert r["sampled"]["ndcg@10"] > 2 * random_ndcg, name
         assert 0 < r["full"]["coverage@10"] <= 1
@@ -74,6 +75,9 @@ def test_evaluate_writes_metrics_report_plots_and_baselines_beat_random(prepared
         best = max(ease["valid_ndcg_search"], key=lambda lam: ease["valid_ndcg_search"][lam][proto])
         assert ease["params"][proto]["lam"] == float(best)
     assert "| ease |" in (out / "report.md").read_text()
+    # SASRec+ (full-softmax CE) is a fitted, validated baseline of its own.
+    ce = metrics["baselines"]["sasrec_ce"]["params"]["full"]
+    assert ce["loss"] == "ce" and 1 <= ce["epochs_trained"] <= 20
 
 
 def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_path):
@@ -180,3 +184,115 @@ def test_a_cold_start_model_is_scored_on_held_out_items(prepared, trained, tmp_p
     assert same["cold_start_all"]["diff"] == 0 and same["cold_start_all"]["users"] == every["users"]
     assert "cold_start" not in metrics["paired"]["cold - warm"]  # different held-out items
     assert "every event" in (tmp_path / "eval" / "report.md").read_text()
+
+
+def _without_time_input(art, folder):
+    """The trained artifact's model with `recency_buckets: 1` (no time input), saved."""
+    from ray_app.model.artifact import save_artifact
+    from ray_app.model.reranker import Reranker
+
+    cfg = art.model.cfg.model_copy(update={"recency_buckets": 1})
+    model = Reranker(cfg, art.model.num_items, art.model.text)
+    weights = {k: v for k, v in art.model.state_dict().items() if k != "user.recency.weight"}
+    model.load_state_dict(weights, strict=False)
+    model.set_text_table(art.model.text_table)
+    model.items.known.copy_(art.model.items.known)
+    save_artifact(
+        folder,
+        model,
+        art.tokenizer,
+        art.items.iloc[1:],
+        art.metrics,
+        art.version + "-untimed",
+        art.config["encoder"],
+        event_types=art.config["event_types"],
+        text_max_length=art.config["text_max_length"],
+    )
+    (folder / "manifest.json").write_text("{}\n")
+    (folder / "_SUCCESS").write_text("x\n")
+    return model
+
+
+def test_returning_users_a_model_without_time_input_scores_the_same_at_every_delta(
+    prepared, trained, tmp_path
+):
+    import numpy as np
+
+    from ray_app.evaluation.model_scorer import RerankerScorer
+    from ray_app.model.artifact import load_artifact
+
+    art = load_artifact(trained[0].output)
+    untimed = _without_time_input(art, tmp_path / "untimed")
+    data = load_prepared(prepared)
+    t = data.splits["test"]
+    deltas = {"Δ=0": 0, "Δ=1h": 3600, "Δ=1d": 86_400, "Δ=7d": 7 * 86_400, "Δ=30d": 30 * 86_400}
+    # Every gap to the moment of scoring is >= 0, and Δ moves that moment.
+    for secs in deltas.values():
+        later = t.after_last_event(secs)
+        pairs = zip(later.moments, later.history_times, strict=True)
+        assert all((m - h >= 0).all() for m, h in pairs)
+    flat = RerankerScorer(untimed, untimed.item_table())
+    timed = RerankerScorer(art.model, art.item_vectors)
+    at_target = flat.score_targets(t)
+    moved = []
+    for secs in deltas.values():
+        np.testing.assert_array_equal(flat.score_targets(t.after_last_event(secs)), at_target)
+        later = timed.score_targets(t.after_last_event(secs))[:, 1:]
+        moved.append(np.abs(later - timed.score_targets(t)[:, 1:]).max())
+    assert max(moved) > 1e-3  # the time input does move scores
+    # The evaluate stage reports the same: flat lines for it, and for the baselines.
+    ev = EvaluateConfig(
+        prepared=prepared,
+        output=str(tmp_path / "eval"),
+        baselines=["popularity", "ease"],
+        ease_lambdas=[100],
+        models={"timed": trained[0].output, "untimed": str(tmp_path / "untimed")},
+    )
+    metrics = run_evaluate(ev)
+    mom = metrics["moments"]
+    assert list(mom["deltas_s"]) == list(deltas) and mom["deltas_s"]["Δ=7d"] == 7 * 86_400
+    for split in ("valid", "test"):
+        for name in ("untimed", "popularity", "ease"):
+            row = mom["results"][split][name]
+            for proto in ("sampled", "full"):
+                values = {m: row[m][proto]["ndcg@10"] for m in row}
+                assert len(values) == 6 and len(set(values.values())) == 1, (name, values)
+        timed_row = mom["results"][split]["timed"]
+        assert len({timed_row[m]["full"]["ndcg@10"] for m in timed_row}) > 1
+    assert mom["uses_time"] == {"popularity": False, "ease": False, "timed": True, "untimed": True}
+    assert (tmp_path / "eval" / "ndcg_by_delta.png").is_file()
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Returning users" in report and "by the real gap" in report
+    # Against the best baseline in every column, with a 95% interval around the mean.
+    vs = metrics["versus_best_baseline"]["timed"]
+    for col in ("full@target", "full@Δ=30d", "sampled@Δ=1d", "backtest"):
+        lo, hi = vs[col]["ci95"]
+        assert vs[col]["baseline"] in ("popularity", "ease") and lo <= vs[col]["diff"] <= hi
+    test = metrics["results"]["test"]
+    best = max(("popularity", "ease"), key=lambda b: test[b]["full"]["ndcg@10"])
+    assert vs["full@target"]["baseline"] == best
+    assert vs["full@target"]["diff"] == pytest.approx(
+        test["timed"]["full"]["ndcg@10"] - test[best]["full"]["ndcg@10"]
+    )
+
+
+def test_returning_users_real_gaps_and_backtest_histories(prepared):
+    import numpy as np
+
+    from ray_app.evaluation.protocols import NO_EARLIER_EVENT, gap_labels
+    from ray_app.times import day_start
+
+    t = load_prepared(prepared).splits["test"]
+    gap = t.target_times - t.last_event_times()
+    labels = gap_labels(t)
+    assert set(labels[gap < 3600]) == {"< 1 h"} and set(labels[gap >= 7 * 86_400]) <= {"> 7 d"}
+    assert NO_EARLIER_EVENT not in set(labels)  # prepare gives every target a history
+    cut = t.as_of_previous_day()
+    midnight = day_start(t.target_times)
+    assert (cut.moments == midnight - 1).all()
+    for i in range(len(t)):
+        n = len(cut.histories[i])
+        np.testing.assert_array_equal(cut.histories[i], t.histories[i][:n])
+        assert (cut.history_times[i] < midnight[i]).all()
+        assert (t.history_times[i][n:] >= midnight[i]).all()
+    assert (~cut.has_history).any() and cut.has_history.any()

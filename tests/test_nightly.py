@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -14,9 +17,11 @@ import torch
 from ray_app.batch.nightly import _move_latest, end_of_day, mmr, run_nightly
 from ray_app.config import EvaluateConfig, NightlyConfig
 from ray_app.data import schema as S
+from ray_app.evaluation.data import load_prepared
 from ray_app.evaluation.evaluate import run_evaluate
 from ray_app.model.ranker import Candidate, Event, Query, Ranker
 from ray_app.storage import read_parquet
+from ray_app.times import day_start
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -138,12 +143,54 @@ def _intra_list_similarity(root: Path, model: str, k: int = 10) -> float:
     return float(sim[:, off].mean())
 
 
+def test_a_run_for_a_past_date_sees_only_the_events_up_to_that_day(prepared, trained, tmp_path):
+    import pyarrow.dataset as pads
+
+    model, date = trained[0].output, "2024-03-15"
+    until = end_of_day(date)
+    # The same prepare output without the events after that day, as its night had it.
+    cut = tmp_path / "prepared"
+    shutil.copytree(prepared, cut)
+    events = pads.dataset(str(cut / "interactions"), format="parquet").to_table()
+    shutil.rmtree(cut / "interactions")
+    (cut / "interactions").mkdir()
+    early = events.filter(pc.field(S.TIMESTAMP) <= until)
+    pq.write_table(early, cut / "interactions" / "part-00000.parquet")
+    later_users = set(events[S.USER_ID].to_pylist()) - set(early[S.USER_ID].to_pylist())
+    assert len(early) < len(events) and later_users  # the cut removes events and users
+    run_nightly(_config(prepared, model, tmp_path / "full", date=date))
+    run_nightly(_config(str(cut), model, tmp_path / "cut", date=date))
+    full = _lists(tmp_path / "full" / f"dt={date}")
+    pd.testing.assert_frame_equal(full, _lists(tmp_path / "cut" / f"dt={date}"))
+    # A user whose first event comes after that day has no list for it.
+    assert set(full[S.USER_ID]) == set(early[S.USER_ID].to_pylist())
+    assert not set(full[S.USER_ID]) & later_users
+
+
+def test_a_backtest_list_is_what_the_night_before_the_target_published(prepared, trained, tmp_path):
+    model = trained[0].output
+    targets = load_prepared(prepared).splits["test"]
+    days, counts = np.unique(day_start(targets.target_times), return_counts=True)
+    day = int(days[np.argmax(counts)])
+    users = set(targets.user_ids[day_start(targets.target_times) == day])
+    before = dt.datetime.fromtimestamp(day - 1, dt.timezone.utc).date().isoformat()
+    run_nightly(_config(prepared, model, tmp_path / "backtest", as_of="test"))
+    run_nightly(_config(prepared, model, tmp_path / "night", date=before))
+    backtest = _lists(tmp_path / "backtest" / "dt=2026-11-23")
+    night = _lists(tmp_path / "night" / f"dt={before}")
+    mine = backtest[backtest[S.USER_ID].isin(users)].reset_index(drop=True)
+    theirs = night[night[S.USER_ID].isin(users)].reset_index(drop=True)
+    assert len(users) >= 2 and set(mine[S.USER_ID]) == users
+    assert (mine[S.ITEM_ID] == theirs[S.ITEM_ID]).all()
+    np.testing.assert_allclose(mine[S.SCORE], theirs[S.SCORE], atol=1e-5)
+
+
 def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
     prepared, trained, tmp_path
 ):
     model = trained[0].output
-    # As of each user's test target, the whole catalogue re-ranked: the lists are
-    # the model's top-k that the evaluation's full-ranking protocol ranks with.
+    # As of the night before each user's test target, the whole catalogue re-ranked:
+    # the lists are the model's top-k that the evaluation's backtest ranks with.
     exact = _config(prepared, model, tmp_path / "exact", as_of="test", num_candidates=0)
     run_nightly(exact)
     retrieved = _config(prepared, model, tmp_path / "retrieved", as_of="test", num_candidates=200)
@@ -158,6 +205,7 @@ def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
         output=str(tmp_path / "eval"),
         baselines=["popularity"],
         models={"model": model},
+        deltas=[],
         lists={
             "exact": str(tmp_path / "exact" / "dt=2026-11-23"),
             "retrieved": str(tmp_path / "retrieved" / "dt=2026-11-23"),
@@ -165,22 +213,21 @@ def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
         },
     )
     metrics = run_evaluate(ev)
-    direct = metrics["results"]["test"]["model"]["full"]
     lists = metrics["lists"]
     assert lists["exact"]["split"] == "test"
-    for key in ("coverage@10", "long_tail_share@10", "diversity@10"):
-        assert lists["exact"]["full"][key] == pytest.approx(direct[key], abs=1e-9), key
-    # A list holds only items new to the user: on those targets it scores what the
-    # full ranking does; a repeat target (common in these logs) is never in it.
-    new = metrics["breakdowns_test"]["model"]["full_by_target"]["new"]
-    assert lists["exact"]["new_targets"]["users"] == new["users"] > 0
-    for key in ("recall@10", "ndcg@10"):
-        assert lists["exact"]["new_targets"][key] == pytest.approx(new[key], abs=1e-9), key
-    repeats = metrics["breakdowns_test"]["model"]["full_by_target"]["repeat"]["users"]
-    share = (new["users"] * new["recall@10"]) / (new["users"] + repeats)
-    assert lists["exact"]["full"]["recall@10"] == pytest.approx(share, abs=1e-9)
+    backtest = metrics["backtest"]["test"]
+    # Every test user has a list, those whose history before the target's day is
+    # empty too, and the lists score what the evaluation's backtest of the model does.
+    assert lists["exact"]["users_with_list"] == lists["exact"]["users"]
+    assert backtest["model"]["empty_history"]["users"] > 0
+    for part in ("all", "with_history", "empty_history"):
+        for key in ("recall@10", "ndcg@10"):
+            got, want = backtest["exact"][part][key], backtest["model"][part][key]
+            assert got == pytest.approx(want, abs=1e-9), (part, key)
+    # Baselines give users with an empty history the popularity list.
+    assert backtest["popularity"]["empty_history"]["ndcg@10"] > 0
     # Retrieval keeps most of it; MMR trades accuracy for more varied lists.
-    assert lists["retrieved"]["full"]["ndcg@10"] >= 0.8 * lists["exact"]["full"]["ndcg@10"] > 0
+    assert backtest["retrieved"]["all"]["ndcg@10"] >= 0.8 * backtest["exact"]["all"]["ndcg@10"] > 0
     # MMR on the same candidates: top-10 lists less alike in the item vectors it
     # spreads over, an effect the evaluation's metrics show.
     similarity = {name: _intra_list_similarity(tmp_path / name, model) for name in lists}
@@ -188,7 +235,8 @@ def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
     diverse_full, plain = lists["diverse"]["full"], lists["retrieved"]["full"]
     assert diverse_full["diversity@10"] > plain["diversity@10"]
     assert diverse_full["coverage@10"] > plain["coverage@10"]
-    assert "## Precomputed top-K lists" in (tmp_path / "eval" / "report.md").read_text()
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "## Precomputed top-K lists" in report and "## Nightly backtest" in report
 
 
 def test_lists_made_as_of_now_are_not_scored_against_a_split(nightly, prepared, tmp_path):

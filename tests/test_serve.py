@@ -151,6 +151,86 @@ def test_rerank_scores_equal_the_batch_path(service, catalogue, prepared):
         )
 
 
+def test_replaying_the_sampled_protocol_with_scored_at_gives_the_evaluate_scores(
+    service, catalogue, prepared, trained, tmp_path
+):
+    from ray_app.config import EvaluateConfig
+    from ray_app.evaluation import metrics as M
+    from ray_app.evaluation.evaluate import run_evaluate
+    from ray_app.evaluation.model_scorer import RerankerScorer
+
+    url, _ = service
+    art = catalogue
+    # The evaluate stage's sampled protocol (49 negatives: the service takes 50 candidates).
+    ev = EvaluateConfig(
+        prepared=prepared,
+        output=str(tmp_path / "eval"),
+        baselines=["popularity"],
+        models={"tiny": trained[0].output},
+        num_negatives=49,
+        deltas=[],
+        backtest=False,
+    )
+    metrics = run_evaluate(ev)
+    data = load_prepared(prepared)
+    t = data.splits["test"]
+    lists = pq.read_table(tmp_path / "eval" / "candidates" / "test.parquet").to_pandas()
+    assert list(lists[S.USER_ID]) == list(t.user_ids)
+    cands = np.stack(lists["candidates"].to_numpy()).astype(np.int64)
+    want = RerankerScorer(art.model, art.item_vectors).score_candidates(t, cands)
+    ids = art.items["item_id"].to_numpy()
+    types = data.manifest["resolved"]["event_types"]
+    n = art.model.cfg.max_history
+    got = np.zeros_like(want)
+    for u in range(len(t)):
+        history = [
+            {"item_id": str(ids[i]), "timestamp": int(ts), "event_type": types[int(e) - 1]}
+            for i, ts, e in zip(
+                t.histories[u][-n:], t.history_times[u][-n:], t.history_events[u][-n:], strict=True
+            )
+        ]
+        body = {
+            "history": history,
+            "candidates": [{"item_id": str(ids[c])} for c in cands[u]],
+            "scored_at": int(t.target_times[u]),
+        }
+        r = post(url, "/v1/rerank", body)
+        assert r.status_code == 200, r.text
+        scores = {x["item_id"]: x["score"] for x in r.json()["items"]}
+        got[u] = [scores[str(ids[c])] for c in cands[u]]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    replayed = M.mean_defined(M.ndcg(M.rank_stats(got, np.zeros(len(got), int)), 10))
+    assert round(replayed, 4) == round(metrics["results"]["test"]["tiny"]["sampled"]["ndcg@10"], 4)
+
+
+def test_scored_at_drops_later_events_and_dates_the_undated(service, catalogue):
+    url, _ = service
+    ids = [str(x) for x in catalogue.items["item_id"].iloc[1:31]]
+    at = 1_717_000_000  # 2024-05-29
+    cands = [{"item_id": i} for i in ids[:20]]
+    early = [{"item_id": ids[20], "timestamp": at - 7200}, {"item_id": ids[21], "timestamp": at}]
+    late = [
+        {"item_id": ids[22], "timestamp": at + 1},
+        {"item_id": ids[23], "timestamp": at + 86_400},
+    ]
+    both = post(url, "/v1/rerank", {"history": early + late, "candidates": cands, "scored_at": at})
+    only = post(url, "/v1/rerank", {"history": early, "candidates": cands, "scored_at": at})
+    assert both.status_code == only.status_code == 200, both.text
+    b, o = both.json(), only.json()
+    assert (b["history_used"], b["history_dropped"]) == (2, 2)
+    assert b["items"] == o["items"]
+    iso = post(
+        url,
+        "/v1/rerank",
+        {"history": early, "candidates": cands, "scored_at": "2024-05-29T16:26:40Z"},
+    ).json()
+    assert iso["items"] == o["items"]  # ISO-8601 and epoch seconds name the same moment
+    # An event without a timestamp happened at the moment of scoring.
+    undated = [early[0], {"item_id": ids[21]}]
+    u = post(url, "/v1/rerank", {"history": undated, "candidates": cands, "scored_at": at}).json()
+    assert u["items"] == o["items"]
+
+
 def test_a_posted_event_changes_the_next_ranking(service, catalogue):
     url, _ = service
     ids = [str(x) for x in catalogue.items["item_id"].iloc[1:41]]
@@ -226,6 +306,9 @@ GOOD = [{"item_id": "x", "text": "t"}]
         ),
         ("/v1/rerank", {"candidates": [{"item_id": "c", "text": "w" * 201}]}, 413, "text"),
         ("/v1/rerank", {"candidates": GOOD, "history": [{"item_id": "a"}] * 61}, 413, "history"),
+        ("/v1/rerank", {"candidates": GOOD, "scored_at": "1970-01-02"}, 422, "scored_at"),
+        ("/v1/rerank", {"candidates": GOOD, "scored_at": 4_102_444_800}, 422, "scored_at"),
+        ("/v1/rerank", {"candidates": GOOD, "scored_at": "someday"}, 422, "scored_at"),
         ("/v1/events", {"user_id": "u", "events": []}, 422, "events"),
         ("/v1/events", {"events": [{"item_id": "a"}]}, 422, "user_id"),
         ("/v1/events", {"user_id": "", "events": [{"item_id": "a"}]}, 422, "user_id"),

@@ -17,8 +17,8 @@ import torch
 
 from ray_app.evaluation import metrics as M
 from ray_app.evaluation.data import load_prepared
-from ray_app.evaluation.evaluate import sampled_candidates, score_split
 from ray_app.evaluation.model_scorer import RerankerScorer
+from ray_app.evaluation.protocols import sampled_candidates, score_split
 from ray_app.model.artifact import load_artifact, save_artifact
 from ray_app.training.loop import cold_start_items
 from ray_app.training.trainer import run_train, train_dataset

@@ -48,6 +48,7 @@ from ray_app.storage import (
     resolve,
     write_text_atomic,
 )
+from ray_app.times import day_start, end_of_day
 
 logger = logging.getLogger(__name__)
 
@@ -72,31 +73,33 @@ def partition_name(date: str) -> str:
     return f"dt={date}"
 
 
-def end_of_day(date: str) -> int:
-    """Epoch seconds at the end of `date` (UTC): the moment the lists are for."""
-    day = dt.datetime.fromisoformat(date).replace(tzinfo=dt.timezone.utc)
-    return int((day + dt.timedelta(days=1)).timestamp()) - 1
-
-
-def user_events(group: pa.Table, as_of: str) -> pa.Table:
+def user_events(group: pa.Table, as_of: str, until: int) -> pa.Table:
     """One user's events (any order) -> one row: their history in time order.
 
-    `as_of` `valid`/`test`: only the events before the user's first event of
-    that split, and recency measured to its time (no row without one), which
-    is the history the evaluate stage scores that target with.
+    `as_of: now`: the events up to `until` (the end of the run's day), so a run
+    for a past date sees what that night's run saw; a user with none yet gets
+    no row. `as_of: valid/test` (a backtest): what the nightly run of the UTC
+    day before the user's first event of that split knew, the events before
+    that day's 00:00 with recency to the end of the day before, which is the
+    list the user would have been shown when that target happened; the row is
+    kept even when that history is empty.
     """
     order = pc.sort_indices(
         group,
         [(S.TIMESTAMP, "ascending"), (S.SOURCE_FILE, "ascending"), (S.SOURCE_ROW, "ascending")],
     )
     g = group.take(order)
-    n, now = g.num_rows, 0
-    if as_of != "now":
+    times = g[S.TIMESTAMP].to_numpy()
+    if as_of == "now":
+        n, now = int(np.searchsorted(times, until, side="right")), 0
+        if n == 0:
+            return USER_ROWS.empty_table()
+    else:
         hits = np.flatnonzero(pc.equal(g[S.SPLIT], as_of).to_numpy(zero_copy_only=False))
         if not len(hits):
             return USER_ROWS.empty_table()
-        n = int(hits[0])
-        now = int(g[S.TIMESTAMP][n].as_py())
+        midnight = int(day_start(times[hits[0]]))
+        n, now = int(np.searchsorted(times, midnight, side="left")), midnight - 1
 
     def head(col: str, typ: pa.DataType) -> pa.Array:
         return pa.array([g[col].slice(0, n).to_numpy()], pa.list_(typ))
@@ -338,7 +341,7 @@ def _write_lists(
     if cfg.long_tail_boost > 0:
         boost = popularity_boost(events, num_items, cfg.long_tail_boost)
     users = events.groupby(S.USER_ID, num_partitions=_partitions(fs, path)).map_groups(
-        user_events, fn_args=(cfg.as_of,), batch_format="pyarrow"
+        user_events, fn_args=(cfg.as_of, opts.now), batch_format="pyarrow"
     )
     lists = users.map_batches(
         TopKActor,
@@ -415,6 +418,7 @@ def run_nightly(cfg: NightlyConfig, loader: Callable[..., Ranker] | None = None)
             "run_id": stage.run_id,
             "date": date,
             "as_of": cfg.as_of,
+            "history_cut": "end_of_date" if cfg.as_of == "now" else "day_before_target",
             "model": cfg.model,
             "model_version": art.version,
             "prepared": cfg.prepared,
@@ -469,7 +473,10 @@ def single_process(
     table = table.take(order)
     users = users[order]
     bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
-    rows = [user_events(table.slice(lo, hi - lo), "now") for lo, hi in itertools.pairwise(bounds)]
+    rows = [
+        user_events(table.slice(lo, hi - lo), "now", opts.now)
+        for lo, hi in itertools.pairwise(bounds)
+    ]
     user_rows = pa.concat_tables(rows)
     out = [
         top_k(ranker, user_rows.slice(lo, hi - lo), opts)

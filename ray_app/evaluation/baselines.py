@@ -25,6 +25,9 @@ logger = logging.getLogger(__name__)
 
 class Baseline:
     name = "baseline"
+    # Whether scores depend on when a history is scored (its events' times); those
+    # that do not score the same at every moment and are scored once.
+    uses_time = False
 
     @property
     def params(self) -> dict:

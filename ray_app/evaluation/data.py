@@ -7,7 +7,7 @@ and the set of items the user touched before it (excluded from full ranking).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -15,6 +15,7 @@ import pandas as pd
 from ray_app.data import schema as S
 from ray_app.data.sequences import SORT_KEYS
 from ray_app.storage import join, read_parquet, require_complete
+from ray_app.times import day_start
 
 
 @dataclass
@@ -27,9 +28,57 @@ class SplitTargets:
     history_events: list[np.ndarray]  # event_idx aligned with histories
     history_times: list[np.ndarray]  # timestamps (s) aligned with histories
     target_times: np.ndarray  # (n,) timestamp of each target
+    # (n,) the moment each history's recency is measured to; None = the target's time.
+    scored_at: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.targets)
+
+    @property
+    def moments(self) -> np.ndarray:
+        """When each target is scored: `scored_at`, or the target's own time."""
+        return self.target_times if self.scored_at is None else self.scored_at
+
+    @property
+    def has_history(self) -> np.ndarray:
+        return np.array([len(h) > 0 for h in self.histories], dtype=bool)
+
+    def last_event_times(self) -> np.ndarray:
+        """(n,) time of each history's last event (ties share it); the target's own time
+        where the history is empty."""
+        return np.array(
+            [
+                h[-1] if len(h) else t
+                for h, t in zip(self.history_times, self.target_times, strict=True)
+            ],
+            dtype=np.int64,
+        )
+
+    def after_last_event(self, delta_s: int) -> SplitTargets:
+        """The same targets scored `delta_s` after their history's last event: a user who
+        comes back later with the same history. Every gap to the moment of scoring is then
+        >= 0. A target without an earlier event is scored at its own time."""
+        at = np.where(self.has_history, self.last_event_times() + int(delta_s), self.target_times)
+        return replace(self, scored_at=at)
+
+    def as_of_previous_day(self) -> SplitTargets:
+        """What the nightly run of the UTC day before each target knows: the events
+        before 00:00 UTC of the target's day, recency measured to the end of the day
+        before. A history may become empty (every earlier event on the target's day)."""
+        midnight = day_start(self.target_times)
+        keep = [
+            int(np.searchsorted(t, m, side="left"))
+            for t, m in zip(self.history_times, midnight, strict=True)
+        ]
+        return SplitTargets(
+            user_ids=self.user_ids,
+            histories=[h[:n] for h, n in zip(self.histories, keep, strict=True)],
+            targets=self.targets,
+            history_events=[e[:n] for e, n in zip(self.history_events, keep, strict=True)],
+            history_times=[t[:n] for t, n in zip(self.history_times, keep, strict=True)],
+            target_times=self.target_times,
+            scored_at=midnight - 1,
+        )
 
     def subset(self, rows: np.ndarray | slice) -> SplitTargets:
         """The same targets restricted to `rows` (a rank's share, a user group)."""
@@ -42,6 +91,7 @@ class SplitTargets:
             history_events=[self.history_events[i] for i in pick],
             history_times=[self.history_times[i] for i in pick],
             target_times=self.target_times[idx],
+            scored_at=None if self.scored_at is None else self.scored_at[idx],
         )
 
 

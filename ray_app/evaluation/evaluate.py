@@ -25,47 +25,28 @@ from ray_app.data import schema as S
 from ray_app.evaluation import metrics as M
 from ray_app.evaluation.baselines import EASE, Baseline, ItemKNN, Popularity
 from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared
+from ray_app.evaluation.protocols import (
+    GAP_BUCKETS,
+    NO_EARLIER_EVENT,
+    TARGET_TIME,
+    Column,
+    at_moments,
+    backtest,
+    backtest_rows,
+    column_name,
+    concat_stats,
+    gap_labels,
+    repeat_targets,
+    sampled_candidates,
+    score_split,
+    versus_best,
+)
 from ray_app.evaluation.sasrec import SASRec, SASRecConfig
 from ray_app.storage import StagedOutput, code_version, resolve, write_json
 
 logger = logging.getLogger(__name__)
 
 HISTORY_BUCKETS = (1, 11, 21, 51, 101, 201)  # lower edges
-CHUNK = 1024
-
-
-def sampled_candidates(
-    data: EvalData,
-    split: str,
-    n_neg: int,
-    seed: int,
-    targets: SplitTargets | None = None,
-    pool: np.ndarray | None = None,
-) -> np.ndarray:
-    """(users, 1 + n_neg) item indices: the target first, then never-touched items.
-
-    `pool` (item indices) restricts the negatives, e.g. to cold-start items.
-    """
-    targets = targets if targets is not None else data.splits[split]
-    pool = np.arange(1, data.num_items + 1) if pool is None else np.asarray(pool)
-    rng = np.random.default_rng([seed, 0 if split == "valid" else 1])
-    out = np.zeros((len(targets), 1 + n_neg), dtype=np.int64)
-    for i, (u, t) in enumerate(zip(targets.user_ids, targets.targets, strict=True)):
-        owned = data.user_items[u]
-        free = len(pool) - np.isin(pool, owned).sum()
-        if free < n_neg:
-            raise ValueError(
-                f"user {u!r}: only {free} of the {len(pool)} items to sample from are untouched; "
-                f"cannot sample num_negatives={n_neg} (lower it)"
-            )
-        picked: list[int] = []
-        while len(picked) < n_neg:
-            draw = pool[rng.integers(0, len(pool), size=2 * n_neg)]
-            draw = draw[~np.isin(draw, owned)]
-            picked.extend(x for x in dict.fromkeys(draw.tolist()) if x not in set(picked))
-        out[i, 0] = t
-        out[i, 1:] = picked[:n_neg]
-    return out
 
 
 def write_candidates(path: str, targets: SplitTargets, cand: np.ndarray) -> None:
@@ -101,39 +82,6 @@ def _diversity(topk: np.ndarray, bags: sp.csr_matrix) -> float:
     return float(np.mean(vals)) if vals else float("nan")
 
 
-def score_split(
-    model: Baseline, targets: SplitTargets, cand: np.ndarray, k: int, seed: int = 0
-) -> dict[str, Any]:
-    """Per-user rank statistics for both protocols plus each user's top-k list."""
-    rng = np.random.default_rng(seed)
-    full, samp, tops = [], [], []
-    for lo in range(0, len(targets), CHUNK):
-        chunk = targets.subset(slice(lo, lo + CHUNK))
-        hist = chunk.histories
-        tgt = chunk.targets
-        scores = model.score_targets(chunk)
-        competing = np.ones(scores.shape, dtype=bool)
-        competing[:, 0] = False
-        for i, h in enumerate(hist):
-            competing[i, h] = False
-        full.append(M.rank_stats(scores, tgt, competing))
-        c = cand[lo : lo + CHUNK]
-        samp.append(M.rank_stats(np.take_along_axis(scores, c, 1), np.zeros(len(c), int)))
-        # Top-k lists break ties at random (seeded), like the expected-rank metrics.
-        jitter = rng.random(scores.shape) * 1e-9 * (np.abs(scores[np.isfinite(scores)]).max() + 1)
-        masked = np.where(competing, scores + jitter, -np.inf)
-        part = np.argpartition(-masked, k, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(masked, part, 1), axis=1)
-        tops.append(np.take_along_axis(part, order, 1))
-
-    def cat(stats: list[M.RankStats]) -> M.RankStats:
-        return M.RankStats(
-            *(np.concatenate([getattr(s, f) for s in stats]) for f in ("greater", "ties", "less"))
-        )
-
-    return {"full": cat(full), "sampled": cat(samp), "topk": np.concatenate(tops)}
-
-
 def summarize(res: dict[str, Any], data: EvalData, k: int, bags: sp.csr_matrix) -> dict[str, Any]:
     s, f, topk = res["sampled"], res["full"], res["topk"]
     per_user_auc = M.auc(s)
@@ -157,21 +105,9 @@ def summarize(res: dict[str, Any], data: EvalData, k: int, bags: sp.csr_matrix) 
     }
 
 
-def repeat_targets(targets: SplitTargets) -> np.ndarray:
-    """(n,) bool: the target item is already in the user's history (a re-consumption).
-
-    The full-ranking protocol ranks such a target like any other, but a list of
-    items new to the user (the nightly lists) can never hold it; MovieLens
-    has none, a shop's logs (view, then cart, then purchase) many.
-    """
-    return np.array(
-        [bool(np.isin(t, h)) for t, h in zip(targets.targets, targets.histories, strict=True)],
-        dtype=bool,
-    )
-
-
 def breakdowns(res: dict[str, Any], data: EvalData, split: str, k: int) -> dict[str, Any]:
-    """Full-ranking and sampled NDCG@k by history length and by target popularity."""
+    """Full-ranking and sampled NDCG@k by history length, by target popularity and by the
+    real gap from the history's last event to the target (at the target's time)."""
     targets = data.splits[split]
     hl = np.array([len(h) for h in targets.histories])
     counts = data.train_counts
@@ -183,6 +119,8 @@ def breakdowns(res: dict[str, Any], data: EvalData, split: str, k: int) -> dict[
         ["cold (0)", "top 1%", "1-5%", "5-20%", "20-50%"],
         "bottom 50%",
     )
+    gaps = gap_labels(targets)
+    gap_order = [label for label, _ in GAP_BUCKETS] + [NO_EARLIER_EVENT]
     hist_bucket = np.digitize(hl, HISTORY_BUCKETS)
     hist_labels = [f"{lo}-{hi - 1}" for lo, hi in itertools.pairwise(HISTORY_BUCKETS)] + [
         f"{HISTORY_BUCKETS[-1]}+"
@@ -214,6 +152,11 @@ def breakdowns(res: dict[str, Any], data: EvalData, split: str, k: int) -> dict[
             for lab in ["top 1%", "1-5%", "5-20%", "20-50%", "bottom 50%", "cold (0)"]
             if (pop_bucket == lab).any()
         }
+        out[f"{proto}_ndcg_by_gap"] = {
+            lab: {"ndcg": float(nd[gaps == lab].mean()), "users": int((gaps == lab).sum())}
+            for lab in gap_order
+            if (gaps == lab).any()
+        }
     return out
 
 
@@ -227,7 +170,8 @@ def fit_baselines(
 
     Each protocol gets the value with the best valid NDCG@k under that protocol
     (small neighbourhoods win full ranking but leave sampled lists full of
-    ties, for instance). SASRec keeps the epoch best on valid full NDCG@k.
+    ties, for instance). Both SASRec variants keep the epoch best on valid full NDCG@k,
+    within their fit-time cap.
     """
     k = cfg.k
     models: dict[str, dict[str, Baseline]] = {}
@@ -254,8 +198,13 @@ def fit_baselines(
         elif name == "ease":
             base = EASE(lam=cfg.ease_lambdas[0]).fit(data.train, data.num_items)
             chosen, tried = search({str(lam): base.with_lambda(lam) for lam in cfg.ease_lambdas})
-        elif name == "sasrec":
-            sc = SASRecConfig(epochs=cfg.sasrec_epochs, seed=cfg.seed)
+        elif name in ("sasrec", "sasrec_ce"):
+            sc = SASRecConfig(
+                epochs=cfg.sasrec_epochs,
+                seed=cfg.seed,
+                loss="bce" if name == "sasrec" else "ce",
+                max_minutes=cfg.sasrec_max_minutes,
+            )
             model = SASRec(sc).fit(
                 data.train, data.num_items, validate=lambda m: valid_ndcg(m)["full"]
             )
@@ -313,10 +262,11 @@ def load_models(
 
 def score_lists(
     data: EvalData, path: str, k: int, bags: sp.csr_matrix
-) -> tuple[str, dict[str, Any]]:
-    """Full-ranking metrics of precomputed top-K lists (a `nightly` partition run as of
-    a split): the split's target in the user's list or not, as the evaluation's own
-    full-ranking protocol does for a model's top-k. Returns (split, summary)."""
+) -> tuple[str, dict[str, Any], Column]:
+    """The nightly backtest of precomputed top-K lists (a `nightly` partition run as of a
+    split, which lists each user as the run of the day before their target did): the
+    split's target in the user's top k or not. Returns (split, summary, per-user column),
+    comparable to every method's `backtest` column."""
     from ray_app.storage import read_parquet, require_complete
 
     manifest = require_complete(path)
@@ -326,6 +276,11 @@ def score_lists(
             f"lists {path}: made with as_of={split!r}; score lists made as of the split "
             "they are judged on (nightly --set as_of=test), else each target is already "
             "in the history they exclude"
+        )
+    if manifest.get("history_cut") != "day_before_target":
+        raise ValueError(
+            f"lists {path}: made by an older nightly that cut histories at the target "
+            "itself, not at the day before it; re-run nightly with as_of=" + split
         )
     table = read_parquet(path).sort_values([S.USER_ID, S.RANK], kind="stable")
     index = dict(zip(data.items[S.ITEM_ID].iloc[1:], data.items[S.ITEM_IDX].iloc[1:], strict=True))
@@ -350,23 +305,29 @@ def score_lists(
         f"long_tail_share@{k}": M.long_tail_share(topk, data.train_counts, k),
         f"diversity@{k}": _diversity(np.array([t for t in topk if len(t) == k]), bags),
     }
-    return split, {
-        "full": full,
-        "new_targets": {
-            f"recall@{k}": M.mean_defined(recall[new]),
-            f"ndcg@{k}": M.mean_defined(ndcg[new]),
-            "users": int(new.sum()),
+    col = Column(ndcg, recall)
+    return (
+        split,
+        {
+            "full": full,
+            "backtest": backtest_rows(col, targets.as_of_previous_day().has_history, k),
+            "new_targets": {
+                f"recall@{k}": M.mean_defined(recall[new]),
+                f"ndcg@{k}": M.mean_defined(ndcg[new]),
+                "users": int(new.sum()),
+            },
+            "users": len(targets),
+            "users_with_list": int(sum(len(t) > 0 for t in topk)),
+            "list_length": int(table.groupby(S.USER_ID).size().max()),
+            "model_version": manifest.get("model_version"),
+            "config": {
+                key: manifest.get("config", {}).get(key)
+                for key in ("num_candidates", "diversity", "long_tail_boost")
+            },
+            "source": path,
         },
-        "users": len(targets),
-        "users_with_list": int(sum(len(t) > 0 for t in topk)),
-        "list_length": int(table.groupby(S.USER_ID).size().max()),
-        "model_version": manifest.get("model_version"),
-        "config": {
-            key: manifest.get("config", {}).get(key)
-            for key in ("num_candidates", "diversity", "long_tail_boost")
-        },
-        "source": path,
-    }
+        col,
+    )
 
 
 def held_out_events(data: EvalData, mask: np.ndarray) -> SplitTargets:
@@ -450,9 +411,7 @@ def cold_start(
         row: dict[str, Any] = {"held_out_items": int(mask.sum())}
         vt = [stats[s] for s in ("valid", "test") if s in stats]
         if vt:
-            merged = M.RankStats(
-                *(np.concatenate([getattr(s, f) for s in vt]) for f in ("greater", "ties", "less"))
-            )
+            merged = concat_stats(vt)
             per_user["valid_test"][name] = M.ndcg(merged, k)
             row.update(
                 {
@@ -502,6 +461,59 @@ def paired(
     return out
 
 
+def _group_columns(
+    groups: dict[str, list[str]], columns: dict[str, dict[str, Column]]
+) -> dict[str, dict[str, Column]]:
+    """A group's per-user values: the mean of its members' (the same users and lists)."""
+    out = {}
+    for group, members in groups.items():
+        shared = set.intersection(*(set(columns[m]) for m in members))
+        out[group] = {
+            col: Column(
+                np.mean([columns[m][col].ndcg for m in members], 0),
+                np.mean([columns[m][col].hit for m in members], 0),
+            )
+            for col in shared
+        }
+    return out
+
+
+def moment_table(
+    columns: dict[str, dict[str, Column]],
+    moments: list[str],
+    groups: dict[str, list[str]],
+    k: int,
+) -> dict[str, Any]:
+    """method -> moment -> protocol -> NDCG@k and HR/Recall@k; a group also gets the
+    standard deviation of its members' means."""
+    out: dict[str, Any] = {}
+    for name, cols in columns.items():
+        row = {}
+        for moment in moments:
+            cell = {}
+            for proto, hit in (("sampled", "hr"), ("full", "recall")):
+                col = cols.get(column_name(proto, moment))
+                if col is None:
+                    continue
+                cell[proto] = col.summary(hit, k)
+                if name in groups:
+                    cell[proto][f"ndcg@{k}_sd"] = float(
+                        np.std(
+                            [
+                                M.mean_defined(columns[m][column_name(proto, moment)].ndcg)
+                                for m in groups[name]
+                            ],
+                            ddof=1,
+                        )
+                        if len(groups[name]) > 1
+                        else 0.0
+                    )
+            if cell:
+                row[moment] = cell
+        out[name] = row
+    return out
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score every configured method on valid and test; write metrics, report, plots."""
     from ray_app.evaluation.report import write_report
@@ -510,6 +522,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     data = load_prepared(cfg.prepared)
     bags = _token_bags(data)
     k = cfg.k
+    deltas = cfg.delta_seconds
+    moments = [TARGET_TIME, *deltas]
     with StagedOutput(cfg.output) as stage:
         cands = {}
         for split in ("valid", "test"):
@@ -518,44 +532,89 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 stage.path("candidates", f"{split}.parquet"), data.splits[split], cands[split]
             )
         models, info = fit_baselines(cfg, data, cands, bags)
+        baseline_names = list(models)
+        popularity = Popularity().fit(data.train, data.num_items)
         trained, model_info, held = load_models(cfg, data)
         models.update(trained)
         results: dict[str, Any] = {"valid": {}, "test": {}}
         details: dict[str, Any] = {}
         test_stats: dict[str, dict[str, M.RankStats]] = {}
+        # split -> method -> column ("<protocol>@<moment>" or "backtest") -> per-user values
+        columns: dict[str, dict[str, dict[str, Column]]] = {"valid": {}, "test": {}}
+        backtests: dict[str, Any] = {"valid": {}, "test": {}}
         for name, chosen in models.items():
             for split in ("valid", "test"):
+                targets = data.splits[split]
                 per_proto = {}
                 for proto in PROTOCOLS:
                     model = chosen[proto]
                     if proto == "full" and model is chosen["sampled"]:
                         per_proto["full"] = per_proto["sampled"]
                         continue
-                    res = score_split(model, data.splits[split], cands[split], k)
+                    res = score_split(model, targets, cands[split], k)
                     per_proto[proto] = (res, summarize(res, data, k, bags))
                 results[split][name] = {
                     **{p: per_proto[p][1][p] for p in PROTOCOLS},
                     "users": len(cands[split]),
                 }
+                merged = {p: per_proto[p][0][p] for p in PROTOCOLS}
                 if split == "test":
-                    merged = {p: per_proto[p][0][p] for p in PROTOCOLS}
                     test_stats[name] = merged
                     details[name] = breakdowns(merged, data, split, k)
+                # Per-protocol choices exist only for time-free baselines, which at_moments
+                # does not score again; a model with a time input is one model.
+                if chosen["full"].uses_time and chosen["full"] is not chosen["sampled"]:
+                    raise ValueError(f"{name}: a time-aware method must be one model")
+                cols = at_moments(chosen["full"], targets, cands[split], k, deltas, merged)
+                if cfg.backtest:
+                    cols["backtest"] = backtest(chosen["full"], targets, k, popularity)
+                columns[split][name] = cols
+                logger.info("scored %s on %s", name, split)
         cold, cold_users = cold_start(models, held, data, cfg)
         lists = {}
         for name, path in cfg.lists.items():
-            split, summary = score_lists(data, path, k, bags)
+            split, summary, col = score_lists(data, path, k, bags)
             lists[name] = {"split": split, **summary}
+            columns[split][name] = {"backtest": col}
+        for split in ("valid", "test"):
+            columns[split].update(_group_columns(cfg.groups, columns[split]))
+            if cfg.backtest or cfg.lists:
+                has = data.splits[split].as_of_previous_day().has_history
+                backtests[split] = {
+                    name: backtest_rows(cols["backtest"], has, k)
+                    for name, cols in columns[split].items()
+                    if "backtest" in cols
+                }
+        others = [n for n in columns["test"] if n not in baseline_names]
         metrics = {
             "k": k,
             "protocols": {
                 "sampled": f"held-out item + {cfg.num_negatives} never-touched items, "
                 f"seed {cfg.seed}",
                 "full": "held-out item against all items minus the user's earlier items",
+                "returning": "the same targets, histories and candidates, scored at the "
+                "history's last event + Δ",
+                "backtest": "what the nightly run of the UTC day before each target knew: "
+                "events before the target's day, recency to the end of the day before, all "
+                "items minus those events' items; a repeat target is a miss; baselines give "
+                "users with an empty history the popularity list",
             },
             "prepared": cfg.prepared,
             "prepared_run_id": data.manifest.get("run_id"),
             "results": results,
+            "moments": {
+                "deltas_s": deltas,
+                "no_earlier_event": {
+                    s: int((~data.splits[s].has_history).sum()) for s in ("valid", "test")
+                },
+                "uses_time": {n: bool(models[n]["full"].uses_time) for n in models},
+                "results": {
+                    s: moment_table(columns[s], moments, cfg.groups, k) for s in ("valid", "test")
+                },
+            },
+            "backtest": backtests,
+            "versus_best_baseline": versus_best(columns["test"], baseline_names, others),
+            "groups": cfg.groups,
             "breakdowns_test": details,
             "baselines": info,
             "models": model_info,

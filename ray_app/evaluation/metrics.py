@@ -12,6 +12,7 @@ ranking over the catalogue, so both protocols share their arithmetic.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -170,19 +171,18 @@ def mean_defined(x: np.ndarray) -> float:
     return float(x[ok].mean()) if ok.any() else float("nan")
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
-    """Mean and standard error of a - b over the users both define (same users, same lists).
+def paired_difference(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Mean, standard error and 95% interval (± 1.96 se) of a - b over the users both
+    define (same users, same lists).
 
     Pairing removes the between-user variance that dominates a comparison of
-    two means; a difference within about two standard errors is noise.
+    two means; an interval that holds zero is noise.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if a.shape != b.shape:
         raise ValueError(f"paired metrics need the same users: {a.shape} vs {b.shape}")
     d = (a - b)[~(np.isnan(a) | np.isnan(b))]
     n = len(d)
-    return {
-        "diff": float(d.mean()) if n else float("nan"),
-        "se": float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
-        "users": n,
-    }
+    diff = float(d.mean()) if n else float("nan")
+    se = float(d.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
+    return {"diff": diff, "se": se, "ci95": [diff - 1.96 * se, diff + 1.96 * se], "users": n}

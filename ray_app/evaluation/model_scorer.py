@@ -14,9 +14,13 @@ from ray_app.model.reranker import Reranker
 class RerankerScorer(Baseline):
     """Scores every catalogue item with the full model (user tower + scorer).
 
-    Histories carry event types and time gaps to each target's timestamp, as
-    in training. `item_vectors` is the item table of the same weights.
+    Histories carry event types and time gaps to each target's moment of
+    scoring (`SplitTargets.moments`: the target's own time, as in training,
+    unless the protocol moves it). `item_vectors` is the item table of the
+    same weights.
     """
+
+    uses_time = True
 
     def __init__(
         self,
@@ -48,7 +52,7 @@ class RerankerScorer(Baseline):
             t.histories,
             t.history_events,
             t.history_times,
-            t.target_times,
+            t.moments,
             self.model.cfg.max_history,
         ).to(self.device)
 

@@ -28,6 +28,7 @@ def markdown(metrics: dict[str, Any]) -> str:
                 f"| {f[f'diversity@{k}']:.3f} | {r['users']} |"
             )
         lines.append("")
+    lines += returning_users_tables(metrics)
     lines += [
         "## Baselines",
         "",
@@ -136,6 +137,115 @@ def markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _ndcg_cell(cell: dict[str, Any] | None, k: int) -> str:
+    if not cell:
+        return "-"
+    sd = cell.get(f"ndcg@{k}_sd")
+    return f"{cell[f'ndcg@{k}']:.4f}" + (f" ± {sd:.4f}" if sd is not None else "")
+
+
+def _interval(d: dict[str, Any]) -> str:
+    lo, hi = d["ci95"]
+    return f"{d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
+
+
+def returning_users_tables(metrics: dict[str, Any]) -> list[str]:
+    """The test split at every moment of scoring, by real gap, in the nightly backtest,
+    and each model against the best baseline of every column."""
+    k = metrics["k"]
+    mom = metrics.get("moments")
+    if not mom:
+        return []
+    test = mom["results"]["test"]
+    moments = ["target", *mom["deltas_s"]]
+    head = " | ".join(moments)
+    lines = [
+        f"## Returning users: test NDCG@{k} by the moment of scoring",
+        "",
+        "The same targets, histories and candidates, scored at the target's own time "
+        "(`target`) and at the history's last event + Δ. Methods without a time input "
+        f"score the same at every moment. Targets without an earlier event (scored at "
+        f"their own time): {mom['no_earlier_event']['test']}.",
+        "",
+    ]
+    for proto in ("full", "sampled"):
+        lines += [
+            f"**{proto}**",
+            "",
+            f"| method | {head} |",
+            "|---|" + "---:|" * len(moments),
+        ]
+        for name, row in test.items():
+            cells = [_ndcg_cell(row.get(m, {}).get(proto), k) for m in moments]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    details = metrics.get("breakdowns_test", {})
+    gaps = {n: d.get("full_ndcg_by_gap", {}) for n, d in details.items()}
+    labels = list(next(iter(gaps.values()), {}))
+    if labels:
+        counts = next(iter(gaps.values()))
+        lines += [
+            f"## Test NDCG@{k} at the target's time, by the real gap to the target",
+            "",
+            "The gap from the history's last event to the target: the real returning users. "
+            "Cells: full / sampled.",
+            "",
+            "| method | " + " | ".join(f"{g} ({counts[g]['users']})" for g in labels) + " |",
+            "|---|" + "---:|" * len(labels),
+        ]
+        for name, d in details.items():
+            full, samp = d["full_ndcg_by_gap"], d["sampled_ndcg_by_gap"]
+            cells = [
+                f"{full[g]['ndcg']:.4f} / {samp[g]['ndcg']:.4f}" if g in full else "-"
+                for g in labels
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    bt = metrics.get("backtest", {}).get("test")
+    if bt:
+        first = next(iter(bt.values()))
+        lines += [
+            "## Nightly backtest (test)",
+            "",
+            "Each target against the list the nightly run of the UTC day before it made: "
+            "events before the target's day, recency to the end of the day before, the whole "
+            "catalogue minus those events' items (a repeat target is a miss). Baselines give "
+            "users with an empty history the popularity list.",
+            "",
+            f"| method | Recall@{k} | NDCG@{k} | with history NDCG@{k} "
+            f"({first['with_history']['users']}) | empty history NDCG@{k} "
+            f"({first['empty_history']['users']}) |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for name, r in bt.items():
+            a, w, e = r["all"], r["with_history"], r["empty_history"]
+            lines.append(
+                f"| {name} | {a[f'recall@{k}']:.4f} | {a[f'ndcg@{k}']:.4f} "
+                f"| {w[f'ndcg@{k}']:.4f} | {e[f'ndcg@{k}']:.4f} |"
+            )
+        lines.append("")
+    vs = metrics.get("versus_best_baseline", {})
+    if vs:
+        cols = [f"{p}@{m}" for p in ("full", "sampled") for m in moments] + ["backtest"]
+        cols = [c for c in cols if any(c in r for r in vs.values())]
+        names = list(vs)
+        lines += [
+            f"## Against the best baseline of each column (test NDCG@{k})",
+            "",
+            "Each model minus the baseline with the highest test value in that column, user "
+            "by user: mean [95% interval]. An interval that holds 0 is no difference.",
+            "",
+            "| column | best baseline | " + " | ".join(names) + " |",
+            "|---|---|" + "---|" * len(names),
+        ]
+        for c in cols:
+            best = next(r[c]["baseline"] for r in vs.values() if c in r)
+            cells = [_interval(vs[n][c]) if c in vs[n] else "-" for n in names]
+            lines.append(f"| {c} | {best} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return lines
+
+
 def paired_table(metrics: dict[str, Any]) -> list[str]:
     """Markdown lines of the paired a - b comparisons in `metrics["paired"]`."""
     k = metrics["k"]
@@ -167,6 +277,8 @@ def write_report(out_dir: str, metrics: dict[str, Any]) -> list[str]:
 
     write_text(join(out_dir, "report.md"), markdown(metrics))
     figures = {"metrics_by_method.png": plots.metrics_by_method(metrics)}
+    if metrics.get("moments"):
+        figures["ndcg_by_delta.png"] = plots.ndcg_by_moment(metrics)
     for key in plots.BREAKDOWNS:
         figures[f"{key}.png"] = plots.ndcg_breakdown(metrics, key)
     for name, fig in figures.items():

@@ -49,12 +49,16 @@ class Candidate:
 @dataclass
 class Query:
     """A user's events (any order) and the candidates to order; `now` defaults to the
-    wall clock and is the moment the history's recency is measured to."""
+    wall clock and is the moment the history's recency is measured to. With
+    `drop_later`, events after `now` are left out and counted as dropped (a replay
+    of a past moment); without it they count as just now (a client's clock ahead of
+    the server's)."""
 
     history: Sequence[Event]
     candidates: Sequence[Candidate]
     k: int | None = None
     now: int | None = None
+    drop_later: bool = False
 
 
 @dataclass
@@ -169,7 +173,8 @@ class Ranker:
         items, kinds, times, dropped = [], [], [], 0
         for e in events:
             idx = self.index.get(e.item_id)
-            if idx is None:  # an item the model cannot embed without text: skipped
+            later = q.drop_later and q.now is not None and e.timestamp > q.now
+            if idx is None or later:  # an item the model cannot embed, or a later event
                 dropped += 1
                 continue
             items.append(idx)

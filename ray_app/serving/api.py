@@ -11,7 +11,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
-from ray_app.config import parse_time
+from ray_app.times import parse_time
 
 
 def _not_blank(v: str) -> str:
@@ -58,6 +58,18 @@ class RerankRequest(_Body):
     history: list[EventIn] = Field(default_factory=list)
     candidates: list[CandidateIn] = Field(min_length=1)
     k: int | None = Field(default=None, ge=1)
+    scored_at: int | str | None = Field(
+        default=None,
+        description="The moment of scoring (epoch seconds or ISO-8601; default: the wall "
+        "clock): recency is measured to it, events later than it (sent or stored) are "
+        "ignored and counted in history_dropped, and events without a timestamp take it. "
+        "Replays logged traffic as it was.",
+    )
+
+    @field_validator("scored_at")
+    @classmethod
+    def _moment(cls, v: int | str | None) -> int | None:
+        return None if v is None else parse_time(v)
 
 
 class ScoredItem(BaseModel):

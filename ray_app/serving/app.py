@@ -35,6 +35,7 @@ from ray_app.serving.api import (
 from ray_app.serving.events import make_store, merge
 from ray_app.serving.recommendations import NoRecommendations, TopKReader
 from ray_app.storage import absolute
+from ray_app.times import parse_time
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,19 @@ class RerankService:
             return await getter(user_id)
         return await asyncio.to_thread(self.store.get, user_id)
 
+    def _moment(self, scored_at: int | None) -> int:
+        """The request's moment of scoring: `scored_at` within the configured bounds
+        (422 naming it otherwise), or the wall clock."""
+        clock = int(time.time())
+        if scored_at is None:
+            return clock
+        lim = self.limits
+        lo = parse_time(lim.min_timestamp)
+        hi = parse_time(lim.max_timestamp) if lim.max_timestamp is not None else clock + 86_400
+        if not lo <= scored_at <= hi:
+            raise _error(422, ["scored_at"], f"{scored_at} is outside {lo} .. {hi} (epoch seconds)")
+        return scored_at
+
     def _events(self, events: list[EventIn], field: str, now: int) -> list[Event]:
         out = []
         for i, e in enumerate(events):
@@ -169,7 +183,7 @@ class RerankService:
             if c.item_id in seen:
                 raise _error(422, ["candidates", i, "item_id"], f"duplicate {c.item_id!r}")
             seen.add(c.item_id)
-        now = int(time.time())
+        now = self._moment(req.scored_at)
         sent = self._events(req.history, "history", now)
         history = merge(await self._stored(req.user_id), sent)
         query = RankQuery(
@@ -177,6 +191,7 @@ class RerankService:
             candidates=[Candidate(c.item_id, c.text) for c in req.candidates],
             k=req.k,
             now=now,
+            drop_later=req.scored_at is not None,
         )
         version = self.ranker.version
         ranked = await self._score(query)

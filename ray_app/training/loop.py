@@ -23,8 +23,8 @@ from ray_app.config import TrainConfig
 from ray_app.data.negatives import NegativeSampler, user_hash
 from ray_app.evaluation import metrics as M
 from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared
-from ray_app.evaluation.evaluate import sampled_candidates, score_split
 from ray_app.evaluation.model_scorer import RerankerScorer
+from ray_app.evaluation.protocols import sampled_candidates, score_split
 from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, load_pretrained, tokenizer_source
 from ray_app.model.reranker import Reranker
@@ -108,6 +108,10 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         data.train_counts, neg_cfg["sampler"], neg_cfg["popularity_alpha"], neg_cfg["seed"]
     )
     neg = np.diff(sampler.cdf, prepend=0.0)
+    valid = data.splits["valid"]
+    if cfg.valid_users is not None and cfg.valid_users < len(valid):
+        pick = np.random.default_rng(0).choice(len(valid), cfg.valid_users, replace=False)
+        valid = valid.subset(np.sort(pick))
     return TrainData(
         num_items=n,
         num_event_types=len(manifest["resolved"]["event_types"]) + 1,
@@ -116,8 +120,8 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         neg_prob=torch.from_numpy(neg / neg.sum()).float(),
         known=torch.from_numpy((counts > 0) & ~hidden),
         hidden=hidden if hidden.any() else None,
-        valid=data.splits["valid"],
-        valid_cands=sampled_candidates(data, "valid", cfg.valid_negatives, 0),
+        valid=valid,
+        valid_cands=sampled_candidates(data, "valid", cfg.valid_negatives, 0, valid),
         eval_data=data,
     )
 
@@ -257,7 +261,7 @@ def validate(
     """Sums (not means) of NDCG@k / HR@k under both protocols, so ranks can add them."""
     model.eval()
     scorer = RerankerScorer(model, model.item_table())
-    res = score_split(scorer, targets, cands, k)
+    res = score_split(scorer, targets, cands, k, lists=False)
     model.train()
     return {
         "users": float(len(targets)),
