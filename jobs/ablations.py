@@ -75,7 +75,11 @@ def summary(metrics: dict, seeds: list[int], k: int) -> str:
             v = np.array([r[p][m] for r in hyb])
             cells.append(f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
         lines.append(f"| **hybrid, mean ± sd over {len(hyb)} seeds** | " + " | ".join(cells) + " |")
-    base = {n: r for n, r in test.items() if n in ("popularity", "item_knn", "ease", "sasrec")}
+    base = {
+        n: r
+        for n, r in test.items()
+        if n in ("popularity", "item_knn", "ease", "sasrec", "sasrec_ce")
+    }
     if base and hyb:
         lines.append("")
         for p, m in cols:
@@ -126,7 +130,7 @@ def main() -> int:
     p.add_argument(
         "--baselines",
         nargs="+",
-        default=["popularity", "item_knn", "ease", "sasrec"],
+        default=["popularity", "item_knn", "ease", "sasrec", "sasrec_ce"],
         help="baselines scored beside the models",
     )
     p.add_argument("--only", nargs="*", help="train only these variants")
