@@ -31,9 +31,18 @@ def test_left_pad_keeps_the_last_values_right_aligned():
 
 
 def test_history_gaps_are_measured_to_the_scoring_time():
-    h = make_history([np.array([3, 4])], [np.array([1, 2])], [np.array([100, 160])], [400], 4)
-    assert h.items.tolist() == [[0, 0, 3, 4]]
-    assert h.gaps.tolist() == [[0, 0, 300, 240]]
+    h = make_history(
+        [np.array([3, 4]), np.array([5])],
+        [np.array([1, 2]), np.array([1])],
+        [np.array([100, 160]), np.array([50])],
+        [400, 60],
+        4,
+    )
+    # Padded to the longest history given (at most the length asked for).
+    assert h.items.tolist() == [[3, 4], [0, 5]]
+    assert h.gaps.tolist() == [[300, 240], [0, 10]]
+    long = make_history([np.arange(1, 7)], [np.ones(6)], [np.arange(6)], [10], 4)
+    assert long.items.tolist() == [[3, 4, 5, 6]]
 
 
 @pytest.mark.parametrize("trainable", [0, 1, -1])
@@ -101,6 +110,21 @@ def test_predict_with_shared_and_per_user_candidates_agree():
     shared = model.predict(hist, table[[7, 8, 9]])
     per_user = model.predict(hist, table[[7, 8, 9]].expand(2, 3, -1))
     torch.testing.assert_close(shared, per_user)
+
+
+def test_leading_padding_does_not_change_scores():
+    model = _model(use_text=False).eval()
+    items = [np.array([1, 2, 3]), np.array([4])]
+    short = make_history(items, [np.ones(3), np.ones(1)], [np.arange(3), np.zeros(1)], [9, 9], 50)
+    assert short.items.shape == (2, 3)
+    pad = 50 - 3
+    long = History(
+        *(torch.nn.functional.pad(x, (pad, 0)) for x in (short.items, short.events, short.gaps))
+    )
+    table = model.item_table()
+    torch.testing.assert_close(model.predict(short, table), model.predict(long, table))
+    # Blocks of candidates of any size give the same scores.
+    torch.testing.assert_close(model.predict(short, table, cells=64), model.predict(short, table))
 
 
 def test_unknown_items_score_from_text_alone():

@@ -64,8 +64,8 @@ USER_ROWS = pa.schema(
         pa.field(NOW, pa.int64()),
     ]
 )
-# Users x candidates scored in one forward pass when the whole catalogue is
-# re-ranked (num_candidates=0), which bounds the attention tensor's memory.
+# Users x retrieved candidates scored in one forward pass, which bounds the
+# attention tensor's memory.
 MAX_CELLS = 1 << 19
 
 
@@ -175,8 +175,9 @@ def top_k(
 ) -> pa.Table:
     """USER_ROWS -> TOPK_SCHEMA rows: each user's best `k` unseen items, best first.
 
-    The scores are `Ranker.score_rows` of the user's history and the
-    candidates, the very scores `/v1/rerank` returns for them; `boost` (per
+    The scores are `Ranker.score_rows` (or, for the whole catalogue,
+    `score_catalogue`) of the user's history and the candidates, the very
+    scores `/v1/rerank` returns for them; `boost` (per
     item_idx) and `diversity` change the order only, never the score column.
     """
     items = _lists(users[S.HIST_ITEM_IDX])
@@ -188,17 +189,18 @@ def top_k(
     total = len(ranker.vectors) - 1
     if opts.num_candidates:
         cand = ranker.retrieve(hist, opts.num_candidates, items)
+        scores = torch.cat(
+            [
+                ranker.score_rows(hist[lo:hi], cand[lo:hi])
+                for lo, hi in _spans(len(items), max(1, MAX_CELLS // max(1, cand.shape[1])))
+            ]
+        ).float()
     else:
         cand = torch.arange(1, total + 1).expand(len(items), -1).clone()
         for b, seen in enumerate(items):
             cand[b, torch.from_numpy(seen[seen > 0] - 1)] = 0
         cand = cand.to(ranker.device)
-    scores = torch.cat(
-        [
-            ranker.score_rows(hist[lo:hi], cand[lo:hi])
-            for lo, hi in _spans(len(items), max(1, MAX_CELLS // max(1, cand.shape[1])))
-        ]
-    ).float()
+        scores = ranker.score_catalogue(hist)[:, 1:].float()
     scores = scores.masked_fill(cand == 0, -torch.inf)
     ordered = scores if boost is None else scores + boost.to(scores.device)[cand]
     if opts.diversity > 0:

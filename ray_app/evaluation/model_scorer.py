@@ -56,15 +56,22 @@ class RerankerScorer(Baseline):
             self.model.cfg.max_history,
         ).to(self.device)
 
+    def _groups(self, targets: SplitTargets) -> list[np.ndarray]:
+        """Rows in chunks of `users_per_chunk` users with similar history lengths, so that
+        a chunk's histories are padded only to about their own length."""
+        cap = self.model.cfg.max_history
+        lengths = np.minimum([len(h) for h in targets.histories], cap)
+        order = np.argsort(lengths, kind="stable")
+        n = self.users_per_chunk
+        return [order[lo : lo + n] for lo in range(0, len(order), n)]
+
     @torch.no_grad()
     def score_targets(self, targets: SplitTargets) -> np.ndarray:
         self.model.eval()
-        out = []
-        n = self.users_per_chunk
-        for lo in range(0, len(targets), n):
-            hist = self._histories(targets.subset(slice(lo, lo + n)))
-            out.append(self.model.predict(hist, self.item_vectors).double().cpu().numpy())
-        scores = np.concatenate(out) if out else np.zeros((0, len(self.item_vectors)))
+        scores = np.zeros((len(targets), len(self.item_vectors)))
+        for rows in self._groups(targets):
+            hist = self._histories(targets.subset(rows))
+            scores[rows] = self.model.predict(hist, self.item_vectors).double().cpu().numpy()
         scores[:, 0] = -np.inf
         return scores
 
@@ -72,10 +79,9 @@ class RerankerScorer(Baseline):
     def score_candidates(self, targets: SplitTargets, candidates: np.ndarray) -> np.ndarray:
         """Only the candidates' columns, without scoring the whole catalogue."""
         self.model.eval()
-        out = []
-        n = self.users_per_chunk
-        for lo in range(0, len(targets), n):
-            hist = self._histories(targets.subset(slice(lo, lo + n)))
-            idx = torch.from_numpy(candidates[lo : lo + n]).to(self.device)
-            out.append(self.model.predict(hist, self.item_vectors[idx]).double().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros(candidates.shape)
+        out = np.zeros(candidates.shape)
+        for rows in self._groups(targets):
+            hist = self._histories(targets.subset(rows))
+            idx = torch.from_numpy(candidates[rows]).to(self.device)
+            out[rows] = self.model.predict(hist, self.item_vectors[idx]).double().cpu().numpy()
+        return out

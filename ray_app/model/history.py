@@ -70,7 +70,13 @@ def make_history(
     now: np.ndarray,
     length: int,
 ) -> History:
-    """Per-user arrays (oldest first) -> History with gaps to `now` (one time per user)."""
+    """Per-user arrays (oldest first) -> History with gaps to `now` (one time per user).
+
+    At most `length` events each, and no longer than the longest history given:
+    leading columns that are padding for every user would only cost compute (the
+    user tower counts positions from the most recent event, so nothing else changes).
+    """
+    length = max(1, min(length, max((len(s) for s in items), default=0)))
     t = pad_sequences(times, length)
     it = pad_sequences(items, length)
     gaps = np.where(it > 0, np.asarray(now, dtype=np.int64)[:, None] - t, 0)

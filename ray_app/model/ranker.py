@@ -203,10 +203,17 @@ class Ranker:
         self, hist: History, rows: torch.Tensor, table: torch.Tensor | None = None
     ) -> torch.Tensor:
         """(B, C) scores of each user's candidates, given as rows of `table` (default:
-        the item table, row = item_idx). Every scoring path ends here: `/v1/rerank`
-        through `score`, the nightly lists through `retrieve` + this."""
+        the item table, row = item_idx). `/v1/rerank` scores through `score` and this,
+        the nightly lists through `retrieve` + this, or `score_catalogue` for all items."""
         table = self.vectors if table is None else table
         return self.model.predict(hist, table[rows.to(self.device)])
+
+    @torch.no_grad()
+    def score_catalogue(self, hist: History) -> torch.Tensor:
+        """(B, N + 1) scores of every item (column = item_idx; column 0 is padding): the
+        scores `score_rows` gives for those items, computed with the candidates shared
+        by the batch, as the evaluation's full ranking does."""
+        return self.model.predict(hist, self.vectors)
 
     @torch.no_grad()
     def retrieve(

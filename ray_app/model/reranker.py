@@ -19,6 +19,8 @@ from ray_app.model.encoder import TextBatch, TextEncoder
 from ray_app.model.history import History, recency_bucket
 
 NEG_INF = -1e9
+# (user, candidate) pairs scored per block when a catalogue is ranked (see `predict`).
+SCORE_CELLS = 1 << 15
 
 
 class ItemTower(nn.Module):
@@ -209,12 +211,21 @@ class Reranker(nn.Module):
         return scores, out
 
     @torch.no_grad()
-    def predict(self, hist: History, cand_vectors: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-        """Scores (B, C) for histories against candidate vectors, shared (C, d) or (B, C, d)."""
+    def predict(
+        self, hist: History, cand_vectors: torch.Tensor, cells: int = SCORE_CELLS
+    ) -> torch.Tensor:
+        """Scores (B, C) for histories against candidate vectors, shared (C, d) or (B, C, d).
+
+        Shared candidates are scored in blocks of about `cells` (user, candidate)
+        pairs: the scorer's elementwise passes over its (B, C, L) and (B, C, d)
+        tensors are bound by memory, and blocks that stay in the CPU's cache ranked
+        a whole catalogue twice as fast as 2,048-item blocks for 64 users.
+        """
         user, states = self.encode_user(hist)
         valid = hist.items > 0
         if cand_vectors.dim() == 3:
             return self.scorer(user, states, valid, cand_vectors)
+        chunk = max(64, cells // max(1, len(user)))
         parts = [
             self.scorer(user, states, valid, cand_vectors[lo : lo + chunk])
             for lo in range(0, len(cand_vectors), chunk)
