@@ -101,17 +101,30 @@ def ndcg_by_moment(metrics: dict[str, Any], split: str = "test") -> Figure:
     mom = metrics["moments"]
     moments = ["target", *mom["deltas_s"]]
     table = mom["results"][split]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    names = [n for n, row in table.items() if row]
+    colors = plt.get_cmap("tab20")(range(len(names)))
+    groups = set(metrics.get("groups", {}))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for ax, proto in zip(axes, ("full", "sampled"), strict=True):
-        for name, row in table.items():
+        for name, color in zip(names, colors, strict=True):
+            row = table[name]
             ys = [row.get(m, {}).get(proto, {}).get(f"ndcg@{k}", float("nan")) for m in moments]
-            style = "-" if mom["uses_time"].get(name, True) else "--"
-            ax.plot(range(len(moments)), ys, style, marker="o", label=name)
+            timed = mom["uses_time"].get(name, True)
+            ax.plot(
+                range(len(moments)),
+                ys,
+                "-" if timed else "--",
+                marker="o" if timed else None,
+                lw=2.5 if name in groups else 1.2,
+                color=color,
+                label=name + ("" if timed else " (no time input)"),
+            )
         ax.set_xticks(range(len(moments)), moments, fontsize=8)
         ax.set_xlabel("moment of scoring (target's time, then last event + Δ)")
         ax.set_title(f"{split} NDCG@{k}, {proto}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
     return fig
 
 

@@ -510,7 +510,8 @@ def moment_table(
                     )
             if cell:
                 row[moment] = cell
-        out[name] = row
+        if row:  # precomputed lists have a backtest column only
+            out[name] = row
     return out
 
 

@@ -176,6 +176,8 @@ def returning_users_tables(metrics: dict[str, Any]) -> list[str]:
             "|---|" + "---:|" * len(moments),
         ]
         for name, row in test.items():
+            if not row:
+                continue
             cells = [_ndcg_cell(row.get(m, {}).get(proto), k) for m in moments]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
