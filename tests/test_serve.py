@@ -151,11 +151,21 @@ def test_rerank_scores_equal_the_batch_path(service, catalogue, prepared):
         )
 
 
+def _replay_tool():
+    """jobs/replay.py, the tool a team replays logged traffic with."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "jobs" / "replay.py"
+    spec = importlib.util.spec_from_file_location("replay", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_replaying_the_sampled_protocol_with_scored_at_gives_the_evaluate_scores(
-    service, catalogue, prepared, trained, tmp_path
+    service, catalogue, prepared, trained, tmp_path, capsys
 ):
     from ray_app.config import EvaluateConfig
-    from ray_app.evaluation import metrics as M
     from ray_app.evaluation.evaluate import run_evaluate
     from ray_app.evaluation.model_scorer import RerankerScorer
 
@@ -172,35 +182,24 @@ def test_replaying_the_sampled_protocol_with_scored_at_gives_the_evaluate_scores
         backtest=False,
     )
     metrics = run_evaluate(ev)
-    data = load_prepared(prepared)
-    t = data.splits["test"]
-    lists = pq.read_table(tmp_path / "eval" / "candidates" / "test.parquet").to_pandas()
-    assert list(lists[S.USER_ID]) == list(t.user_ids)
-    cands = np.stack(lists["candidates"].to_numpy()).astype(np.int64)
+    lists = str(tmp_path / "eval" / "candidates" / "test.parquet")
+    t = load_prepared(prepared).splits["test"]
+    cands = np.stack(pq.read_table(lists).to_pandas()["candidates"].to_numpy()).astype(np.int64)
     want = RerankerScorer(art.model, art.item_vectors).score_candidates(t, cands)
-    ids = art.items["item_id"].to_numpy()
-    types = data.manifest["resolved"]["event_types"]
+    tool = _replay_tool()
     n = art.model.cfg.max_history
-    got = np.zeros_like(want)
-    for u in range(len(t)):
-        history = [
-            {"item_id": str(ids[i]), "timestamp": int(ts), "event_type": types[int(e) - 1]}
-            for i, ts, e in zip(
-                t.histories[u][-n:], t.history_times[u][-n:], t.history_events[u][-n:], strict=True
-            )
-        ]
-        body = {
-            "history": history,
-            "candidates": [{"item_id": str(ids[c])} for c in cands[u]],
-            "scored_at": int(t.target_times[u]),
-        }
-        r = post(url, "/v1/rerank", body)
-        assert r.status_code == 200, r.text
-        scores = {x["item_id"]: x["score"] for x in r.json()["items"]}
-        got[u] = [scores[str(ids[c])] for c in cands[u]]
+    ids, bodies = tool.requests_for(prepared, lists, "test", n, scored_at=True)
+    answers = tool.replay(url, bodies, TOKEN, 4)
+    got = tool.scores_of(answers, ids)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
-    replayed = M.mean_defined(M.ndcg(M.rank_stats(got, np.zeros(len(got), int)), 10))
-    assert round(replayed, 4) == round(metrics["results"]["test"]["tiny"]["sampled"]["ndcg@10"], 4)
+    # The tool's own report: the evaluate stage's NDCG@10, to 4 decimals.
+    args = ["--url", url, "--prepared", prepared, "--candidates", lists, "--history", str(n)]
+    assert tool.main([*args, "--token-env", TEST_TOKEN_ENV]) == 0
+    replayed = json.loads(capsys.readouterr().out)
+    evaluated = metrics["results"]["test"]["tiny"]["sampled"]
+    assert replayed["requests"] == len(t) and replayed["history_dropped"] == 0
+    assert round(replayed["ndcg@10"], 4) == round(evaluated["ndcg@10"], 4)
+    assert round(replayed["auc"], 4) == round(evaluated["auc"], 4)
 
 
 def test_scored_at_drops_later_events_and_dates_the_undated(service, catalogue):
