@@ -306,6 +306,12 @@ class EvaluateConfig(_Strict):
     what the run of the UTC day before it knew (events before its day's 00:00, recency to the
     end of the day before), the whole catalogue minus those events' items.
     """
+    returning_splits: list[Literal["valid", "test"]] = Field(
+        default_factory=lambda: ["valid", "test"], min_length=1
+    )
+    """Splits scored at every Δ and in the backtest. Each costs a whole-catalogue ranking per Δ
+    for every model with a time input; `[test]` halves that on a large catalogue.
+    """
     groups: dict[str, list[str]] = Field(default_factory=dict)
     """Models reported together, e.g. {reranker: [seed0, seed1, seed2]}: a row with their mean
     (± sd across members), compared user by user (mean of the members) with the best baseline.

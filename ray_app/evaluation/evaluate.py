@@ -566,8 +566,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                 # does not score again; a model with a time input is one model.
                 if chosen["full"].uses_time and chosen["full"] is not chosen["sampled"]:
                     raise ValueError(f"{name}: a time-aware method must be one model")
-                cols = at_moments(chosen["full"], targets, cands[split], k, deltas, merged)
-                if cfg.backtest:
+                returning = split in cfg.returning_splits
+                cols = at_moments(
+                    chosen["full"], targets, cands[split], k, deltas if returning else {}, merged
+                )
+                if cfg.backtest and returning:
                     cols["backtest"] = backtest(chosen["full"], targets, k, popularity)
                 columns[split][name] = cols
                 logger.info("scored %s on %s", name, split)
