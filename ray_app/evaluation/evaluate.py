@@ -497,17 +497,12 @@ def moment_table(
                     continue
                 cell[proto] = col.summary(hit, k)
                 if name in groups:
-                    cell[proto][f"ndcg@{k}_sd"] = float(
-                        np.std(
-                            [
-                                M.mean_defined(columns[m][column_name(proto, moment)].ndcg)
-                                for m in groups[name]
-                            ],
-                            ddof=1,
-                        )
-                        if len(groups[name]) > 1
-                        else 0.0
-                    )
+                    member_means = [
+                        M.mean_defined(columns[m][column_name(proto, moment)].ndcg)
+                        for m in groups[name]
+                    ]
+                    sd = np.std(member_means, ddof=1) if len(member_means) > 1 else 0.0
+                    cell[proto][f"ndcg@{k}_sd"] = float(sd)
             if cell:
                 row[moment] = cell
         if row:  # precomputed lists have a backtest column only
@@ -534,7 +529,10 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             )
         models, info = fit_baselines(cfg, data, cands, bags)
         baseline_names = list(models)
-        popularity = Popularity().fit(data.train, data.num_items)
+        # What the backtest shows users with an empty history, for every baseline.
+        popularity = models.get("popularity", {}).get("full") or Popularity().fit(
+            data.train, data.num_items
+        )
         trained, model_info, held = load_models(cfg, data)
         models.update(trained)
         results: dict[str, Any] = {"valid": {}, "test": {}}

@@ -87,11 +87,11 @@ def markdown(metrics: dict[str, Any]) -> str:
             "",
             "## Precomputed top-K lists (nightly, as of a split)",
             "",
-            "The split's target in the user's list: the full-ranking protocol applied to "
-            "the lists themselves. A list holds only items new to the user, so a target "
-            "the user had already interacted with (a repeat) is never in it; 'new "
-            "targets' leaves those out, comparable to the model's full ranking on the "
-            "same targets (breakdowns).",
+            "Lists a `nightly` run made as of a split: each user as the night before their "
+            "target. Their target in the top k or not (the nightly backtest table above holds "
+            "their NDCG beside every method's), and what the lists look like. A list holds "
+            "only items new to the user, so a repeat target is never in it; 'new targets' "
+            "leaves those out.",
             "",
             f"| lists | split | full Recall@{k} | full NDCG@{k} | new targets NDCG@{k} "
             f"| coverage@{k} "
