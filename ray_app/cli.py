@@ -221,20 +221,25 @@ COMMANDS: dict[str, tuple[str, str, list[str]]] = {
     ),
     "evaluate": (
         "score the model and baselines on a prepared split: both protocols, report and plots",
-        "Fit popularity, item-kNN, EASE and a SASRec-style model on train, tune them on valid, "
-        "and score them and any trained models on valid and test, sampled (99 negatives) and "
-        "full-ranking. Writes metrics.json, report.md and PNG plots to <output>/.",
+        "Fit popularity, item-kNN, EASE and SASRec (BCE and full-softmax CE) on train, tune "
+        "them on valid, and score them and any trained models on valid and test, sampled (99 "
+        "negatives) and full-ranking: at each target's time, at its history's last event + "
+        "each of `deltas` (returning users), and as the nightly run of the day before listed "
+        "it (backtest). Writes metrics.json, report.md and PNG plots to <output>/.",
         [
             "rerank evaluate --config cluster/configs/evaluate-movielens.yaml",
             "rerank evaluate --set prepared=runs/ml/prepared --set output=runs/ml/eval "
             "--set models.reranker=runs/ml/model",
             "rerank evaluate --set prepared=runs/ml/prepared --set output=runs/ml/eval "
-            "--set baselines=[popularity,ease]",
+            "--set baselines=[popularity,ease] --set deltas=[0s,1d,30d]",
+            "rerank evaluate --config cluster/configs/evaluate-movielens.yaml "
+            "--set models='{s0: runs/ml/m0, s1: runs/ml/m1}' --set groups='{reranker: [s0, s1]}'",
         ],
     ),
     "nightly": (
         "precompute every user's top-K to Parquet and publish it (Ray Data)",
-        "For every user: retrieve candidates with the user vector against the item table, "
+        "For every user, from their events up to the end of the date: retrieve candidates "
+        "with the user vector against the item table, "
         "re-rank them with the model (the serving Ranker), keep the top K and publish "
         "<output>/dt=<date>/part-*.parquet atomically, then point <output>/LATEST at it. "
         "Schedule it daily (cluster/kuberay/nightly-cronjob.yaml).",
