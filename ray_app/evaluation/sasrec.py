@@ -179,7 +179,9 @@ class SASRec(Baseline):
             due = epoch % cfg.validate_every == 0 or epoch == cfg.epochs or out_of_time
             if validate is not None and due:
                 score = validate(self)
-                logger.info("sasrec epoch %d loss %.4f valid %.4f", epoch, loss.item(), score)
+                logger.info(
+                    "%s epoch %d loss %.4f valid %.4f", self.name, epoch, float(loss), score
+                )
                 if score > best:
                     best, bad, self.epochs_trained = score, 0, epoch
                     best_state = {k: v.clone() for k, v in self.model.state_dict().items()}
