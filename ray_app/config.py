@@ -306,6 +306,11 @@ class EvaluateConfig(_Strict):
     what the run of the UTC day before it knew (events before its day's 00:00, recency to the
     end of the day before), the whole catalogue minus those events' items.
     """
+    max_users: int | None = Field(default=None, ge=10)
+    """Score a fixed sample of this many users (seeded by `seed`, drawn from every split's users;
+    the same users for every method, protocol and moment); baselines still fit on every training
+    event. Bounds the cost of whole-catalogue rankings on a large catalogue; null = every user.
+    """
     returning_splits: list[Literal["valid", "test"]] = Field(
         default_factory=lambda: ["valid", "test"], min_length=1
     )

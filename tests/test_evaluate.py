@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_app.config import EvaluateConfig, load_config
-from ray_app.evaluation.data import load_prepared
+from ray_app.evaluation.data import load_prepared, sample_users
 from ray_app.evaluation.evaluate import run_evaluate
 from ray_app.evaluation.protocols import sampled_candidates
 
@@ -296,3 +296,22 @@ def test_returning_users_real_gaps_and_backtest_histories(prepared):
         assert (cut.history_times[i] < midnight[i]).all()
         assert (t.history_times[i][n:] >= midnight[i]).all()
     assert (~cut.has_history).any() and cut.has_history.any()
+
+
+def test_a_user_sample_keeps_the_same_users_in_every_split_and_all_training_events(prepared):
+    data = load_prepared(prepared)
+    n = len(data.splits["test"])
+    small = sample_users(data, n // 2, seed=3)
+    test, valid = small.splits["test"], small.splits["valid"]
+    assert len(test) == n // 2
+    assert set(valid.user_ids) == set(test.user_ids)
+    assert len(small.train) == len(data.train)
+    full = dict(zip(data.splits["test"].user_ids, data.splits["test"].targets, strict=True))
+    for u, target, hist in zip(test.user_ids, test.targets, test.histories, strict=True):
+        assert full[u] == target
+        i = list(data.splits["test"].user_ids).index(u)
+        assert (hist == data.splits["test"].histories[i]).all()
+    again = sample_users(data, n // 2, seed=3).splits["test"].user_ids
+    assert (again == test.user_ids).all()
+    assert set(sample_users(data, n // 2, seed=4).splits["test"].user_ids) != set(test.user_ids)
+    assert sample_users(data, None, seed=3) is data

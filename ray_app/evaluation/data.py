@@ -109,6 +109,23 @@ class EvalData:
         return np.bincount(self.train[S.ITEM_IDX].to_numpy(), minlength=self.num_items + 1)
 
 
+def sample_users(data: EvalData, max_users: int | None, seed: int) -> EvalData:
+    """The same data with its splits cut to a seeded sample of `max_users` users drawn from
+    every split's users, so that a user sampled in valid is in test too; training events stay
+    whole. Unchanged when there are no more users than that."""
+    users = np.unique(np.concatenate([t.user_ids for t in data.splits.values()]))
+    if max_users is None or len(users) <= max_users:
+        return data
+    keep = np.random.default_rng(seed).choice(users, size=max_users, replace=False)
+    return replace(
+        data,
+        splits={
+            name: t.subset(np.flatnonzero(np.isin(t.user_ids, keep)))
+            for name, t in data.splits.items()
+        },
+    )
+
+
 def load_prepared(path: str) -> EvalData:
     """Read a complete prepare output (fails clearly on a half-written one)."""
     manifest = require_complete(path)

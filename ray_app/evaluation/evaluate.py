@@ -24,7 +24,7 @@ from ray_app.config import EvaluateConfig, dump_config
 from ray_app.data import schema as S
 from ray_app.evaluation import metrics as M
 from ray_app.evaluation.baselines import EASE, Baseline, ItemKNN, Popularity
-from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared
+from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared, sample_users
 from ray_app.evaluation.protocols import (
     GAP_BUCKETS,
     NO_EARLIER_EVENT,
@@ -515,7 +515,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from ray_app.evaluation.report import write_report
 
     t0 = time.time()
-    data = load_prepared(cfg.prepared)
+    data = sample_users(load_prepared(cfg.prepared), cfg.max_users, cfg.seed)
     bags = _token_bags(data)
     k = cfg.k
     deltas = cfg.delta_seconds
@@ -624,6 +624,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             "lists": lists,
             "paired": paired(cfg.paired, test_stats, cold_users, held, k),
             "num_negatives": cfg.num_negatives,
+            "max_users": cfg.max_users,
         }
         manifest = {
             "stage": "evaluate",

@@ -10,6 +10,12 @@ from ray_app.storage import join, write_bytes, write_text
 def markdown(metrics: dict[str, Any]) -> str:
     k = metrics["k"]
     lines = [f"# Evaluation (k={k})", ""]
+    if metrics.get("max_users"):
+        lines += [
+            f"Each split is a seeded sample of at most {metrics['max_users']} users (the same "
+            "users for every method); baselines fit on every training event.",
+            "",
+        ]
     for split in ("test", "valid"):
         res = metrics["results"][split]
         lines += [
