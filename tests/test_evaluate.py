@@ -306,11 +306,11 @@ def test_a_user_sample_keeps_the_same_users_in_every_split_and_all_training_even
     assert len(test) == n // 2
     assert set(valid.user_ids) == set(test.user_ids)
     assert len(small.train) == len(data.train)
-    full = dict(zip(data.splits["test"].user_ids, data.splits["test"].targets, strict=True))
+    whole = data.splits["test"]
+    row = {u: i for i, u in enumerate(whole.user_ids)}
     for u, target, hist in zip(test.user_ids, test.targets, test.histories, strict=True):
-        assert full[u] == target
-        i = list(data.splits["test"].user_ids).index(u)
-        assert (hist == data.splits["test"].histories[i]).all()
+        assert whole.targets[row[u]] == target
+        assert (hist == whole.histories[row[u]]).all()
     again = sample_users(data, n // 2, seed=3).splits["test"].user_ids
     assert (again == test.user_ids).all()
     assert set(sample_users(data, n // 2, seed=4).splits["test"].user_ids) != set(test.user_ids)
