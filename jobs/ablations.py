@@ -14,6 +14,18 @@ fine-tuned vs frozen and text vs IDs only, and a summary table (mean and
 standard deviation over seeds) is printed and written to
 `<workdir>/ablations.md`.
 
+With `--study time`, the variants are instead the model's time inputs, scored
+at the target's time, at every Δ after the last event and in the nightly
+backtest (the shipped model and the no-time-input model with every seed; one
+seed each of intervals without returning-user training, every gap to the
+moment of scoring as before, that with returning-user training, and the
+shipped model selected at the target's time only), compared user by user
+with the best baseline and the no-time-input model:
+
+    python jobs/ablations.py --study time --prepared runs/amazon/prepared \
+        --config cluster/configs/train-amazon.yaml \
+        --evaluate-config cluster/configs/evaluate-amazon.yaml --workdir runs/amazon/time
+
 A variant whose artifact is already published is not trained again, so an
 interrupted run continues where it stopped.
 """
@@ -43,6 +55,59 @@ def variants(seeds: list[int], cold_fraction: float, cold_epochs: int) -> dict[s
     out["cold-frozen-encoder"] = [*cold, "model.trainable_layers=0"]
     out["cold-ids-only"] = [*cold, "model.use_text=false"]
     return out
+
+
+def time_variants(seeds: list[int]) -> dict[str, list[str]]:
+    out = {f"time-s{s}": [f"seed={s}"] for s in seeds}
+    out |= {f"no-time-s{s}": [f"seed={s}", "model.recency_buckets=1"] for s in seeds}
+    out["intervals-only"] = ["returning_fraction=0"]
+    out["to-scoring"] = ["model.time_input=to_scoring", "returning_fraction=0"]
+    out["to-scoring-returning"] = ["model.time_input=to_scoring"]
+    out["select-at-target"] = ["select_metric=ndcg_full"]
+    return out
+
+
+def time_groups(names: list[str], seeds: list[int]) -> dict[str, list[str]]:
+    groups = {
+        "reranker": [f"time-s{s}" for s in seeds if f"time-s{s}" in names],
+        "no-time": [f"no-time-s{s}" for s in seeds if f"no-time-s{s}" in names],
+    }
+    return {g: m for g, m in groups.items() if m}
+
+
+def time_summary(metrics: dict, k: int) -> str:
+    """Per method: NDCG@k at the target's time, at every Δ and in the backtest (full), then
+    sampled; the re-ranker minus the best baseline and minus no-time, with 95% intervals."""
+    moments = metrics["moments"]["results"]["test"]
+    back = metrics["backtest"].get("test", {})
+    labels = ["target", *metrics["moments"]["deltas_s"]]
+    names = [n for n in moments if not n.startswith(("time-s", "no-time-s"))]
+    lines = []
+    for proto in ("full", "sampled"):
+        head = [f"{proto} NDCG@{k}", *labels] + (["backtest"] if proto == "full" else [])
+        lines += ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
+        for n in names:
+            cells = []
+            for m in labels:
+                c = moments[n].get(m, {}).get(proto)
+                v = f"{c[f'ndcg@{k}']:.4f}" if c else ""
+                if c and f"ndcg@{k}_sd" in c:
+                    v += f" ± {c[f'ndcg@{k}_sd']:.4f}"
+                cells.append(v)
+            if proto == "full":
+                cells.append(f"{back[n]['all'][f'ndcg@{k}']:.4f}" if n in back else "")
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    rows = {"best baseline": metrics["versus_best_baseline"].get("reranker", {})}
+    rows |= {pair: diff for pair, diff in metrics.get("compare", {}).items()}
+    for title, cols in rows.items():
+        lines.append(f"reranker - {title}:" if title == "best baseline" else f"{title}:")
+        for col, d in cols.items():
+            lo, hi = d["ci95"]
+            who = f" ({d['baseline']})" if "baseline" in d else ""
+            lines.append(f"- {col}{who}: {d['diff']:+.4f} [{lo:+.4f}, {hi:+.4f}]")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def pairs(names: list[str], seeds: list[int]) -> list[tuple[str, str]]:
@@ -134,11 +199,16 @@ def main() -> int:
         help="baselines scored beside the models",
     )
     p.add_argument("--only", nargs="*", help="train only these variants")
+    p.add_argument("--study", choices=["text", "time"], default="text")
+    p.add_argument("--evaluate-config", help="evaluate config the scoring starts from")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     timings = {}
-    all_variants = variants(args.seeds, args.cold_fraction, args.cold_epochs)
+    if args.study == "time":
+        all_variants = time_variants(args.seeds)
+    else:
+        all_variants = variants(args.seeds, args.cold_fraction, args.cold_epochs)
     for name, extra in all_variants.items():
         out = os.path.join(args.workdir, name)
         if (args.only and name not in args.only) or is_complete(out):
@@ -157,19 +227,24 @@ def main() -> int:
         logging.info("trained %s: %s", name, timings[name])
     models = {n: os.path.join(args.workdir, n) for n in all_variants}
     models = {n: path for n, path in models.items() if is_complete(path)}
-    ev = load_config(
-        EvaluateConfig,
-        None,
-        [
-            f"prepared={args.prepared}",
-            f"output={os.path.join(args.workdir, 'evaluation')}",
-            f"sasrec_epochs={args.sasrec_epochs}",
-            f"baselines={json.dumps(args.baselines)}",
-        ],
+    overrides = [
+        f"prepared={args.prepared}",
+        f"output={os.path.join(args.workdir, 'evaluation')}",
+        f"baselines={json.dumps(args.baselines)}",
+    ]
+    if not args.evaluate_config:
+        overrides.append(f"sasrec_epochs={args.sasrec_epochs}")
+    ev = load_config(EvaluateConfig, args.evaluate_config, overrides)
+    if args.study == "time":
+        groups = time_groups(list(models), args.seeds)
+        compare = [("reranker", "no-time")] if len(groups) == 2 else []
+        update = {"models": models, "groups": groups, "compare": compare, "paired": []}
+    else:
+        update = {"models": models, "paired": pairs(list(models), args.seeds)}
+    metrics = run_evaluate(ev.model_copy(update=update))
+    text = (
+        time_summary(metrics, ev.k) if args.study == "time" else summary(metrics, args.seeds, ev.k)
     )
-    ev = ev.model_copy(update={"models": models, "paired": pairs(list(models), args.seeds)})
-    metrics = run_evaluate(ev)
-    text = summary(metrics, args.seeds, ev.k)
     with open(os.path.join(args.workdir, "ablations.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.workdir, "timings.json"), "w") as f:

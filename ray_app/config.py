@@ -332,6 +332,12 @@ class EvaluateConfig(_Strict):
     hold items out): mean and standard error of a - b NDCG@k.
     """
 
+    compare: list[tuple[str, str]] = Field(default_factory=list)
+    """Pairs of methods or groups [a, b] compared user by user on test at the target's time, at
+    every Δ and in the backtest, both protocols: mean and 95% interval of a - b NDCG@k (e.g. the
+    re-ranker against its no-time-input variant).
+    """
+
     @field_validator("deltas")
     @classmethod
     def _durations(cls, v: list[int | str]) -> list[int | str]:
@@ -358,6 +364,12 @@ class EvaluateConfig(_Strict):
                 raise ValueError(f"groups.{group}: {missing or 'no members'} are not models")
             if group in known:
                 raise ValueError(f"groups.{group}: the name is already a method")
+        unknown = sorted({n for pair in self.compare for n in pair} - known - set(self.groups))
+        if unknown:
+            raise ValueError(
+                f"compare names {unknown} are neither baselines, models nor groups "
+                f"{sorted(known | set(self.groups))}"
+            )
         return self
 
 
@@ -427,8 +439,27 @@ class TrainConfig(_Strict):
     """Checkpoints kept in storage."""
     patience: int = Field(default=2, ge=1)
     """Epochs without a better select_metric before training stops."""
-    select_metric: Literal["ndcg_full", "ndcg_sampled"] = "ndcg_full"
-    """Validation metric that picks the best epoch: full-ranking or sampled NDCG@k."""
+    select_metric: Literal[
+        "ndcg_full_returning", "ndcg_sampled_returning", "ndcg_full", "ndcg_sampled"
+    ] = "ndcg_full_returning"
+    """Validation metric that picks the best epoch: full-ranking or sampled NDCG@k. `_returning`
+    scores each valid user at one moment drawn (fixed seed) from its target's time and its last
+    event + each of `select_deltas`: an unbiased estimate of the mean over the returning-user
+    curve at the cost of one ranking per user. Without the suffix, every user at its target's
+    time (the moment right after the last click, which favours models that read only that).
+    """
+    select_deltas: list[int | str] = Field(
+        default_factory=lambda: list(DEFAULT_DELTAS), min_length=1
+    )
+    """The moments after the last event that `_returning` select metrics draw from."""
+    returning_fraction: float = Field(default=0.5, ge=0, le=1)
+    """Share of training examples scored as a returning user would be: the time since their
+    history's last event is redrawn log-uniformly between one minute and `returning_max` (the
+    target stays). Without it a model only sees the gap to the next event, seconds to minutes
+    in most examples, and never learns what a day or a month later looks like.
+    """
+    returning_max: int | str = "180d"
+    """Longest time since the last event that `returning_fraction` draws."""
     k: int = Field(default=10, ge=1)
     """Cut-off of the validation metrics."""
     valid_negatives: int = Field(default=99, ge=1)
@@ -467,6 +498,13 @@ class TrainConfig(_Strict):
     """Which Ray to run on."""
     fail_at_step: int | None = Field(default=None, ge=1)
     """Testing hook: the worker of rank 0 raises once when it reaches this step."""
+
+    @field_validator("select_deltas", "returning_max")
+    @classmethod
+    def _train_durations(cls, v: list[int | str] | int | str) -> list[int | str] | int | str:
+        for d in v if isinstance(v, list) else [v]:
+            parse_duration(d)
+        return v
 
     @model_validator(mode="after")
     def _bce_needs_negatives(self) -> TrainConfig:
@@ -701,6 +739,11 @@ class GenerateConfig(_Strict):
     """Items in the catalogue (default: num_events / 100, within 200..200,000)."""
     num_topics: int = Field(default=12, ge=2, le=64)
     """Interest topics; each user mostly follows a few, and item text names its topic."""
+    session_focus: float = Field(default=0.0, ge=0, le=1)
+    """Chance that an event within a session (minutes after the previous one) stays on the
+    session's first topic instead of the user's long-term mix: what a user does right after a
+    click then differs from what they do when they come back days later.
+    """
     events_per_file: int = Field(default=1_000_000, ge=1_000)
     """Events per Parquet file (more files = more parallel reads in prepare)."""
     seed: int = 7

@@ -49,6 +49,26 @@ def test_trained_model_ranks_far_above_random(prepared, trained):
     assert metrics["steps"] == EPOCHS * (metrics["train_examples"] // BATCH)
 
 
+def test_a_user_who_returns_a_week_later_is_ranked_about_as_well(prepared, trained):
+    """The generated users come back after days; the model must not lose them then."""
+    cfg, _ = trained
+    data = load_prepared(prepared)
+    art = load_artifact(cfg.output)
+    scorer = RerankerScorer(art.model, art.item_vectors)
+    test = data.splits["test"]
+
+    def full_ndcg(targets) -> float:
+        return float(M.ndcg(score_split(scorer, targets, None, 10, lists=False)["full"], 10).mean())
+
+    at_last, week_later = (
+        full_ndcg(test.after_last_event(0)),
+        full_ndcg(test.after_last_event(7 * 86_400)),
+    )
+    # Far above a random order of the 300 items (NDCG@10 ~0.01): there is something to lose.
+    assert at_last > 0.1, at_last
+    assert week_later >= 0.9 * at_last, (week_later, at_last)
+
+
 def test_artifact_holds_everything_and_reloads_to_identical_scores(prepared, trained, tmp_path):
     cfg, _ = trained
     out = Path(cfg.output)

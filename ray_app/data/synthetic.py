@@ -346,6 +346,18 @@ def _events_for_users(
     in_session = rng.random(total) < 0.8
     gaps = np.where(in_session, rng.exponential(90.0, total), rng.exponential(1.5 * 86_400, total))
     gaps[pos == 0] = 0
+    if cfg.session_focus > 0:
+        opens = ~in_session | (pos == 0)
+        first = np.maximum.accumulate(np.where(opens, np.arange(total), 0))
+        focus = ~opens & (rng.random(total) < cfg.session_focus)
+        topic[focus] = topic[first[focus]]
+        draw = rng.random(total)
+        for t in np.unique(topic[focus]):
+            m = focus & (topic == t)
+            members = world.topic_items[t]
+            if len(members):
+                cdf = world.topic_cdf[t]
+                item[m] = members[np.minimum(np.searchsorted(cdf, draw[m]), len(members) - 1)]
     csum = np.cumsum(gaps)
     offset = csum - np.repeat(csum[starts], counts)
     horizon = cfg.days * 86_400

@@ -40,6 +40,7 @@ from ray_app.evaluation.protocols import (
     sampled_candidates,
     score_split,
     versus_best,
+    versus_pairs,
 )
 from ray_app.evaluation.sasrec import SASRec, SASRecConfig
 from ray_app.storage import StagedOutput, code_version, resolve, write_json
@@ -616,6 +617,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             },
             "backtest": backtests,
             "versus_best_baseline": versus_best(columns["test"], baseline_names, others),
+            "compare": versus_pairs(columns["test"], cfg.compare),
             "groups": cfg.groups,
             "breakdowns_test": details,
             "baselines": info,

@@ -252,3 +252,20 @@ def versus_best(
             d = M.paired_difference(columns[name][col].ndcg, columns[best][col].ndcg)
             out.setdefault(name, {})[col] = {"baseline": best, **d}
     return out
+
+
+def versus_pairs(
+    columns: dict[str, dict[str, Column]], pairs: list[tuple[str, str]]
+) -> dict[str, Any]:
+    """For each pair [a, b] (methods or groups), a - b user by user in every column
+    both have: mean difference and its 95% interval."""
+    out: dict[str, Any] = {}
+    for a, b in pairs:
+        missing = [n for n in (a, b) if n not in columns]
+        if missing:
+            raise ValueError(f"compare: {missing} not among the scored methods {sorted(columns)}")
+        shared = [c for c in columns[a] if c in columns[b]]
+        out[f"{a} - {b}"] = {
+            c: M.paired_difference(columns[a][c].ndcg, columns[b][c].ndcg) for c in shared
+        }
+    return out

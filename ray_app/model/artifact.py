@@ -144,6 +144,8 @@ def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:
         raise ValueError(f"{path}: artifact format {config.get('format')} is not supported")
     if "event_types" not in config:
         config.update(_from_prepared(local))
+    # Written before `time_input` existed: every gap was measured to the moment of scoring.
+    config["model"].setdefault("time_input", "to_scoring")
     mcfg = ModelConfig.model_validate(config["model"])
     text, tokenizer = None, None
     if mcfg.use_text:

@@ -50,7 +50,19 @@ class ModelConfig(BaseModel):
     max_history: int = Field(default=50, ge=1)
     """History events the user tower reads."""
     recency_buckets: int = Field(default=24, ge=1)
-    """Log-spaced buckets of the time gap between an event and the prediction."""
+    """Log-spaced buckets of the time inputs (1 = no time input at all)."""
+    time_input: Literal["intervals", "to_scoring"] = "intervals"
+    """What the time inputs measure. `intervals`: each history event carries the gap to the next
+    history event, and the summary token the time since the last event, so a history reads the
+    same whenever it is scored and only that one input moves; `to_scoring`: every event's gap to
+    the moment of scoring (artifacts written before this option), which shifts the whole history
+    when a user comes back later.
+    """
+    time_resolution_s: int = Field(default=1, ge=1)
+    """Gaps are floored to whole multiples of this before bucketing. Training sets it to the
+    coarsest unit (second, minute, hour, day) that divides every training timestamp: a model
+    trained on day-level events has never seen a one-hour gap, and reads one as the same day.
+    """
     num_event_types: int = Field(default=8, ge=1)
     """Event-type embeddings (at least the prepared event types + 1)."""
     scorer_hidden: int = Field(default=64, ge=1)

@@ -2,7 +2,10 @@
 
 Histories are left-padded (most recent event last, `items == 0` is padding)
 and time gaps are measured to the moment of scoring: the target's time in
-training and evaluation, "now" when serving.
+training and evaluation, "now" when serving, the end of the day before in the
+nightly job. Every caller gives the same thing; what the model reads of it
+(the intervals between events and the time since the last one, or every gap
+as given) is the model config's `time_input`.
 """
 
 from __future__ import annotations
@@ -31,11 +34,26 @@ class History:
         return History(self.items[rows], self.events[rows], self.gaps[rows])
 
 
-def recency_bucket(gaps: torch.Tensor, buckets: int) -> torch.Tensor:
-    """Seconds -> 1 + floor(log2(1 + minutes)), capped; 0 is kept for padding."""
-    minutes = gaps.clamp(min=0).to(torch.float32) / 60.0
+def recency_bucket(gaps: torch.Tensor, buckets: int, resolution_s: int = 1) -> torch.Tensor:
+    """Seconds -> 1 + floor(log2(1 + minutes)), capped; 0 is kept for padding.
+
+    Gaps are first floored to whole multiples of `resolution_s`.
+    """
+    gaps = gaps.clamp(min=0)
+    if resolution_s > 1:
+        gaps = torch.div(gaps, resolution_s, rounding_mode="floor") * resolution_s
+    minutes = gaps.to(torch.float32) / 60.0
     b = 1 + torch.floor(torch.log2(1.0 + minutes)).long()
     return b.clamp(max=buckets - 1)
+
+
+def time_resolution(timestamps: np.ndarray) -> int:
+    """The coarsest of day, hour, minute and second that divides every timestamp (s)."""
+    ts = np.asarray(timestamps, dtype=np.int64)
+    for unit in (86_400, 3_600, 60):
+        if len(ts) and not (ts % unit).any():
+            return unit
+    return 1
 
 
 def left_pad(column: pa.Array | pa.ChunkedArray, length: int, dtype=np.int64) -> np.ndarray:

@@ -59,11 +59,28 @@ class ItemTower(nn.Module):
         return self.proj(text)
 
 
+def next_valid_gap(gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(B, L) gap to the moment of scoring of each column's next valid event, -1 if none.
+
+    Histories are oldest first, so a later event's gap is never larger and the
+    next valid one is the largest of the later ones (holes are items hidden for
+    cold start).
+    """
+    g = gaps.masked_fill(~valid, -1)
+    later = torch.cat([g[:, 1:], torch.full_like(g[:, :1], -1)], 1)
+    return later.flip(1).cummax(1).values.flip(1)
+
+
 class UserTower(nn.Module):
-    """History vectors + event type + recency rank + time gap, through a Transformer.
+    """History vectors + event type + recency rank + time, through a Transformer.
 
     A learned summary token sits after the most recent event; its output is
     the user vector, so an empty history still yields a defined vector.
+    With `time_input: intervals` the history's tokens carry only the gaps
+    between its own events, and the summary token the time since the last
+    one: moving the moment of scoring changes that one input, not the whole
+    history. Both time tables start at zero, so a gap bucket that training
+    never fills adds nothing instead of noise.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -73,6 +90,11 @@ class UserTower(nn.Module):
         self.event = nn.Embedding(cfg.num_event_types + 1, d, padding_idx=0)
         self.position = nn.Embedding(cfg.max_history + 1, d)
         self.recency = nn.Embedding(cfg.recency_buckets, d, padding_idx=0)
+        self.since_last = None
+        if cfg.time_input == "intervals":
+            self.since_last = nn.Embedding(cfg.recency_buckets, d, padding_idx=0)
+            for table in (self.recency, self.since_last):
+                nn.init.zeros_(table.weight)
         self.summary = nn.Parameter(torch.zeros(d))
         layer = nn.TransformerEncoderLayer(
             d, cfg.heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True
@@ -81,23 +103,37 @@ class UserTower(nn.Module):
         self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
 
+    def _bucket(self, gaps: torch.Tensor) -> torch.Tensor:
+        return recency_bucket(gaps, self.cfg.recency_buckets, self.cfg.time_resolution_s)
+
     def forward(self, hist: History, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, L, d) history item vectors -> user (B, d), states (B, L, d)."""
         b, length = hist.items.shape
         valid = hist.items > 0
         rank = torch.arange(length, 0, -1, device=vectors.device).clamp(max=self.cfg.max_history)
-        x = (
-            vectors
-            + self.event(hist.events.long() * valid)
-            + self.position(rank)[None]
-            + self.recency(recency_bucket(hist.gaps, self.cfg.recency_buckets) * valid)
-        )
-        x = self.drop(x) * valid.unsqueeze(-1)
         summary = (self.summary + self.position.weight[0]).expand(b, 1, -1)
+        if self.since_last is None:
+            time = self.recency(self._bucket(hist.gaps) * valid)
+        else:
+            gaps = self._floored(hist.gaps)
+            nxt = next_valid_gap(gaps, valid)
+            time = self.recency(self._bucket(gaps - nxt) * (valid & (nxt >= 0)))
+            since = torch.where(valid, gaps, gaps.amax() + 1).amin(1)
+            since = self._bucket(since) * valid.any(1)
+            summary = summary + self.since_last(since).unsqueeze(1)
+        x = vectors + self.event(hist.events.long() * valid) + self.position(rank)[None] + time
+        x = self.drop(x) * valid.unsqueeze(-1)
         x = torch.cat([x, summary], 1)
         pad = torch.cat([~valid, torch.zeros(b, 1, dtype=torch.bool, device=valid.device)], 1)
         h = self.norm(self.encoder(x, src_key_padding_mask=pad))
         return h[:, -1], h[:, :-1]
+
+    def _floored(self, gaps: torch.Tensor) -> torch.Tensor:
+        """Gaps to the moment of scoring floored to the time resolution, so that the
+        intervals between events are whole units of it."""
+        gaps = gaps.clamp(min=0)
+        res = self.cfg.time_resolution_s
+        return torch.div(gaps, res, rounding_mode="floor") * res if res > 1 else gaps
 
 
 class Scorer(nn.Module):

@@ -9,6 +9,7 @@ those items, not to the global maximum.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,22 @@ def to_examples(
         targets=torch.from_numpy(batch.column(S.TARGET_ITEM_IDX).to_numpy().astype(np.int64)),
         negatives=torch.from_numpy(negs),
     )
+
+
+def redraw_since_last(
+    hist: History, fraction: float, lo_s: int, hi_s: int, gen: torch.Generator
+) -> History:
+    """`fraction` of the rows scored later or sooner: every gap to the moment of scoring
+    shifted so that the time since the last event is log-uniform in [lo_s, hi_s]. The
+    gaps between the history's own events do not change."""
+    valid = hist.items > 0
+    since = torch.where(valid, hist.gaps, hist.gaps.amax() + 1).amin(1)
+    u = torch.rand(len(hist), generator=gen, dtype=torch.float64)
+    new = torch.exp(math.log(lo_s) + u * (math.log(hi_s) - math.log(lo_s))).long()
+    pick = (torch.rand(len(hist), generator=gen) < fraction) & valid.any(1)
+    shift = torch.where(pick, new - since, torch.zeros_like(since))
+    gaps = torch.where(valid, hist.gaps + shift[:, None], hist.gaps)
+    return History(hist.items, hist.events, gaps)
 
 
 @dataclass

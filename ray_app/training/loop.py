@@ -11,7 +11,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ray_app.config import TrainConfig
+from ray_app.data import schema as S
 from ray_app.data.negatives import NegativeSampler, user_hash
 from ray_app.evaluation import metrics as M
 from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared
@@ -27,8 +28,16 @@ from ray_app.evaluation.model_scorer import RerankerScorer
 from ray_app.evaluation.protocols import sampled_candidates, score_split
 from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, load_pretrained, tokenizer_source
+from ray_app.model.history import time_resolution
 from ray_app.model.reranker import Reranker
-from ray_app.training.batches import ExampleBatch, ItemText, step_candidates, to_examples
+from ray_app.times import parse_duration
+from ray_app.training.batches import (
+    ExampleBatch,
+    ItemText,
+    redraw_since_last,
+    step_candidates,
+    to_examples,
+)
 from ray_app.training.checkpoint import (
     BEST,
     MODEL,
@@ -47,6 +56,8 @@ logger = logging.getLogger(__name__)
 # spawning), which a benchmark of a few minutes would otherwise be dominated by.
 STEADY_AFTER = 20
 LOG_EVERY = 50  # steps between progress lines from rank 0
+RETURNING = "_returning"  # select-metric suffix: valid users scored at drawn moments
+VALID_PROBE = 128  # valid users timed before training to foresee a validation's cost
 
 
 @dataclass
@@ -60,6 +71,7 @@ class TrainData:
     neg_prob: torch.Tensor  # (N+1,) the prepare sampler's negative distribution
     known: torch.Tensor  # (N+1,) bool: has train events and is not held out
     hidden: np.ndarray | None  # (N+1,) bool: held out for cold start
+    time_resolution_s: int  # the coarsest unit dividing every training timestamp
     valid: SplitTargets
     valid_cands: np.ndarray
     eval_data: EvalData
@@ -112,6 +124,8 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
     if cfg.valid_users is not None and cfg.valid_users < len(valid):
         pick = np.random.default_rng(0).choice(len(valid), cfg.valid_users, replace=False)
         valid = valid.subset(np.sort(pick))
+    if cfg.select_metric.endswith(RETURNING):
+        valid = returning_moments(valid, [parse_duration(d) for d in cfg.select_deltas])
     return TrainData(
         num_items=n,
         num_event_types=len(manifest["resolved"]["event_types"]) + 1,
@@ -120,10 +134,20 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         neg_prob=torch.from_numpy(neg / neg.sum()).float(),
         known=torch.from_numpy((counts > 0) & ~hidden),
         hidden=hidden if hidden.any() else None,
+        time_resolution_s=time_resolution(data.train[S.TIMESTAMP].to_numpy()),
         valid=valid,
         valid_cands=sampled_candidates(data, "valid", cfg.valid_negatives, 0, valid),
         eval_data=data,
     )
+
+
+def returning_moments(targets: SplitTargets, deltas: list[int], seed: int = 0) -> SplitTargets:
+    """Each user scored at one moment drawn from its target's time and its last event + each
+    of `deltas` (the same draw every epoch and run)."""
+    pick = np.random.default_rng(seed).integers(0, len(deltas) + 1, len(targets))
+    after = targets.last_event_times() + np.r_[0, deltas][pick]
+    at = np.where((pick > 0) & targets.has_history, after, targets.target_times)
+    return replace(targets, scored_at=at)
 
 
 def build_model(cfg: ModelConfig, num_items: int, seed: int) -> tuple[Reranker, Any]:
@@ -263,12 +287,23 @@ def validate(
     scorer = RerankerScorer(model, model.item_table())
     res = score_split(scorer, targets, cands, k, lists=False)
     model.train()
+    suffix = RETURNING if targets.scored_at is not None else ""
     return {
         "users": float(len(targets)),
-        "ndcg_full": float(M.ndcg(res["full"], k).sum()),
-        "ndcg_sampled": float(M.ndcg(res["sampled"], k).sum()),
-        "hr_sampled": float(M.hit_rate(res["sampled"], k).sum()),
+        f"ndcg_full{suffix}": float(M.ndcg(res["full"], k).sum()),
+        f"ndcg_sampled{suffix}": float(M.ndcg(res["sampled"], k).sum()),
+        f"hr_sampled{suffix}": float(M.hit_rate(res["sampled"], k).sum()),
     }
+
+
+def probe_validation_s(model: Reranker, targets: SplitTargets, cands: np.ndarray, k: int) -> float:
+    """Seconds a whole validation should take, from timing it on a few users."""
+    n = min(len(targets), VALID_PROBE)
+    if n == 0:
+        return 0.0
+    t0 = time.time()
+    validate(model, targets.subset(slice(0, n)), cands[:n], k)
+    return (time.time() - t0) * len(targets) / n
 
 
 def _all_sum(values: dict[str, float], world: int) -> dict[str, float]:
@@ -300,7 +335,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.torch_threads or cfg.cpus_per_worker)
     precision = Precision(cfg.precision, device)
     data = load_train_data(cfg)
-    mcfg = cfg.model.model_copy(update={"num_event_types": data.num_event_types})
+    mcfg = cfg.model.model_copy(
+        update={
+            "num_event_types": data.num_event_types,
+            "time_resolution_s": data.time_resolution_s,
+        }
+    )
     model, _ = build_model(mcfg, data.num_items, cfg.seed)
     model.items.known.copy_(data.known)
     progress, best = Progress(), None
@@ -346,6 +386,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start = time.time() - done_s
     stop = ""
     budget = cfg.max_minutes * 60 if cfg.max_minutes else float("inf")
+    # The budget holds validation too: an epoch's steps stop early enough for it to fit.
+    valid_s = probe_validation_s(model, valid, valid_cands, cfg.k) if cfg.max_minutes else 0.0
+    if progress.history:
+        valid_s = progress.history[-1].get("valid_s", valid_s)
+    since_lo, since_hi = 60, parse_duration(cfg.returning_max)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + progress.step)
     for _ in range(progress.epoch, cfg.epochs):
         t0, n, losses = time.time(), 0, []
         t_steady, n_steady = None, 0
@@ -360,6 +406,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i < progress.epoch_step:
                 continue
             ex = to_examples(batch, mcfg.max_history, cfg.negatives_per_example, data.hidden)
+            if cfg.returning_fraction > 0:
+                ex.hist = redraw_since_last(
+                    ex.hist, cfg.returning_fraction, since_lo, since_hi, gen
+                )
             since = progress.step - cfg.encoder_frozen_epochs * config["steps_per_epoch"]
             set_lr(
                 opt,
@@ -392,15 +442,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 )
             if cfg.checkpoint_every_steps and progress.step % cfg.checkpoint_every_steps == 0:
                 report({"epoch": progress.epoch, "step": progress.step, "loss": losses[-1]})
-            over = cfg.max_minutes is not None and time.time() - start > cfg.max_minutes * 60
+            over = time.time() - start + valid_s > budget
             if _any(over, world):
-                stop = f"time budget of {cfg.max_minutes} min reached"
+                stop = (
+                    f"time budget of {cfg.max_minutes} min reached "
+                    f"({valid_s:.0f} s kept for validation)"
+                )
                 break
         train_elapsed = time.time() - t0
         steady = n_steady * world / (time.time() - t_steady) if n_steady else float("nan")
         if tuning:
             refresh_text(model, text, device)
+        v0 = time.time()
         sums = _all_sum(validate(model, valid, valid_cands, cfg.k), world)
+        valid_s = time.time() - v0
         users = max(sums.pop("users"), 1.0)
         scores = {f"valid_{key}@{cfg.k}": v / users for key, v in sums.items()}
         metric = scores[f"valid_{cfg.select_metric}@{cfg.k}"]
@@ -420,6 +475,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "samples_per_s": round(n * world / max(train_elapsed, 1e-9), 1),
             "samples_per_s_steady": round(steady, 1),
             "epoch_s": round(elapsed, 1),
+            "valid_s": round(valid_s, 1),
             "train_s": round(time.time() - start, 1),
             "best_epoch": progress.best_epoch,
         }
