@@ -17,9 +17,10 @@ standard deviation over seeds) is printed and written to
 With `--study time`, the variants are instead the model's time inputs, scored
 at the target's time, at every Δ after the last event and in the nightly
 backtest (the shipped model and the no-time-input model with every seed; one
-seed each of intervals without returning-user training, every gap to the
-moment of scoring as before, that with returning-user training, and the
-shipped model selected at the target's time only), compared user by user
+seed each of intervals without the gaps to the last event, the shipped
+model without returning-user moments in training, every gap to the moment of
+scoring as before, that with returning-user moments, and the shipped model
+selected at the target's time only), compared user by user
 with the best baseline and the no-time-input model:
 
     python jobs/ablations.py --study time --prepared runs/amazon/prepared \
@@ -60,7 +61,8 @@ def variants(seeds: list[int], cold_fraction: float, cold_epochs: int) -> dict[s
 def time_variants(seeds: list[int]) -> dict[str, list[str]]:
     out = {f"time-s{s}": [f"seed={s}"] for s in seeds}
     out |= {f"no-time-s{s}": [f"seed={s}", "model.recency_buckets=1"] for s in seeds}
-    out["intervals-only"] = ["returning_fraction=0"]
+    out["intervals"] = ["model.time_input=intervals"]
+    out["no-returning-moments"] = ["returning_fraction=0"]
     out["to-scoring"] = ["model.time_input=to_scoring", "returning_fraction=0"]
     out["to-scoring-returning"] = ["model.time_input=to_scoring"]
     out["select-at-target"] = ["select_metric=ndcg_full"]

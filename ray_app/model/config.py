@@ -51,12 +51,13 @@ class ModelConfig(BaseModel):
     """History events the user tower reads."""
     recency_buckets: int = Field(default=24, ge=1)
     """Log-spaced buckets of the time inputs (1 = no time input at all)."""
-    time_input: Literal["intervals", "to_scoring"] = "intervals"
-    """What the time inputs measure. `intervals`: each history event carries the gap to the next
-    history event, and the summary token the time since the last event, so a history reads the
-    same whenever it is scored and only that one input moves; `to_scoring`: every event's gap to
-    the moment of scoring (artifacts written before this option), which shifts the whole history
-    when a user comes back later.
+    time_input: Literal["to_last", "intervals", "to_scoring"] = "to_last"
+    """What the time inputs measure. `to_last`: each history event carries its gap to the
+    history's last event (which events make up the last session) and to the next history event,
+    and the summary token the time since the last event: a history reads the same whenever it is
+    scored and only that one input moves. `intervals`: the same without the gap to the last
+    event. `to_scoring`: every event's gap to the moment of scoring (artifacts written before
+    this option), which shifts the whole history when a user comes back later.
     """
     time_resolution_s: int = Field(default=1, ge=1)
     """Gaps are floored to whole multiples of this before bucketing. Training sets it to the

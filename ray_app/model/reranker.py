@@ -76,11 +76,11 @@ class UserTower(nn.Module):
 
     A learned summary token sits after the most recent event; its output is
     the user vector, so an empty history still yields a defined vector.
-    With `time_input: intervals` the history's tokens carry only the gaps
-    between its own events, and the summary token the time since the last
-    one: moving the moment of scoring changes that one input, not the whole
-    history. Both time tables start at zero, so a gap bucket that training
-    never fills adds nothing instead of noise.
+    With `time_input: to_last` (or `intervals`) the history's tokens carry only
+    gaps between its own events (to the next one, and to the last one), and the
+    summary token the time since the last event: moving the moment of scoring
+    changes that one input, not the whole history. The time tables start at
+    zero, so a gap bucket that training never fills adds nothing, not noise.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -90,11 +90,14 @@ class UserTower(nn.Module):
         self.event = nn.Embedding(cfg.num_event_types + 1, d, padding_idx=0)
         self.position = nn.Embedding(cfg.max_history + 1, d)
         self.recency = nn.Embedding(cfg.recency_buckets, d, padding_idx=0)
-        self.since_last = None
-        if cfg.time_input == "intervals":
+        self.since_last = self.to_last = None
+        if cfg.time_input != "to_scoring":
             self.since_last = nn.Embedding(cfg.recency_buckets, d, padding_idx=0)
-            for table in (self.recency, self.since_last):
-                nn.init.zeros_(table.weight)
+            nn.init.zeros_(self.recency.weight)
+            nn.init.zeros_(self.since_last.weight)
+        if cfg.time_input == "to_last":
+            self.to_last = nn.Embedding(cfg.recency_buckets, d, padding_idx=0)
+            nn.init.zeros_(self.to_last.weight)
         self.summary = nn.Parameter(torch.zeros(d))
         layer = nn.TransformerEncoderLayer(
             d, cfg.heads, 2 * d, cfg.dropout, batch_first=True, norm_first=True
@@ -118,8 +121,10 @@ class UserTower(nn.Module):
             gaps = self._floored(hist.gaps)
             nxt = next_valid_gap(gaps, valid)
             time = self.recency(self._bucket(gaps - nxt) * (valid & (nxt >= 0)))
-            since = torch.where(valid, gaps, gaps.amax() + 1).amin(1)
-            since = self._bucket(since) * valid.any(1)
+            last = torch.where(valid, gaps, gaps.amax() + 1).amin(1)
+            if self.to_last is not None:
+                time = time + self.to_last(self._bucket(gaps - last[:, None]) * valid)
+            since = self._bucket(last) * valid.any(1)
             summary = summary + self.since_last(since).unsqueeze(1)
         x = vectors + self.event(hist.events.long() * valid) + self.position(rank)[None] + time
         x = self.drop(x) * valid.unsqueeze(-1)
