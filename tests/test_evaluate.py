@@ -205,7 +205,8 @@ def _without_time_input(art, folder):
 
     cfg = art.model.cfg.model_copy(update={"recency_buckets": 1})
     model = Reranker(cfg, art.model.num_items, art.model.text)
-    weights = {k: v for k, v in art.model.state_dict().items() if k != "user.recency.weight"}
+    time_tables = ("user.recency.", "user.since_last.", "user.to_last.")
+    weights = {k: v for k, v in art.model.state_dict().items() if not k.startswith(time_tables)}
     model.load_state_dict(weights, strict=False)
     model.set_text_table(art.model.text_table)
     model.items.known.copy_(art.model.items.known)
