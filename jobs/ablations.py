@@ -204,6 +204,11 @@ def main() -> int:
     p.add_argument("--study", choices=["text", "time"], default="text")
     p.add_argument("--evaluate-config", help="evaluate config the scoring starts from")
     p.add_argument("--set", dest="overrides", action="append", default=[])
+    p.add_argument(
+        "--train-only",
+        action="store_true",
+        help="train the variants and stop; a later run without it scores every one published",
+    )
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     timings = {}
@@ -227,6 +232,10 @@ def main() -> int:
             "train_s": metrics["history"][-1]["train_s"],
         }
         logging.info("trained %s: %s", name, timings[name])
+        with open(os.path.join(args.workdir, f"{name}.timing.json"), "w") as f:
+            json.dump(timings[name], f)
+    if args.train_only:
+        return 0
     models = {n: os.path.join(args.workdir, n) for n in all_variants}
     models = {n: path for n, path in models.items() if is_complete(path)}
     overrides = [
@@ -249,6 +258,11 @@ def main() -> int:
     )
     with open(os.path.join(args.workdir, "ablations.md"), "w") as f:
         f.write(text + "\n")
+    for name in models:
+        path = os.path.join(args.workdir, f"{name}.timing.json")
+        if name not in timings and os.path.exists(path):
+            with open(path) as f:
+                timings[name] = json.load(f)
     with open(os.path.join(args.workdir, "timings.json"), "w") as f:
         json.dump(timings, f, indent=2)
     print(text)
