@@ -63,6 +63,7 @@ def time_variants(seeds: list[int]) -> dict[str, list[str]]:
     out |= {f"no-time-s{s}": [f"seed={s}", "model.recency_buckets=1"] for s in seeds}
     out["intervals"] = ["model.time_input=intervals"]
     out["no-returning-moments"] = ["returning_fraction=0"]
+    out["no-nightly-moments"] = ["nightly_fraction=0"]
     out["to-scoring"] = ["model.time_input=to_scoring", "returning_fraction=0"]
     out["to-scoring-returning"] = ["model.time_input=to_scoring"]
     out["select-at-target"] = ["select_metric=ndcg_full"]

@@ -4,9 +4,9 @@
 
 Generates users whose sessions stay on one topic and who come back days later
 (`session_focus`), trains the tiny test model once per variant, and prints
-test full-ranking and sampled NDCG@10 at the target's time and at the last
-event + each Δ: the quick check of a time representation before the
-three-seed runs on real data (`jobs/ablations.py --study time`).
+test full-ranking and sampled NDCG@10 at the target's time, at the last
+event + each Δ and in the nightly backtest (full ranking): the quick check
+of a time representation before the three-seed runs on real data (`jobs/ablations.py --study time`).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ VARIANTS = {
     "to_last, no returning": {"returning_fraction": 0.0},
     "to_last + returning 0.25": {"returning_fraction": 0.25},
     "to_last + returning 0.5 (default)": {},
+    "to_last + returning 0.5 + nightly 0.25": {"nightly_fraction": 0.25},
 }
 DELTAS = {"Δ=0": 0, "Δ=1h": 3_600, "Δ=7d": 7 * 86_400, "Δ=30d": 30 * 86_400}
 
@@ -48,7 +49,7 @@ def main() -> int:
     from ray_app.evaluation.baselines import Popularity
     from ray_app.evaluation.data import load_prepared
     from ray_app.evaluation.model_scorer import RerankerScorer
-    from ray_app.evaluation.protocols import sampled_candidates, score_split
+    from ray_app.evaluation.protocols import backtest, sampled_candidates, score_split
     from ray_app.model.artifact import load_artifact
     from ray_app.training.trainer import run_train
 
@@ -83,7 +84,13 @@ def main() -> int:
         r = score_split(scorer, targets, cands, 10, lists=False)
         return float(M.ndcg(r["full"], 10).mean()), float(M.ndcg(r["sampled"], 10).mean())
 
-    rows = {"popularity": {"target": ndcg(Popularity().fit(data.train, data.num_items), test)}}
+    popularity = Popularity().fit(data.train, data.num_items)
+    rows = {
+        "popularity": {
+            "target": ndcg(popularity, test),
+            "backtest": (float(backtest(popularity, test, 10, None).ndcg.mean()), float("nan")),
+        }
+    }
     for i, (name, overrides) in enumerate(VARIANTS.items()):
         if args.only and name not in args.only:
             continue
@@ -106,9 +113,11 @@ def main() -> int:
         scorer = RerankerScorer(art.model, art.item_vectors)
         rows[name] = {"target": ndcg(scorer, test)}
         rows[name] |= {d: ndcg(scorer, test.after_last_event(s)) for d, s in DELTAS.items()}
+        night = backtest(scorer, test, 10, popularity).ndcg.mean()
+        rows[name]["backtest"] = (float(night), float("nan"))
         print(name, rows[name], flush=True)
-    cols = ["target", *DELTAS]
     for proto, j in (("full", 0), ("sampled", 1)):
+        cols = ["target", *DELTAS] + (["backtest"] if proto == "full" else [])
         print(f"\n| {proto} NDCG@10 | " + " | ".join(cols) + " |")
         print("|---" + "|---:" * len(cols) + "|")
         for name, r in rows.items():

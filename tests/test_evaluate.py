@@ -311,6 +311,40 @@ def test_returning_users_real_gaps_and_backtest_histories(prepared):
     assert (~cut.has_history).any() and cut.has_history.any()
 
 
+def test_training_sees_the_nightly_moment_exactly_as_the_backtest_scores_it(prepared):
+    """`nightly_fraction` rows are what the nightly job and its backtest give the model:
+    the same kept events, gaps to the same moment, empty histories included."""
+    import numpy as np
+
+    from ray_app.storage import join, parquet_dataset
+    from ray_app.training.batches import to_examples
+
+    length = 50
+    t = load_prepared(prepared).splits["test"]
+    cut = t.as_of_previous_day()
+    table = parquet_dataset(join(prepared, "examples", "test")).to_table()
+    row = {u: i for i, u in enumerate(t.user_ids)}
+    order = [row[u] for u in table.column("user_id").to_pylist()]
+    picked = np.arange(table.num_rows) % 2 == 0
+    ex = to_examples(table, length, 0, None, picked)
+    whole = to_examples(table, length, 0)
+    for r, i in enumerate(order):
+        items, gaps = ex.hist.items[r].numpy(), ex.hist.gaps[r].numpy()
+        if not picked[r]:
+            np.testing.assert_array_equal(items, whole.hist.items[r].numpy())
+            continue
+        # The examples hold the last `length` events before the target; the cut keeps those
+        # before the target's day, the newest of what the nightly run sees.
+        n = int((items > 0).sum())
+        assert (items[: length - n] == 0).all() and n <= len(cut.histories[i])
+        window = whole.hist.gaps[r][whole.hist.items[r] > 0].numpy()
+        assert n == int((window >= t.target_times[i] - cut.moments[i]).sum())
+        np.testing.assert_array_equal(items[length - n :], cut.histories[i][-n:] if n else [])
+        want = cut.moments[i] - cut.history_times[i][-n:] if n else []
+        np.testing.assert_array_equal(gaps[length - n :], want)
+    assert picked[[r for r, i in enumerate(order) if not cut.has_history[i]]].any()
+
+
 def test_a_user_sample_keeps_the_same_users_in_every_split_and_all_training_events(prepared):
     data = load_prepared(prepared)
     n = len(data.splits["test"])

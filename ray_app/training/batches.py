@@ -19,6 +19,7 @@ import torch
 from ray_app.data import schema as S
 from ray_app.model.encoder import TextBatch, TextEncoder
 from ray_app.model.history import History, left_pad
+from ray_app.times import day_start
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +32,17 @@ class ExampleBatch:
 
 
 def to_examples(
-    batch: pa.Table, max_history: int, negatives: int, hidden: np.ndarray | None = None
+    batch: pa.Table,
+    max_history: int,
+    negatives: int,
+    hidden: np.ndarray | None = None,
+    nightly: np.ndarray | None = None,
 ) -> ExampleBatch:
     """An Arrow batch of the examples table -> tensors; `hidden` items (cold-start
-    hold-out) are removed from histories as if never seen."""
+    hold-out) are removed from histories as if never seen, and the `nightly` rows (bool
+    per row) are cut as the nightly run of the day before their target sees them."""
+    if nightly is not None and nightly.any():
+        batch = as_of_previous_day(batch, nightly)
     items = left_pad(batch.column(S.HIST_ITEM_IDX), max_history)
     events = left_pad(batch.column(S.HIST_EVENT_IDX), max_history)
     gaps = left_pad(batch.column(S.HIST_GAP), max_history)
@@ -48,17 +56,60 @@ def to_examples(
     )
 
 
+def as_of_previous_day(batch: pa.Table, rows: np.ndarray) -> pa.Table:
+    """The examples of `rows` (bool per row) as the nightly run of the UTC day before the
+    target sees them, the moment the nightly lists are scored at (the evaluation's
+    `SplitTargets.as_of_previous_day`): events on the target's day dropped, every gap
+    measured to the end of the day before. A history may become empty, the case of a
+    user whose first day it is, which the model otherwise never trains on."""
+    target = batch.column(S.TARGET_TIMESTAMP).to_numpy().astype(np.int64)
+    offset = np.where(rows, target - (day_start(target) - 1), 0)
+    gaps = batch.column(S.HIST_GAP).combine_chunks()
+    lens = np.diff(gaps.offsets.to_numpy())
+    owner = np.repeat(np.arange(len(lens)), lens)
+    values = gaps.flatten().to_numpy().astype(np.int64)
+    keep = values >= offset[owner]
+    new_offsets = pa.array(np.r_[0, np.cumsum(np.bincount(owner[keep], minlength=len(lens)))])
+    new_offsets = new_offsets.cast(pa.int32())
+
+    def cut(column: pa.ChunkedArray, vals: np.ndarray | None = None) -> pa.ListArray:
+        col = column.combine_chunks()
+        flat = col.flatten() if vals is None else pa.array(vals, col.type.value_type)
+        return pa.ListArray.from_arrays(new_offsets, flat.filter(pa.array(keep)))
+
+    out = batch
+    for name, vals in (
+        (S.HIST_ITEM_IDX, None),
+        (S.HIST_EVENT_IDX, None),
+        (S.HIST_GAP, values - offset[owner]),
+    ):
+        i = out.schema.get_field_index(name)
+        out = out.set_column(i, out.schema.field(i), cut(batch.column(name), vals))
+    i = out.schema.get_field_index(S.HIST_LEN)
+    if i < 0:
+        return out
+    new_lens = pa.array(np.diff(new_offsets.to_numpy()), out.schema.field(i).type)
+    return out.set_column(i, out.schema.field(i), new_lens)
+
+
 def redraw_since_last(
-    hist: History, fraction: float, lo_s: int, hi_s: int, gen: torch.Generator
+    hist: History,
+    fraction: float,
+    lo_s: int,
+    hi_s: int,
+    gen: torch.Generator,
+    exclude: torch.Tensor | None = None,
 ) -> History:
     """`fraction` of the rows scored later or sooner: every gap to the moment of scoring
     shifted so that the time since the last event is log-uniform in [lo_s, hi_s]. The
-    gaps between the history's own events do not change."""
+    gaps between the history's own events do not change. `exclude`d rows stay."""
     valid = hist.items > 0
     since = torch.where(valid, hist.gaps, hist.gaps.amax() + 1).amin(1)
     u = torch.rand(len(hist), generator=gen, dtype=torch.float64)
     new = torch.exp(math.log(lo_s) + u * (math.log(hi_s) - math.log(lo_s))).long()
     pick = (torch.rand(len(hist), generator=gen) < fraction) & valid.any(1)
+    if exclude is not None:
+        pick &= ~exclude
     shift = torch.where(pick, new - since, torch.zeros_like(since))
     gaps = torch.where(valid, hist.gaps + shift[:, None], hist.gaps)
     return History(hist.items, hist.events, gaps)

@@ -405,10 +405,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for i, batch in enumerate(batches):
             if i < progress.epoch_step:
                 continue
-            ex = to_examples(batch, mcfg.max_history, cfg.negatives_per_example, data.hidden)
+            nightly = None
+            if cfg.nightly_fraction > 0:
+                nightly = torch.rand(batch.num_rows, generator=gen) < cfg.nightly_fraction
+            ex = to_examples(
+                batch,
+                mcfg.max_history,
+                cfg.negatives_per_example,
+                data.hidden,
+                None if nightly is None else nightly.numpy(),
+            )
             if cfg.returning_fraction > 0:
                 ex.hist = redraw_since_last(
-                    ex.hist, cfg.returning_fraction, since_lo, since_hi, gen
+                    ex.hist, cfg.returning_fraction, since_lo, since_hi, gen, nightly
                 )
             since = progress.step - cfg.encoder_frozen_epochs * config["steps_per_epoch"]
             set_lr(

@@ -75,6 +75,8 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
     examples = join(cfg.prepared, "examples", "train")
     fs, files = expand_paths(examples)
     cols = [S.HIST_ITEM_IDX, S.HIST_EVENT_IDX, S.HIST_GAP, S.TARGET_ITEM_IDX, S.NEGATIVES]
+    if cfg.nightly_fraction > 0:
+        cols.append(S.TARGET_TIMESTAMP)
     ds = ray.data.read_parquet([f.path for f in files], filesystem=fs).select_columns(cols)
     if hidden is not None:
         held = pa.array(np.flatnonzero(hidden).astype(np.int32))
