@@ -18,9 +18,10 @@ With `--study time`, the variants are instead the model's time inputs, scored
 at the target's time, at every Δ after the last event and in the nightly
 backtest (the shipped model and the no-time-input model with every seed; one
 seed each of intervals without the gaps to the last event, the shipped
-model without returning-user moments in training, every gap to the moment of
-scoring as before, that with returning-user moments, and the shipped model
-selected at the target's time only), compared user by user
+model without returning-user moments or without nightly moments in
+training, every gap to the moment of scoring as before, that with
+returning-user moments, and the shipped model selected at the target's time
+only), compared user by user
 with the best baseline and the no-time-input model:
 
     python jobs/ablations.py --study time --prepared runs/amazon/prepared \
@@ -206,6 +207,13 @@ def main() -> int:
     p.add_argument("--evaluate-config", help="evaluate config the scoring starts from")
     p.add_argument("--set", dest="overrides", action="append", default=[])
     p.add_argument(
+        "--evaluate-set",
+        dest="evaluate_overrides",
+        action="append",
+        default=[],
+        help="key=value for the evaluate config, e.g. returning_splits=[test]",
+    )
+    p.add_argument(
         "--train-only",
         action="store_true",
         help="train the variants and stop; a later run without it scores every one published",
@@ -246,6 +254,7 @@ def main() -> int:
     ]
     if not args.evaluate_config:
         overrides.append(f"sasrec_epochs={args.sasrec_epochs}")
+    overrides += args.evaluate_overrides
     ev = load_config(EvaluateConfig, args.evaluate_config, overrides)
     if args.study == "time":
         groups = time_groups(list(models), args.seeds)
