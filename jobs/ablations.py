@@ -18,7 +18,7 @@ With `--study time`, the variants are instead the model's time inputs, scored
 at the target's time, at every Δ after the last event and in the nightly
 backtest (the shipped model and the no-time-input model with every seed; one
 seed each of intervals without the gaps to the last event, the shipped
-model without returning-user moments or without nightly moments in
+model without returning-user moments or with nightly moments in
 training, every gap to the moment of scoring as before, that with
 returning-user moments, and the shipped model selected at the target's time
 only), compared user by user
@@ -64,7 +64,7 @@ def time_variants(seeds: list[int]) -> dict[str, list[str]]:
     out |= {f"no-time-s{s}": [f"seed={s}", "model.recency_buckets=1"] for s in seeds}
     out["intervals"] = ["model.time_input=intervals"]
     out["no-returning-moments"] = ["returning_fraction=0"]
-    out["no-nightly-moments"] = ["nightly_fraction=0"]
+    out["nightly-moments"] = ["nightly_fraction=0.25"]
     out["to-scoring"] = ["model.time_input=to_scoring", "returning_fraction=0"]
     out["to-scoring-returning"] = ["model.time_input=to_scoring"]
     out["select-at-target"] = ["select_metric=ndcg_full"]
