@@ -6,7 +6,8 @@ Generates users whose sessions stay on one topic and who come back days later
 (`session_focus`), trains the tiny test model once per variant, and prints
 test full-ranking and sampled NDCG@10 at the target's time, at the last
 event + each Δ and in the nightly backtest (full ranking): the quick check
-of a time representation before the three-seed runs on real data (`jobs/ablations.py --study time`).
+of a time representation before the three-seed runs on real data
+(`jobs/ablations.py --study time`).
 """
 
 from __future__ import annotations

@@ -68,7 +68,8 @@ def as_of_previous_day(batch: pa.Table, rows: np.ndarray) -> pa.Table:
     lens = np.diff(gaps.offsets.to_numpy())
     owner = np.repeat(np.arange(len(lens)), lens)
     values = gaps.flatten().to_numpy().astype(np.int64)
-    keep = values >= offset[owner]
+    shift = offset[owner]
+    keep = values >= shift
     new_offsets = pa.array(np.r_[0, np.cumsum(np.bincount(owner[keep], minlength=len(lens)))])
     new_offsets = new_offsets.cast(pa.int32())
 
@@ -81,7 +82,7 @@ def as_of_previous_day(batch: pa.Table, rows: np.ndarray) -> pa.Table:
     for name, vals in (
         (S.HIST_ITEM_IDX, None),
         (S.HIST_EVENT_IDX, None),
-        (S.HIST_GAP, values - offset[owner]),
+        (S.HIST_GAP, values - shift),
     ):
         i = out.schema.get_field_index(name)
         out = out.set_column(i, out.schema.field(i), cut(batch.column(name), vals))
