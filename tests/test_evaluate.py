@@ -192,10 +192,14 @@ def test_a_cold_start_model_is_scored_on_held_out_items(prepared, trained, tmp_p
     random_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / 21
     # Text alone ranks items the model never trained on above random.
     assert every["ndcg@10"] > 1.1 * random_ndcg
+    # Warm: every other valid and test target, the ratio's denominator.
+    n = len(data.splits["valid"]) + len(data.splits["test"])
+    assert cold["warm"]["users"] + cold["users"] == n and cold["warm"]["ndcg@10"] > 0
     same = metrics["paired"]["cold - cold"]
     assert same["cold_start_all"]["diff"] == 0 and same["cold_start_all"]["users"] == every["users"]
     assert "cold_start" not in metrics["paired"]["cold - warm"]  # different held-out items
-    assert "every event" in (tmp_path / "eval" / "report.md").read_text()
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "every event" in report and "held-out / warm" in report
 
 
 def _without_time_input(art, folder):

@@ -385,16 +385,39 @@ def _cold_target_sets(
     }
 
 
+def _warm_targets(
+    sampled: dict[str, M.RankStats], mask: np.ndarray, data: EvalData, k: int
+) -> dict[str, Any]:
+    """The same model on the valid and test targets that are not held-out items,
+    in the standard sampled protocol: what its held-out-item figure is weighed
+    against (how much of the warm quality text alone keeps)."""
+    stats = [
+        M.RankStats(*(getattr(sampled[split], f)[rows] for f in ("greater", "ties", "less")))
+        for split in ("valid", "test")
+        if split in sampled
+        for rows in [~mask[data.splits[split].targets]]
+    ]
+    merged = concat_stats(stats)
+    return {
+        f"hr@{k}": M.mean_defined(M.hit_rate(merged, k)),
+        f"ndcg@{k}": M.mean_defined(M.ndcg(merged, k)),
+        "users": len(merged),
+    }
+
+
 def cold_start(
     models: dict[str, dict[str, Baseline]],
     held: dict[str, np.ndarray],
     data: EvalData,
     cfg: EvaluateConfig,
+    sampled: dict[str, dict[str, M.RankStats]],
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Each model with held-out items, ranked against other held-out items the user
     never touched, on two target sets: the valid and test targets that are
     held-out items (one per user and split), and `all_events`: those plus every
     train-split event on a held-out item (`held_out_events`), averaged per user.
+    `warm` is the same model on the other valid and test targets in the sampled
+    protocol (`sampled`: method -> split -> its per-user rank statistics there).
 
     Returns the summary and, per target set, each model's per-user NDCG@k (for
     paired comparisons)."""
@@ -409,7 +432,10 @@ def cold_start(
             split: M.rank_stats(scorer.score_candidates(sub, cand), np.zeros(len(cand), int))
             for split, (sub, cand) in sets.items()
         }
-        row: dict[str, Any] = {"held_out_items": int(mask.sum())}
+        row: dict[str, Any] = {
+            "held_out_items": int(mask.sum()),
+            "warm": _warm_targets(sampled[name], mask, data, k),
+        }
         vt = [stats[s] for s in ("valid", "test") if s in stats]
         if vt:
             merged = concat_stats(vt)
@@ -539,6 +565,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         results: dict[str, Any] = {"valid": {}, "test": {}}
         details: dict[str, Any] = {}
         test_stats: dict[str, dict[str, M.RankStats]] = {}
+        sampled_stats: dict[str, dict[str, M.RankStats]] = {}
         # split -> method -> column ("<protocol>@<moment>" or "backtest") -> per-user values
         columns: dict[str, dict[str, dict[str, Column]]] = {"valid": {}, "test": {}}
         backtests: dict[str, Any] = {"valid": {}, "test": {}}
@@ -558,6 +585,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     "users": len(cands[split]),
                 }
                 merged = {p: per_proto[p][0][p] for p in PROTOCOLS}
+                sampled_stats.setdefault(name, {})[split] = merged["sampled"]
                 if split == "test":
                     test_stats[name] = merged
                     details[name] = breakdowns(merged, data, split, k)
@@ -573,7 +601,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     cols["backtest"] = backtest(chosen["full"], targets, k, popularity)
                 columns[split][name] = cols
                 logger.info("scored %s on %s", name, split)
-        cold, cold_users = cold_start(models, held, data, cfg)
+        cold, cold_users = cold_start(models, held, data, cfg, sampled_stats)
         lists = {}
         for name, path in cfg.lists.items():
             split, summary, col = score_lists(data, path, k, bags)

@@ -71,11 +71,14 @@ def markdown(metrics: dict[str, Any]) -> str:
             f"Targets that are held-out items, ranked against {metrics['num_negatives']} "
             "other held-out items the user never touched: the valid and test targets, and "
             "every event on a held-out item (train-split ones too, which the model never "
-            "trained on), averaged per user.",
+            "trained on), averaged per user. Warm: the same model on the other valid and "
+            f"test targets, each against {metrics['num_negatives']} never-touched items "
+            "(the sampled protocol); held-out / warm compares the valid + test NDCG.",
             "",
             f"| model | valid + test HR@{k} | NDCG@{k} | users | every event HR@{k} "
-            f"| NDCG@{k} | users | events | held-out items |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            f"| NDCG@{k} | users | events | held-out items | warm NDCG@{k} | users "
+            "| held-out / warm |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name, r in metrics["cold_start"].items():
             a = r["all_events"]
@@ -84,9 +87,16 @@ def markdown(metrics: dict[str, Any]) -> str:
                 if "users" in r
                 else "- | - | 0"
             )
+            w = r["warm"]
+            ratio = (
+                f"{r[f'ndcg@{k}'] / w[f'ndcg@{k}']:.2f}"
+                if "users" in r and w[f"ndcg@{k}"] > 0
+                else "-"
+            )
             lines.append(
                 f"| {name} | {vt} | {a[f'hr@{k}']:.4f} | {a[f'ndcg@{k}']:.4f} | {a['users']} "
-                f"| {a['events']} | {r['held_out_items']} |"
+                f"| {a['events']} | {r['held_out_items']} | {w[f'ndcg@{k}']:.4f} "
+                f"| {w['users']} | {ratio} |"
             )
     if metrics.get("lists"):
         lines += [
