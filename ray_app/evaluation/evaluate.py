@@ -392,10 +392,9 @@ def _warm_targets(
     in the standard sampled protocol: what its held-out-item figure is weighed
     against (how much of the warm quality text alone keeps)."""
     stats = [
-        M.RankStats(*(getattr(sampled[split], f)[rows] for f in ("greater", "ties", "less")))
+        sampled[split].subset(~mask[data.splits[split].targets])
         for split in ("valid", "test")
         if split in sampled
-        for rows in [~mask[data.splits[split].targets]]
     ]
     merged = concat_stats(stats)
     return {

@@ -28,6 +28,10 @@ class RankStats:
     def __len__(self) -> int:
         return len(self.greater)
 
+    def subset(self, rows: np.ndarray | slice) -> RankStats:
+        """The statistics of the chosen rows (an index, a boolean mask or a slice)."""
+        return RankStats(self.greater[rows], self.ties[rows], self.less[rows])
+
 
 def rank_stats(
     scores: np.ndarray, target: np.ndarray, valid: np.ndarray | None = None
