@@ -381,7 +381,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e if isinstance(e, StageFailed) else describe(e)}", file=sys.stderr)
         if args.verbose:
             raise
+        print(f"full traceback: {_write_traceback(e, args.command)}", file=sys.stderr)
         return 1
+
+
+def _write_traceback(exc: BaseException, command: str) -> str:
+    """The whole traceback (Ray's task tracebacks included) in a log file, so the
+    one-line error stays readable and nothing is lost (`RERANK_LOG_DIR`, default
+    the temp folder)."""
+    import tempfile
+    import time
+    import traceback
+
+    folder = os.environ.get("RERANK_LOG_DIR") or os.path.join(tempfile.gettempdir(), "rerank-logs")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{command}-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}.log")
+    with open(path, "w", encoding="utf-8", errors="backslashreplace") as f:
+        f.write("".join(traceback.format_exception(exc)))
+    return path
 
 
 if __name__ == "__main__":

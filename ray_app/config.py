@@ -608,6 +608,13 @@ class EventStoreConfig(_Strict):
     """Most recent events kept per user."""
     key_prefix: str = "rerank:events:"
     """Redis key prefix of the users' event lists."""
+    timeout_s: float = Field(default=1.0, gt=0, le=60)
+    """Longest wait for the store on each call (connect, then answer). Past it the store
+    counts as unavailable: /v1/rerank scores from the request's own history and says so
+    (`stored_history: unavailable`); /v1/events answers 503 with Retry-After.
+    """
+    retry_after_s: int = Field(default=5, ge=1)
+    """Retry-After of /v1/events' 503 while the store is unavailable."""
 
     @model_validator(mode="after")
     def _redis_has_url(self) -> EventStoreConfig:

@@ -26,11 +26,13 @@ def parse_time(value: int | str) -> int:
         return int(text)
     try:
         ts = pd.Timestamp(text)
-    except (ValueError, TypeError) as e:
+        if ts is pd.NaT:
+            raise ValueError("NaT")
+        if ts.tzinfo is None:
+            ts = ts.tz_localize("UTC")
+        return int(ts.timestamp())
+    except (ValueError, TypeError, OverflowError) as e:
         raise ValueError(f"not an ISO-8601 time or epoch seconds: {value!r}") from e
-    if ts.tzinfo is None:
-        ts = ts.tz_localize("UTC")
-    return int(ts.timestamp())
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}

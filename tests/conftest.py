@@ -160,3 +160,18 @@ def redis_url(tmp_path_factory):
     yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(timeout=10)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """How many requests schemathesis generated against the live app, and what came back."""
+    import sys
+
+    calls = getattr(sys.modules.get("tests.test_serve"), "SCHEMATHESIS_CALLS", None)
+    if not calls:
+        return
+    ops = {k: v for k, v in calls.items() if k not in ("server errors", "failed checks")}
+    terminalreporter.write_line(
+        f"schemathesis: {sum(ops.values())} generated requests over {len(ops)} operations "
+        f"({', '.join(f'{k}: {v}' for k, v in sorted(ops.items()))}); "
+        f"{calls['server errors']} server errors, {calls['failed checks']} failed checks"
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.dataset as pads
@@ -259,3 +261,70 @@ def test_presplit_files_keep_their_split(ray_local, tmp_path, write):
     cand = pads.dataset(str(tmp_path / "eval" / "candidates" / "test.parquet")).to_table()
     assert set(cand.column(S.TARGET_ITEM_IDX).to_pylist()) == {11}  # i11 is item_idx 11
     assert metrics["results"]["test"]["ease"]["users"] == 3
+
+
+def _catalogue(genres):
+    import pyarrow as pa
+
+    ids = [f"i{i}" for i in range(1, 21)]
+    return pa.table(
+        {"item_id": ids, "title": [f"Title {i}" for i in range(1, 21)], "genres": genres}
+    )
+
+
+def test_list_typed_genres_read_like_their_delimited_form(ray_local, tmp_path, write):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lists = [[f"g{i % 3}", "Drama"] if i % 4 else [f"g{i % 3}"] for i in range(1, 21)]
+    lists[4] = []  # an item without genres
+    lists[5] = None
+    write("logs.csv", "user_id,item_id,timestamp,event_type,value\n" + "\n".join(good_rows()))
+    outputs = {}
+    for name, genres in (
+        ("list", pa.array(lists, pa.list_(pa.string()))),
+        ("joined", pa.array([("|".join(g) or None) if g is not None else None for g in lists])),
+    ):
+        pq.write_table(_catalogue(genres), tmp_path / f"{name}.parquet")
+        prepare(tmp_path, tmp_path / "logs.csv", tmp_path / f"{name}.parquet")
+        out = tmp_path / "out"
+        outputs[name] = {
+            part: pads.dataset(str(out / part)).to_table().to_pandas()
+            for part in ("items", "examples/train", "examples/valid", "examples/test")
+        }
+    items = outputs["list"]["items"]
+    assert "Drama" in items.loc[items[S.ITEM_ID] == "i1", S.TEXT].iloc[0]
+    for part, frame in outputs["list"].items():
+        pd.testing.assert_frame_equal(frame, outputs["joined"][part], obj=part)
+
+
+def test_a_failing_udf_shows_its_root_cause_and_file_on_the_cli(
+    ray_local, tmp_path, write, capsys, monkeypatch
+):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ray_app.cli import main
+
+    monkeypatch.setenv("RERANK_LOG_DIR", str(tmp_path / "logs"))
+    genres = pa.array([{"name": f"g{i}"} for i in range(20)])  # a struct: no text form
+    pq.write_table(_catalogue(genres), tmp_path / "items.parquet")
+    write(
+        "logs.csv",
+        "user_id,item_id,timestamp\n" + "\n".join(r.rsplit(",", 2)[0] for r in good_rows()),
+    )
+    rc = main(
+        [
+            "prepare",
+            "--set", f"input.interactions={tmp_path / 'logs.csv'}",
+            "--set", f"input.items={tmp_path / 'items.parquet'}",
+            "--set", f"output={tmp_path / 'out'}",
+        ]
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    line = next(x for x in err.splitlines() if x.startswith("error: "))
+    assert rc == 1
+    assert "ArrowNotImplementedError: Unsupported cast from struct" in line, line
+    assert re.search(r"items\.parquet rows \d+\.\.\d+: ", line) and "UDF failed" not in line, line
+    trace = next(x for x in err.splitlines() if x.startswith("full traceback: "))
+    assert "ArrowNotImplementedError" in Path(trace.split(": ", 1)[1]).read_text()

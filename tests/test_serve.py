@@ -7,6 +7,7 @@ autoscaling deploy their own.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import shutil
@@ -14,11 +15,13 @@ import threading
 import time
 from pathlib import Path
 
+import hypothesis
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import requests
+import schemathesis
 
 from ray_app.config import ServeConfig
 from ray_app.data import schema as S
@@ -30,6 +33,7 @@ from tests.conftest import TEST_TOKEN_ENV, free_port
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TOKEN = {"Authorization": "Bearer s3cret-test-token"}
+NOW = int(time.time())
 LIMITS = {"max_candidates": 50, "max_history": 60, "max_text_chars": 200, "max_k": 20}
 
 
@@ -321,6 +325,123 @@ def test_bad_payloads_get_a_4xx_that_names_the_field(service, path, body, status
     assert any(field in [str(p) for p in loc] for loc in locs), locs
 
 
+BIG = str(2**70)
+# Raw bodies that JSON parsers accept but that once answered 500: a non-finite
+# number, a lone surrogate, an integer beyond 64 bits, each in a field.
+HOSTILE = [
+    ("/v1/rerank", '{"candidates": [{"item_id": "a"}], "k": NaN}', "k"),
+    ("/v1/rerank", '{"candidates": [{"item_id": "a"}], "k": 1e400}', "k"),
+    ("/v1/rerank", '{"candidates": [{"item_id": "a"}], "k": -Infinity}', "k"),
+    ("/v1/rerank", '{"candidates": [{"item_id": "a"}], "k": ' + BIG + "}", "k"),
+    ("/v1/rerank", '{"candidates": [{"item_id": "\\ud800"}]}', "item_id"),
+    ("/v1/rerank", '{"candidates": [{"item_id": "a", "text": "caf\\udcff"}]}', "text"),
+    ("/v1/rerank", '{"user_id": "\\udfff", "candidates": [{"item_id": "a"}]}', "user_id"),
+    ("/v1/rerank", '{"candidates": [{"item_id": "a"}], "scored_at": ' + BIG + "}", "scored_at"),
+    ("/v1/rerank", '{"candidates": [{"item_id": "a"}], "scored_at": NaN}', "scored_at"),
+    *(
+        ("/v1/rerank", '{"candidates": [{"item_id": "a"}], "history": [' + e + "]}", field)
+        for e, field in (
+            ('{"item_id": "b", "timestamp": NaN}', "timestamp"),
+            ('{"item_id": "b", "timestamp": 1e400}', "timestamp"),
+            ('{"item_id": "b", "timestamp": ' + BIG + "}", "timestamp"),
+            ('{"item_id": "b", "timestamp": 12}', "timestamp"),  # 1970: before min_timestamp
+            ('{"item_id": "b", "event_type": "\\ud800"}', "event_type"),
+        )
+    ),
+    *(
+        ("/v1/events", '{"user_id": "u", "events": [' + e + "]}", field)
+        for e, field in (
+            ('{"item_id": "b", "timestamp": NaN}', "timestamp"),
+            ('{"item_id": "b", "timestamp": ' + BIG + "}", "timestamp"),
+            ('{"item_id": "b", "timestamp": 12}', "timestamp"),
+            ('{"item_id": "\\ud800"}', "item_id"),
+        )
+    ),
+    ("/v1/events", '{"user_id": "\\ud800", "events": [{"item_id": "b"}]}', "user_id"),
+]
+
+
+@pytest.mark.parametrize(("path", "raw", "field"), HOSTILE)
+def test_hostile_json_gets_a_422_naming_the_field_never_a_500(service, path, raw, field):
+    url, _ = service
+    r = requests.post(
+        f"{url}{path}",
+        data=raw.encode(),
+        headers={**TOKEN, "Content-Type": "application/json"},
+        timeout=30,
+    )
+    assert r.status_code == 422, (r.status_code, r.text)
+    detail = r.json()["detail"]  # the body parses: JSON-safe, whatever the input was
+    assert all(set(d) == {"loc", "msg", "type"} for d in detail), detail
+    assert any(field in [str(p) for p in d["loc"]] for d in detail), detail
+
+
+def test_every_status_is_declared_with_the_one_error_model(service):
+    url, _ = service
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert spec["openapi"].startswith("3.1")
+    expected = {
+        ("/v1/rerank", "post"): {"401", "413", "422", "503"},
+        ("/v1/events", "post"): {"401", "413", "422", "503"},
+        ("/v1/users/{user_id}/recommendations", "get"): {"401", "404", "422"},
+    }
+    for (path, method), statuses in expected.items():
+        responses = spec["paths"][path][method]["responses"]
+        assert statuses <= set(responses), (path, sorted(responses))
+        for status in statuses:
+            ref = responses[status]["content"]["application/json"]["schema"]["$ref"]
+            assert ref == "#/components/schemas/ErrorResponse", (path, status, ref)
+
+
+@pytest.fixture(scope="module")
+def live_schema(service):
+    """The OpenAPI 3.1 document the running app publishes, for schemathesis."""
+    url, _ = service
+    return schemathesis.openapi.from_url(f"{url}/openapi.json")
+
+
+schema = schemathesis.pytest.from_fixture("live_schema")
+# Requests sent per operation, and how many answered 5xx (the terminal summary prints it).
+SCHEMATHESIS_CALLS: collections.Counter = collections.Counter()
+
+
+@schema.parametrize()
+@hypothesis.settings(
+    max_examples=40,
+    derandomize=True,  # the same requests on every run: a seed, not luck
+    deadline=None,
+    suppress_health_check=list(hypothesis.HealthCheck),
+    phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+)
+def test_generated_requests_get_no_5xx_and_match_the_documented_schema(case):
+    """Valid and invalid requests generated from the published schema (schemathesis's
+    positive and negative modes): every answer is below 500, has a status the
+    operation declares, and a body valid against that status's schema."""
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import (
+        content_type_conformance,
+        response_schema_conformance,
+        status_code_conformance,
+    )
+
+    response = case.call(headers=TOKEN, timeout=30)
+    SCHEMATHESIS_CALLS[f"{case.method} {case.path}"] += 1
+    SCHEMATHESIS_CALLS["server errors"] += response.status_code >= 500
+    try:
+        case.validate_response(
+            response,
+            checks=[
+                not_a_server_error,
+                status_code_conformance,
+                content_type_conformance,
+                response_schema_conformance,
+            ],
+        )
+    except Exception:
+        SCHEMATHESIS_CALLS["failed checks"] += 1
+        raise
+
+
 def test_bad_json_and_oversized_bodies(service):
     url, _ = service
     r = requests.post(
@@ -360,7 +481,8 @@ def test_recommendations_read_the_latest_nightly_partition(service):
     r = requests.get(f"{url}/v1/users/alice/recommendations?k=2", headers=TOKEN, timeout=30)
     assert len(r.json()["items"]) == 2
     r = requests.get(f"{url}/v1/users/nobody/recommendations", headers=TOKEN, timeout=30)
-    assert r.status_code == 404 and "nobody" in r.json()["detail"]
+    assert r.status_code == 404 and "nobody" in r.json()["detail"][0]["msg"]
+    assert r.json()["detail"][0]["loc"] == ["path", "user_id"]
 
 
 def _copy_with_version(src: str, dst: Path, version: str) -> str:
@@ -434,7 +556,7 @@ def test_redis_store_keeps_every_acknowledged_event_when_the_replica_dies(
     for j, item in enumerate(ids[:10]):
         r = requests.post(
             f"{url}/v1/events",
-            json={"user_id": "dave", "events": [{"item_id": item, "timestamp": 1000 + j}]},
+            json={"user_id": "dave", "events": [{"item_id": item, "timestamp": NOW - 100 + j}]},
             timeout=30,
         )
         assert r.status_code == 200
@@ -515,3 +637,162 @@ def test_autoscaling_goes_up_to_max_under_load_and_back_down_when_idle(trained, 
     assert up[1] == 2, seen
     assert seen[-1][1] == 1, seen
     serve.delete(sc.app_name)
+
+
+class RedisProcess:
+    """A redis-server of this test alone, on a fixed port and folder, with the
+    append-only file fsynced on every write: stopped and started again, it comes
+    back with every write it acknowledged."""
+
+    def __init__(self, folder: Path) -> None:
+        import shutil
+
+        self.exe = shutil.which("redis-server")
+        self.folder, self.port, self.proc = folder, free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        import subprocess
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        client = redis.Redis.from_url(self.url)
+        for _ in range(200):
+            with contextlib.suppress(redis.ConnectionError):
+                client.ping()
+                return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+def test_a_redis_outage_degrades_and_loses_no_acknowledged_event(
+    trained, serve_port, redis_url, tmp_path
+):
+    """Two faults: Redis refusing connections (stopped) and Redis hanging (SIGSTOP).
+    During each, /v1/rerank answers from the request's own history and says so,
+    /v1/events answers 503 with Retry-After; after each, both work again without a
+    restart; at the end Redis holds every acknowledged event and nothing never posted."""
+    import os
+    import signal
+
+    from ray import serve
+
+    from ray_app.serving.events import RedisEventStore
+
+    del redis_url  # the session's server: only for its skip-or-fail rule
+    server = RedisProcess(tmp_path)
+    server.start()
+    cfg, _ = trained
+    sc = ServeConfig(
+        model=cfg.output,
+        port=serve_port,
+        app_name="rerank-outage",
+        route_prefix="/outage",
+        events={"kind": "redis", "redis_url": server.url, "timeout_s": 0.5, "retry_after_s": 3},
+        num_cpus=0.5,
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+    )
+    url = _deploy(sc)
+    ids = [str(x) for x in load_artifact(cfg.output).items["item_id"].iloc[1:40]]
+    posted, acked, seq = [], [], iter(range(10_000))
+
+    def post_event(expect: int) -> requests.Response:
+        n = next(seq)
+        event = {"item_id": ids[n % 30], "timestamp": NOW - 10_000 + n}
+        posted.append((event["item_id"], event["timestamp"]))
+        t = time.time()
+        r = requests.post(
+            f"{url}/v1/events", json={"user_id": "erin", "events": [event]}, timeout=30
+        )
+        assert time.time() - t < 10, "a store call must be bounded by events.timeout_s"
+        assert r.status_code == expect, r.text
+        if r.status_code == 200:
+            acked.append((event["item_id"], event["timestamp"]))
+        else:
+            assert r.headers["Retry-After"] == "3"
+            assert r.json()["detail"][0]["type"] == "unavailable"
+        return r
+
+    def rerank(expect_stored: str) -> dict:
+        own = [
+            {"item_id": ids[35], "timestamp": NOW - 5},
+            {"item_id": ids[36], "timestamp": NOW - 4},
+        ]
+        r = requests.post(
+            f"{url}/v1/rerank",
+            json={"user_id": "erin", "history": own, "candidates": [{"item_id": ids[38]}]},
+            timeout=30,
+        )
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["stored_history"] == expect_stored, body
+        return body
+
+    for _ in range(3):
+        post_event(200)
+    assert rerank("used")["history_used"] == 3 + 2
+
+    def until_back() -> None:
+        """The first calls after a fault may still meet a dead connection; the
+        app recovers by itself within a few seconds."""
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            if rerank_ok():
+                return
+            time.sleep(0.5)
+        raise AssertionError("the app did not recover after Redis came back")
+
+    def rerank_ok() -> bool:
+        r = requests.post(
+            f"{url}/v1/rerank",
+            json={"user_id": "erin", "candidates": [{"item_id": ids[38]}]},
+            timeout=30,
+        )
+        return r.status_code == 200 and r.json()["stored_history"] == "used"
+
+    # Fault 1: refused connections.
+    server.stop()
+    for _ in range(3):
+        post_event(503)
+    assert rerank("unavailable")["history_used"] == 2  # the request's own events
+    server.start()
+    until_back()
+    for _ in range(3):
+        post_event(200)
+
+    # Fault 2: a hung server (accepts connections, never answers).
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        for _ in range(3):
+            post_event(503)
+        assert rerank("unavailable")["history_used"] == 2
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    until_back()
+    for _ in range(3):
+        post_event(200)
+
+    stored = [(e.item_id, e.timestamp) for e in RedisEventStore(server.url, 500).get("erin")]
+    assert set(acked) <= set(stored), "an acknowledged event is missing"
+    assert set(stored) <= set(posted), "Redis holds an event that was never posted"
+    assert len(stored) == len(set(stored))
+    assert rerank("used")["history_used"] == len(stored) + 2
+    print(
+        f"\nredis outage: {len(posted)} events posted, {len(acked)} acknowledged, "
+        f"{len(stored)} stored ({len(stored) - len(acked)} of the 503'd ones landed late)"
+    )
+    serve.delete(sc.app_name)
+    server.stop()

@@ -61,6 +61,7 @@ from ray_app.data.validation import (
     normalize_items,
     rejected_table,
 )
+from ray_app.errors import naming_the_batch
 from ray_app.storage import (
     InputError,
     StagedOutput,
@@ -132,6 +133,7 @@ def _counts_table(counts: Counter) -> pa.Table:
     )
 
 
+@naming_the_batch(files_arg=3, source_file=S.SOURCE_FILE, source_row=S.SOURCE_ROW)
 def parse_items(table: pa.Table, adapter: Adapter, rules: Rules, files: list[str]) -> pa.Table:
     """Raw catalogue batch -> contract item rows; rejected ones carry reason and record."""
     contract = adapter.to_items(table)
@@ -192,6 +194,7 @@ class InteractionValidator:
         )
 
 
+@naming_the_batch(files_arg=7, source_file=S.SOURCE_FILE, source_row=S.SOURCE_ROW)
 def validate_and_bucket(
     raw: pa.Table,
     adapter: Adapter,

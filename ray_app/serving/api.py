@@ -1,13 +1,14 @@
 """HTTP request and response bodies of the re-ranking service (its OpenAPI schema).
 
 Shapes only: limits that depend on the deployment's config (how many
-candidates, how long a text) are checked by the service, which answers 413
-naming the field.
+candidates, how long a text, which timestamps) are checked by the service,
+which answers 413 or 422 naming the field. Every error, whatever its status,
+has one shape: `ErrorResponse`.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
@@ -27,10 +28,25 @@ UserId = Annotated[str, Field(min_length=1, max_length=512)]
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _valid_unicode(cls, v: Any) -> Any:
+        """JSON can carry a lone surrogate (`"\\ud800"`), which no UTF-8 text holds:
+        refused here, before it reaches the tokenizer, the store or a response."""
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(
+                    f"not valid Unicode: a lone surrogate at character {e.start}"
+                ) from None
+        return v
+
 
 class EventIn(_Body):
     item_id: ItemId
-    # Seconds since the epoch or ISO-8601; default: when the request arrives.
+    # Seconds since the epoch or ISO-8601; default: when the request arrives. The
+    # deployment's limits.min_timestamp .. max_timestamp bound it (422 otherwise).
     timestamp: int | str | None = None
     # One of the event types the model was trained with; default: the first.
     event_type: str | None = Field(default=None, min_length=1, max_length=64)
@@ -90,6 +106,12 @@ class RerankResponse(BaseModel):
     errors: list[ItemError] = Field(default_factory=list)
     history_used: int
     history_dropped: int = 0
+    stored_history: Literal["used", "unavailable", "not_requested"] = Field(
+        default="not_requested",
+        description="The user's stored events: merged into the history (`used`), or the "
+        "event store did not answer in time, so only the request's own history was used "
+        "(`unavailable`), or no user_id was sent (`not_requested`).",
+    )
 
 
 class EventsRequest(_Body):
@@ -108,3 +130,19 @@ class RecommendationsResponse(BaseModel):
     partition: str
     model_version: str
     items: list[ScoredItem]
+
+
+class ErrorDetail(BaseModel):
+    # Where the problem is: ["body", "candidates", 3, "item_id"], ["query", "k"],
+    # ["header", "authorization"], ["path", "user_id"] ...
+    loc: list[str | int]
+    msg: str
+    # Machine-readable kind: pydantic's error type, or "too_large", "unauthorized",
+    # "not_found", "unavailable".
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx and 503 answer of the service."""
+
+    detail: list[ErrorDetail]

@@ -17,14 +17,17 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve import Application
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.config import AppArgs
 from ray_app.model.ranker import Candidate, Event, Ranked, Ranker
 from ray_app.model.ranker import Query as RankQuery
 from ray_app.serving.api import (
+    ErrorResponse,
     EventIn,
     EventsRequest,
     EventsResponse,
@@ -32,7 +35,7 @@ from ray_app.serving.api import (
     RerankRequest,
     RerankResponse,
 )
-from ray_app.serving.events import make_store, merge
+from ray_app.serving.events import StoreUnavailable, make_store, merge
 from ray_app.serving.recommendations import NoRecommendations, TopKReader
 from ray_app.storage import absolute
 from ray_app.times import parse_time
@@ -45,6 +48,68 @@ api = FastAPI(
     description="Re-rank a user's candidates with a fine-tuned language-model re-ranker; "
     "post events; read the nightly top-K.",
 )
+
+
+_KINDS = {401: "unauthorized", 404: "not_found", 413: "too_large", 503: "unavailable"}
+
+
+def _text(value: Any) -> str:
+    """`value` as text any JSON encoder accepts: a lone surrogate from the request
+    becomes its escape, so an error that quotes the input can always be sent."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _detail(loc: list[Any], msg: str, kind: str) -> dict[str, Any]:
+    return {
+        "loc": [p if isinstance(p, int) and not isinstance(p, bool) else _text(p) for p in loc],
+        "msg": _text(msg),
+        "type": kind,
+    }
+
+
+def _error_response(
+    status: int, details: list[dict[str, Any]], headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"detail": details}, status_code=status, headers=headers)
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """The one place a malformed request becomes an answer: 422, the field and the
+    reason, never the input itself (it may be NaN, 1e400 or a lone surrogate, which
+    JSON cannot carry back)."""
+    return _error_response(
+        422,
+        [
+            _detail(list(e.get("loc", [])), e.get("msg", ""), e.get("type", ""))
+            for e in exc.errors()
+        ],
+    )
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Raised errors (413, 422 from the service's own checks, 404, 405 ...) in the same
+    shape as validation errors."""
+    detail = exc.detail
+    kind = _KINDS.get(exc.status_code, "invalid" if exc.status_code == 422 else "error")
+    if isinstance(detail, list):
+        details = [_detail(d.get("loc", []), d.get("msg", ""), d.get("type", kind)) for d in detail]
+    else:
+        details = [_detail([], str(detail), kind)]
+    return _error_response(exc.status_code, details, getattr(exc, "headers", None))
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of an endpoint: each status it can answer, one error model."""
+    why = {
+        401: "Missing or wrong bearer token (when the deployment has one).",
+        404: "Nothing published for this user.",
+        413: "Body, candidates, history, events or a text over the deployment's limits.",
+        422: "A field is malformed or outside the deployment's bounds: `loc` names it.",
+        503: "A dependency (the event store) is unavailable: retry after `Retry-After` s.",
+    }
+    return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
 
 
 @api.middleware("http")
@@ -63,21 +128,28 @@ async def _guard(request: Request, call_next):
     if token and request.url.path.startswith("/v1/"):
         sent = request.headers.get("authorization", "")
         scheme, _, value = sent.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
-            return JSONResponse(
-                {"detail": "missing or wrong bearer token"},
-                status_code=401,
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            value.encode("utf-8", "backslashreplace"), token.encode()
+        ):
+            return _error_response(
+                401,
+                [
+                    _detail(
+                        ["header", "authorization"], "missing or wrong bearer token", "unauthorized"
+                    )
+                ],
                 headers={"WWW-Authenticate": "Bearer"},
             )
     return await call_next(request)
 
 
 def _too_large(field: str, msg: str) -> JSONResponse:
-    return JSONResponse({"detail": [{"loc": [field], "msg": msg}]}, status_code=413)
+    return _error_response(413, [_detail([field], msg, "too_large")])
 
 
 def _error(status: int, loc: list[Any], msg: str) -> HTTPException:
-    return HTTPException(status_code=status, detail=[{"loc": ["body", *loc], "msg": msg}])
+    kind = _KINDS.get(status, "invalid")
+    return HTTPException(status_code=status, detail=[_detail(["body", *loc], msg, kind)])
 
 
 @serve.deployment(name="RerankService", health_check_period_s=10)
@@ -124,34 +196,55 @@ class RerankService:
         ranker = self.ranker
         return await asyncio.to_thread(ranker.score, queries, False)
 
-    async def _stored(self, user_id: str | None) -> list[Event]:
+    async def _stored(self, user_id: str | None) -> tuple[list[Event], str]:
+        """The user's stored events and `stored_history`: what a response says of them."""
         if user_id is None:
-            return []
-        getter = getattr(self.store, "get_async", None)
-        if getter is not None:
-            return await getter(user_id)
-        return await asyncio.to_thread(self.store.get, user_id)
+            return [], "not_requested"
+        try:
+            getter = getattr(self.store, "get_async", None)
+            if getter is not None:
+                return await getter(user_id), "used"
+            return await asyncio.to_thread(self.store.get, user_id), "used"
+        except StoreUnavailable as e:
+            logger.warning("stored history of a request unavailable: %s", e)
+            return [], "unavailable"
+
+    def _bounds(self) -> tuple[int, int]:
+        """The accepted moments (epoch seconds): limits.min_timestamp .. max_timestamp,
+        the latter by default the request's arrival + 1 day, as prepare validates."""
+        lim = self.limits
+        lo = parse_time(lim.min_timestamp)
+        hi = (
+            parse_time(lim.max_timestamp)
+            if lim.max_timestamp is not None
+            else int(time.time()) + 86_400
+        )
+        return lo, hi
 
     def _moment(self, scored_at: int | None) -> int:
         """The request's moment of scoring: `scored_at` within the configured bounds
         (422 naming it otherwise), or the wall clock."""
-        clock = int(time.time())
         if scored_at is None:
-            return clock
-        lim = self.limits
-        lo = parse_time(lim.min_timestamp)
-        hi = parse_time(lim.max_timestamp) if lim.max_timestamp is not None else clock + 86_400
+            return int(time.time())
+        lo, hi = self._bounds()
         if not lo <= scored_at <= hi:
             raise _error(422, ["scored_at"], f"{scored_at} is outside {lo} .. {hi} (epoch seconds)")
         return scored_at
 
     def _events(self, events: list[EventIn], field: str, now: int) -> list[Event]:
+        lo, hi = self._bounds()
         out = []
         for i, e in enumerate(events):
             try:
                 self.ranker.event_idx(e.event_type)
             except ValueError as err:
                 raise _error(422, [field, i, "event_type"], str(err)) from None
+            if e.timestamp is not None and not lo <= e.timestamp <= hi:
+                raise _error(
+                    422,
+                    [field, i, "timestamp"],
+                    f"{e.timestamp} is outside {lo} .. {hi} (epoch seconds)",
+                )
             out.append(
                 Event(e.item_id, e.timestamp if e.timestamp is not None else now, e.event_type)
             )
@@ -165,7 +258,12 @@ class RerankService:
     async def readyz(self) -> dict[str, str]:
         return {"status": "ready", "model_version": self.ranker.version}
 
-    @api.post("/v1/rerank", response_model=RerankResponse, summary="Re-rank candidates")
+    @api.post(
+        "/v1/rerank",
+        response_model=RerankResponse,
+        summary="Re-rank candidates",
+        responses=_responses(401, 413, 422, 503),
+    )
     async def rerank(self, req: RerankRequest) -> RerankResponse:
         lim = self.limits
         if len(req.candidates) > lim.max_candidates:
@@ -185,7 +283,8 @@ class RerankService:
             seen.add(c.item_id)
         now = self._moment(req.scored_at)
         sent = self._events(req.history, "history", now)
-        history = merge(await self._stored(req.user_id), sent)
+        stored, stored_history = await self._stored(req.user_id)
+        history = merge(stored, sent)
         query = RankQuery(
             history=history,
             candidates=[Candidate(c.item_id, c.text) for c in req.candidates],
@@ -202,36 +301,55 @@ class RerankService:
             errors=[{"item_id": i, "error": e} for i, e in ranked.errors],
             history_used=ranked.history_used,
             history_dropped=ranked.history_dropped,
+            stored_history=stored_history,
         )
 
-    @api.post("/v1/events", response_model=EventsResponse, summary="Append a user's events")
+    @api.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        summary="Append a user's events",
+        responses=_responses(401, 413, 422, 503),
+    )
     async def events(self, req: EventsRequest) -> EventsResponse:
+        """200 only once the events are stored. A 503 means they may not be: post them
+        again after `Retry-After` seconds (the history counts an exact duplicate once)."""
         if len(req.events) > self.limits.max_events:
             raise _error(413, ["events"], f"{len(req.events)} > {self.limits.max_events}")
         events = self._events(req.events, "events", int(time.time()))
-        appender = getattr(self.store, "append_async", None)
-        if appender is not None:
-            n = await appender(req.user_id, events)
-        else:
-            n = await asyncio.to_thread(self.store.append, req.user_id, events)
+        try:
+            appender = getattr(self.store, "append_async", None)
+            if appender is not None:
+                n = await appender(req.user_id, events)
+            else:
+                n = await asyncio.to_thread(self.store.append, req.user_id, events)
+        except StoreUnavailable as e:
+            logger.warning("events of a request not stored: %s", e)
+            raise HTTPException(
+                503,
+                detail=[_detail(["store"], f"event store unavailable: {e}", "unavailable")],
+                headers={"Retry-After": str(self.args.events.retry_after_s)},
+            ) from None
         return EventsResponse(user_id=req.user_id, stored=len(events), history_length=n)
 
     @api.get(
         "/v1/users/{user_id}/recommendations",
         response_model=RecommendationsResponse,
         summary="The latest nightly top-K of a user",
+        responses=_responses(401, 404, 422),
     )
     async def recommendations(
         self, user_id: str, k: int | None = Query(default=None, ge=1)
     ) -> RecommendationsResponse:
         if k is not None and k > self.limits.max_k:
             raise HTTPException(
-                422, detail=[{"loc": ["query", "k"], "msg": f"k > {self.limits.max_k}"}]
+                422, detail=[_detail(["query", "k"], f"k > {self.limits.max_k}", "invalid")]
             )
         try:
             found = await asyncio.to_thread(self.topk.get, user_id, k)
         except NoRecommendations as e:
-            raise HTTPException(404, detail=str(e)) from None
+            raise HTTPException(
+                404, detail=[_detail(["path", "user_id"], str(e), "not_found")]
+            ) from None
         return RecommendationsResponse(**found)
 
 

@@ -4,6 +4,11 @@ Every store keeps at most `max_events_per_user` events per user (the newest)
 and answers `append` only after the events are stored, so an acknowledged
 event is never lost when a Serve replica restarts. With Redis the events also
 outlive the Ray cluster.
+
+Every call is bounded by `events.timeout_s` and a store that does not answer in
+time, or refuses the connection, raises `StoreUnavailable`: the service then
+scores from the request's own history and refuses new events with 503, and the
+next call tries the store again (no restart needed once it is back).
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ logger = logging.getLogger(__name__)
 
 ACTOR_NAME = "rerank-event-store"
 NAMESPACE = "rerank"
+
+
+class StoreUnavailable(RuntimeError):
+    """The event store did not answer within its timeout, or refused the connection.
+
+    For `append` it means the events may or may not have been stored: the caller
+    reports them as not stored, and the client posts them again."""
 
 
 class EventStore(Protocol):
@@ -81,58 +93,100 @@ def _actor_class():
 class ActorEventStore:
     """A client of the one named, detached actor holding every user's events."""
 
-    def __init__(self, max_events: int) -> None:
+    def __init__(self, max_events: int, timeout_s: float = 2.0) -> None:
         import ray
 
         self._ray = ray
+        self.timeout_s = timeout_s
         self._actor = (
             _actor_class()
             .options(name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True)
             .remote(max_events)
         )
 
+    def _get(self, ref):
+        try:
+            return self._ray.get(ref, timeout=self.timeout_s)
+        except (self._ray.exceptions.GetTimeoutError, self._ray.exceptions.RayActorError) as e:
+            raise StoreUnavailable(f"event store actor: {type(e).__name__}") from e
+
+    async def _await(self, ref):
+        import asyncio
+
+        try:
+            return await asyncio.wait_for(ref, self.timeout_s)
+        except (asyncio.TimeoutError, self._ray.exceptions.RayActorError) as e:
+            raise StoreUnavailable(f"event store actor: {type(e).__name__}") from e
+
     def append(self, user_id: str, events: Sequence[Event]) -> int:
-        return self._ray.get(self._actor.append.remote(user_id, list(events)))
+        return self._get(self._actor.append.remote(user_id, list(events)))
 
     def get(self, user_id: str) -> list[Event]:
-        return self._ray.get(self._actor.get.remote(user_id))
+        return self._get(self._actor.get.remote(user_id))
 
     def bulk_load(self, histories: dict[str, Sequence[Event]]) -> None:
         self._ray.get(self._actor.bulk_load.remote({u: list(e) for u, e in histories.items()}))
 
     async def append_async(self, user_id: str, events: Sequence[Event]) -> int:
-        return await self._actor.append.remote(user_id, list(events))
+        return await self._await(self._actor.append.remote(user_id, list(events)))
 
     async def get_async(self, user_id: str) -> list[Event]:
-        return await self._actor.get.remote(user_id)
+        return await self._await(self._actor.get.remote(user_id))
 
 
 class RedisEventStore:
-    """One capped Redis list per user (RPUSH + LTRIM in one transaction)."""
+    """One capped Redis list per user (RPUSH + LTRIM in one transaction).
 
-    def __init__(self, url: str, max_events: int, prefix: str = "rerank:events:") -> None:
+    The client does not retry: a retried append whose first attempt reached a
+    paused server would store the events twice. Each call waits at most
+    `timeout_s` to connect and to read the answer."""
+
+    def __init__(
+        self,
+        url: str,
+        max_events: int,
+        prefix: str = "rerank:events:",
+        timeout_s: float = 1.0,
+    ) -> None:
         import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
 
-        self.client = redis.Redis.from_url(url)
-        self.client.ping()  # fail at start-up, not at the first request
+        self._errors = (redis.ConnectionError, redis.TimeoutError)
+        self.client = redis.Redis.from_url(
+            url,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
         self.max_events = max_events
         self.prefix = prefix
+        try:
+            self.client.ping()
+        except self._errors as e:  # a replica that starts during an outage still serves
+            logger.warning("Redis event store at %s is not answering yet: %s", url, e)
 
     def _key(self, user_id: str) -> str:
         return self.prefix + user_id
 
+    def _call(self, fn, *args):
+        try:
+            return fn(*args)
+        except self._errors as e:
+            raise StoreUnavailable(f"Redis: {type(e).__name__}: {e}") from e
+
     def append(self, user_id: str, events: Sequence[Event]) -> int:
-        if not events:
-            return self.client.llen(self._key(user_id))
         key = self._key(user_id)
+        if not events:
+            return self._call(self.client.llen, key)
         pipe = self.client.pipeline(transaction=True)
         pipe.rpush(key, *[_to_json(e) for e in events])
         pipe.ltrim(key, -self.max_events, -1)
         pipe.llen(key)
-        return int(pipe.execute()[-1])
+        return int(self._call(pipe.execute)[-1])
 
     def get(self, user_id: str) -> list[Event]:
-        raw = self.client.lrange(self._key(user_id), 0, -1)
+        raw = self._call(self.client.lrange, self._key(user_id), 0, -1)
         return sorted((_from_json(r) for r in raw), key=lambda e: e.timestamp)
 
     def bulk_load(self, histories: dict[str, Sequence[Event]]) -> None:
@@ -150,8 +204,8 @@ class RedisEventStore:
 def make_store(cfg: EventStoreConfig) -> EventStore:
     if cfg.kind == "redis":
         url = cfg.redis_url or os.environ["RERANK_REDIS_URL"]
-        return RedisEventStore(url, cfg.max_events_per_user, cfg.key_prefix)
-    return ActorEventStore(cfg.max_events_per_user)
+        return RedisEventStore(url, cfg.max_events_per_user, cfg.key_prefix, cfg.timeout_s)
+    return ActorEventStore(cfg.max_events_per_user, cfg.timeout_s)
 
 
 def histories_from_prepared(prepared: str, max_events: int) -> dict[str, list[Event]]:
