@@ -358,6 +358,7 @@ HOSTILE = [
         )
     ),
     ("/v1/events", '{"user_id": "\\ud800", "events": [{"item_id": "b"}]}', "user_id"),
+    ("/v1/rerank", "[" * 5000 + "]" * 5000, "body"),  # deeper than the JSON parser goes
 ]
 
 

@@ -92,6 +92,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     """Raised errors (413, 422 from the service's own checks, 404, 405 ...) in the same
     shape as validation errors."""
     detail = exc.detail
+    if exc.status_code == 400:  # FastAPI: a body it could not parse (e.g. nested too deep)
+        return _error_response(422, [_detail(["body"], str(detail), "json_invalid")])
     kind = _KINDS.get(exc.status_code, "invalid" if exc.status_code == 422 else "error")
     if isinstance(detail, list):
         details = [_detail(d.get("loc", []), d.get("msg", ""), d.get("type", kind)) for d in detail]
