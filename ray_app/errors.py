@@ -19,12 +19,23 @@ class BatchFailed(RuntimeError):
     file and rows, then the error the code raised on them."""
 
 
+def _inner(exc: BaseException) -> BaseException | None:
+    """The exception `exc` wraps: a Ray task's `cause`, Ray Train's failure of the
+    lowest rank (`worker_failures`) or of its controller, or Python's `__cause__`."""
+    failures = getattr(exc, "worker_failures", None)
+    if isinstance(failures, dict) and failures:
+        return failures[min(failures)]
+    return (
+        getattr(exc, "controller_failure", None) or getattr(exc, "cause", None) or exc.__cause__
+    )
+
+
 def root_cause(exc: BaseException) -> BaseException:
     """The innermost user exception: Ray wraps task errors, the message is inside."""
     seen = set()
     while id(exc) not in seen:
         seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
+        inner = _inner(exc)
         if inner is None or inner is exc:
             break
         exc = inner

@@ -65,3 +65,22 @@ def test_readme_configuration_reference_is_generated_from_the_models():
         "README's configuration reference is stale: "
         "run `python -m ray_app.config_reference --write README.md`"
     )
+
+
+def test_errors_name_the_innermost_cause_through_ray_train_wrappers():
+    from ray_app.errors import describe
+
+    class WorkerGroupError(RuntimeError):  # Ray Train's shape: failures by rank
+        def __init__(self, msg: str, failures: dict) -> None:
+            super().__init__(msg)
+            self.worker_failures = failures
+
+    try:
+        try:
+            raise ValueError("lr must be positive, got -1")
+        except ValueError as e:
+            raise RuntimeError("train_loop_per_worker failed") from e
+    except RuntimeError as e:
+        rank0 = e
+    failed = WorkerGroupError("Training failed due to worker errors", {1: OSError("x"), 0: rank0})
+    assert describe(failed) == "ValueError: lr must be positive, got -1"
