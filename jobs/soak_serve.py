@@ -275,13 +275,13 @@ def main() -> int:
     for r in rows:
         print(
             f"| {r['minute']} | {r['requests']} | {sum(r['failed'].values())} "
-            f"| {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['replica_mb'] or 0:.0f} "
+            f"| {r['p50_ms'] or 0:.0f} | {r['p99_ms'] or 0:.0f} | {r['replica_mb'] or 0:.0f} "
             f"| {r['store_mb'] or 0:.1f} |"
         )
     failed = sum(sum(r["failed"].values()) for r in rows)
     bad = sum(v for r in rows for k, v in r["by_status"].items() if k.startswith("bad:"))
     checks = {"failed requests": (failed, failed == 0), "bad requests sent (each 4xx)": (bad, True)}
-    if len(rows) >= 3:
+    if len(rows) >= 3 and rows[1]["p99_ms"] and rows[-1]["p99_ms"]:
         p99 = rows[-1]["p99_ms"] / rows[1]["p99_ms"]
         checks["p99 last minute / minute 2"] = (round(p99, 2), p99 <= 1.5)
         if rows[1]["replica_mb"] and rows[-1]["replica_mb"]:
