@@ -25,9 +25,7 @@ def _inner(exc: BaseException) -> BaseException | None:
     failures = getattr(exc, "worker_failures", None)
     if isinstance(failures, dict) and failures:
         return failures[min(failures)]
-    return (
-        getattr(exc, "controller_failure", None) or getattr(exc, "cause", None) or exc.__cause__
-    )
+    return getattr(exc, "controller_failure", None) or getattr(exc, "cause", None) or exc.__cause__
 
 
 def root_cause(exc: BaseException) -> BaseException:

@@ -109,7 +109,8 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "Nothing published for this user.",
         413: "Body, candidates, history, events or a text over the deployment's limits.",
         422: "A field is malformed or outside the deployment's bounds: `loc` names it.",
-        503: "A dependency (the event store) is unavailable: retry after `Retry-After` s.",
+        503: "The event store did not confirm the write in time: post the events again "
+        "after `Retry-After` seconds.",
     }
     return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
 
@@ -264,7 +265,7 @@ class RerankService:
         "/v1/rerank",
         response_model=RerankResponse,
         summary="Re-rank candidates",
-        responses=_responses(401, 413, 422, 503),
+        responses=_responses(401, 413, 422),
     )
     async def rerank(self, req: RerankRequest) -> RerankResponse:
         lim = self.limits
