@@ -12,6 +12,12 @@ one, then keeps `--concurrency` clients busy for `--minutes` with a fixed mix:
 - 5% bad: a body the service must refuse with a 4xx (NaN, a lone surrogate, a
   timestamp beyond 64 bits, an unknown event type, no candidates, too many).
 
+Before the clock starts, every user of the pool gets `--warm-events` stored
+events (default: the model's history length), so a request's history is full
+from the first minute, as for returning users: without it the stored histories
+grow all run, every request gets larger, and latency and memory drift for that
+reason alone.
+
 Every client waits at most 10 s for an answer. Each minute it prints the
 requests by kind and status, the failures (a good request not answered 200, a
 bad one not answered 4xx, a timeout), p50/p99 latency of the good requests, and
@@ -139,6 +145,32 @@ def client(base: str, bodies: Bodies, tally: Tally, stop: float, token: str | No
         tally.add(kind, status, ok, time.perf_counter() - t)
 
 
+def warm_histories(
+    base: str, ids: np.ndarray, event_type: str | None, n: int, token: str | None
+) -> None:
+    """`n` events a day old or older for every user of the pool, posted through the API."""
+    rng = np.random.default_rng(12345)
+    headers = dict(JSON)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    s = requests.Session()
+    start = int(time.time()) - 86_400 - 600 * n
+    for u in range(USERS):
+        items = rng.choice(ids, size=n, replace=False)
+        events = [
+            {"item_id": str(x), "timestamp": start + 600 * j, "event_type": event_type}
+            for j, x in enumerate(items)
+        ]
+        r = s.post(
+            f"{base}/v1/events",
+            data=json.dumps({"user_id": f"soak-{u}", "events": events}),
+            headers=headers,
+            timeout=60,
+        )
+        r.raise_for_status()
+    print(f"stored {n} events for each of {USERS} users", flush=True)
+
+
 def _rss_mb(pid: int | None) -> float | None:
     import psutil
 
@@ -213,6 +245,10 @@ def main() -> int:
     p.add_argument("--redis-url", help="the service's Redis event store (memory figures)")
     p.add_argument("--token", help="bearer token of the service, if it has one")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ServeConfig keys")
+    p.add_argument(
+        "--warm-events", type=int, help="stored events per pool user before the run "
+        "(default: the model's max_history; 0: start from empty histories)",
+    )  # fmt: skip
     p.add_argument("--json", help="also write the per-minute figures here")
     p.add_argument("--plot", help="PNG of latency and memory per minute")
     args = p.parse_args()
@@ -243,6 +279,10 @@ def main() -> int:
     art = load_artifact(args.model)
     ids = art.items["item_id"].to_numpy()[1:].astype(str)
     event_type = (art.config.get("event_types") or [None])[0]
+
+    warm = art.model.cfg.max_history if args.warm_events is None else args.warm_events
+    if warm:
+        warm_histories(base, ids, event_type, warm, args.token)
 
     t0 = time.time()
     stop = t0 + args.minutes * 60

@@ -650,6 +650,10 @@ class AppArgs(_Strict):
     """PyTorch threads per replica."""
     cold_cache_size: int = Field(default=10_000, ge=0)
     """New items (sent with text) whose vectors are kept per replica."""
+    memory_trim_s: float = Field(default=30.0, ge=0)
+    """At most this often, after a batch, the replica hands freed heap memory back to
+    the OS (glibc's malloc_trim; 0 = never). Requests of varying sizes otherwise leave
+    the heap fragmented and the replica's RSS creeping up for hours."""
     auth_token_env: str | None = None
     """Name of an environment variable holding a bearer token; when it is set, /v1/* requires
     `Authorization: Bearer <token>`.

@@ -160,6 +160,7 @@ class Ranker:
             vecs = self.encode_texts([text for _, text in missing])
             with self._lock:
                 for key, v in zip(missing, vecs, strict=True):
+                    v = v.clone()  # a row of its own, not a view pinning the whole batch
                     found[key] = v
                     self._cold[key] = v
                     self._cold.move_to_end(key)

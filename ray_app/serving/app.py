@@ -10,10 +10,13 @@ names one (`reconfigure`), so a new model goes live without dropping requests.
 """
 
 import asyncio
+import ctypes
+import ctypes.util
 import hmac
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -155,6 +158,14 @@ def _error(status: int, loc: list[Any], msg: str) -> HTTPException:
     return HTTPException(status_code=status, detail=[_detail(["body", *loc], msg, kind)])
 
 
+def _malloc_trim() -> Any:
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
 @serve.deployment(name="RerankService", health_check_period_s=10)
 @serve.ingress(api)
 class RerankService:
@@ -174,6 +185,11 @@ class RerankService:
         api.state.token = os.environ.get(env) if env else None
         if env and not api.state.token:
             logger.warning("auth_token_env=%s is not set: /v1/* is open", env)
+        # One scoring thread: the model's allocations stay in one malloc arena
+        # (a pool of threads spreads them over several, each fragmenting apart).
+        self._scorer = ThreadPoolExecutor(1, thread_name_prefix="rerank-score")
+        self._trim = _malloc_trim() if self.args.memory_trim_s > 0 else None
+        self._trimmed = time.monotonic()
         self._score.set_max_batch_size(self.args.max_batch_size)
         self._score.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         logger.info("serving model %s from %s", self.ranker.version, self.model_path)
@@ -197,7 +213,19 @@ class RerankService:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _score(self, queries: list[RankQuery]) -> list[Ranked]:
         ranker = self.ranker
-        return await asyncio.to_thread(ranker.score, queries, False)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._scorer, self._score_batch, ranker, queries)
+
+    def _score_batch(self, ranker: Ranker, queries: list[RankQuery]) -> list[Ranked]:
+        try:
+            return ranker.score(queries, False)
+        finally:
+            if (
+                self._trim is not None
+                and time.monotonic() - self._trimmed > self.args.memory_trim_s
+            ):
+                self._trim(0)
+                self._trimmed = time.monotonic()
 
     async def _stored(self, user_id: str | None) -> tuple[list[Event], str]:
         """The user's stored events and `stored_history`: what a response says of them."""
