@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 
@@ -15,10 +16,18 @@ def ensure_ray(cfg: RayConfig) -> None:
 
     With no address (and none in RAY_ADDRESS, which `ray job submit` sets) a
     local Ray starts in-process, bound to 127.0.0.1 (dashboard included).
+
+    When Ray is already up (a notebook, a test session, a driver that runs
+    stages in turn), collect garbage first: a stage that failed earlier in this
+    process leaves its traceback in a reference cycle that holds Ray Data's
+    actor handles, and each such actor keeps its CPUs reserved until Python's
+    cycle collector happens to run, which can be never; the next stage then
+    waits for CPUs nobody uses.
     """
     import ray
 
     if ray.is_initialized():
+        gc.collect()
         return
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")

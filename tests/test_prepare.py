@@ -155,6 +155,41 @@ def test_missing_column_is_a_clear_error(ray_local, tmp_path, write):
     assert m["counts"]["interactions"]["read"] == 1
 
 
+def test_a_failed_stage_leaves_no_cpus_reserved_for_the_next_one(ray_local, tmp_path, write):
+    """A stage that fails in a long-lived process (a notebook, a pipeline driver,
+    this test session) must not keep its Ray Data actors, and their CPUs, for the
+    next stage: its traceback holds them in a reference cycle. With automatic
+    garbage collection off, only the next stage's start can release them."""
+    import gc
+    import logging
+    import time
+
+    from ray_app.config import RayConfig
+    from ray_app.runtime import ensure_ray
+
+    write("items.csv", ITEMS)
+    write("logs.csv", "uid,item_id,timestamp\nu1,i1,1700000000\n")
+    total = ray_local.cluster_resources()["CPU"]
+    # pytest's log capture keeps every record of a test, and Ray Data logs the
+    # failure with the exception as an argument; a process without that capture
+    # holds nothing but the garbage cycle, so Ray Data's log is off here.
+    ray_data_log = logging.getLogger("ray.data")
+    level = ray_data_log.level
+    ray_data_log.setLevel(logging.CRITICAL + 1)
+    gc.disable()
+    try:
+        with pytest.raises(Exception, match=r"no column for 'user_id'"):
+            prepare(tmp_path, tmp_path / "logs.csv")
+        ensure_ray(RayConfig())  # what every stage does first
+        deadline = time.time() + 30
+        while ray_local.available_resources().get("CPU", 0) < total and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        gc.enable()
+        ray_data_log.setLevel(level)
+    assert ray_local.available_resources().get("CPU", 0) == total
+
+
 def test_kill_midway_keeps_previous_output_and_rerun_succeeds(
     ray_local, tmp_path, write, monkeypatch
 ):
