@@ -43,7 +43,10 @@ def root_cause(exc: BaseException) -> BaseException:
 # `pyarrow.lib.ArrowNotImplementedError: Unsupported cast ...` in a task's traceback text.
 _RAISED = re.compile(r"^(?:[A-Za-z_]\w*\.)*([A-Za-z_]\w*(?:Error|Exception|Failed)): (.+)$")
 _FRAME = re.compile(r'^File "([^"]+)", line (\d+), in (.+)$')
-_LIBRARY = ("site-packages", "dist-packages", ".pyx", ".pxi", "<frozen")
+# Frames that never say where an error was raised: installed libraries, and this
+# module's own wrapper (`naming_the_batch`), which only re-raises (matched by its
+# path inside the package: on a cluster the code runs from another folder).
+_LIBRARY = ("site-packages", "dist-packages", ".pyx", ".pxi", "<frozen", "ray_app/errors.py")
 
 
 def describe(exc: BaseException) -> str:

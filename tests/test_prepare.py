@@ -361,5 +361,7 @@ def test_a_failing_udf_shows_its_root_cause_and_file_on_the_cli(
     assert rc == 1
     assert "ArrowNotImplementedError: Unsupported cast from struct" in line, line
     assert re.search(r"items\.parquet rows \d+\.\.\d+: ", line) and "UDF failed" not in line, line
+    # where it was raised, not the wrapper that named the batch
+    assert re.search(r"\(at \S+validation\.py:\d+ in _clean_str\)$", line), line
     trace = next(x for x in err.splitlines() if x.startswith("full traceback: "))
     assert "ArrowNotImplementedError" in Path(trace.split(": ", 1)[1]).read_text()
