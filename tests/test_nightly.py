@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch
 from ray_app.batch.nightly import _move_latest, end_of_day, mmr, run_nightly
 from ray_app.config import EvaluateConfig, NightlyConfig
 from ray_app.data import schema as S
+from ray_app.errors import describe
 from ray_app.evaluation.data import load_prepared
 from ray_app.evaluation.evaluate import run_evaluate
 from ray_app.model.ranker import Candidate, Event, Query, Ranker
@@ -111,8 +113,12 @@ def test_a_run_that_dies_half_way_leaves_latest_and_the_last_lists(nightly, tmp_
     root = Path(cfg.output)
     before = _lists(root / "dt=2026-11-23")
     broken = cfg.model_copy(update={"date": "2026-11-24", "fail_after_batches": 2})
-    with pytest.raises(Exception, match="injected failure"):
+    with pytest.raises(Exception, match="injected failure") as failed:
         run_nightly(broken)
+    # What the CLI prints: the actor's own error, where it was raised, not Ray's wrapper.
+    told = describe(failed.value)
+    assert "RuntimeError: injected failure at batch 2" in told and "UDF" not in told, told
+    assert re.search(r"\(at \S+nightly\.py:\d+ in ", told), told
     assert (root / "LATEST").read_text().strip() == "dt=2026-11-23"
     assert not (root / "dt=2026-11-24").exists()
     assert [p.name for p in root.iterdir() if p.name.startswith(".dt=2026-11-24.staging")]

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from ray_app.errors import describe
 from ray_app.evaluation import metrics as M
 from ray_app.evaluation.baselines import Popularity
 from ray_app.evaluation.data import load_prepared
@@ -150,9 +151,11 @@ def test_failure_beyond_max_failures_stops_with_the_error(prepared, tmp_path, mo
     shutil.copytree(prepared, tmp_path / "prepared")
     monkeypatch.chdir(tmp_path)
     cfg = tiny_config("prepared", Path("."), epochs=1, fail_at_step=2, max_failures=0)
-    with pytest.raises(Exception, match="injected failure"):
+    with pytest.raises(Exception, match="injected failure") as failed:
         run_train(cfg)
     assert not (tmp_path / "model").exists()  # nothing published
+    # What the CLI prints: the worker's own error, not Ray Train's wrapper.
+    assert describe(failed.value).startswith("RuntimeError: injected failure at step 2")
 
 
 def test_a_new_run_pointed_at_an_old_run_resumes(prepared, trained, tmp_path):
