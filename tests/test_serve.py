@@ -544,6 +544,20 @@ def test_model_swap_under_load_drops_no_request(service, trained, tmp_path):
     serve.run(build_app(sc.app_args()), name=sc.app_name)
 
 
+def _one_replica(model: str, port: int, name: str, **settings) -> ServeConfig:
+    """An app of a test's own (`rerank-<name>` at `/<name>`) beside the session's
+    service: one replica, half a CPU."""
+    return ServeConfig(
+        model=model,
+        port=port,
+        app_name=f"rerank-{name}",
+        route_prefix=f"/{name}",
+        num_cpus=0.5,
+        autoscaling={"min_replicas": 1, "max_replicas": 1},
+        **settings,
+    )
+
+
 def test_redis_store_keeps_every_acknowledged_event_when_the_replica_dies(
     trained, serve_port, redis_url
 ):
@@ -553,14 +567,8 @@ def test_redis_store_keeps_every_acknowledged_event_when_the_replica_dies(
     from ray_app.serving.events import RedisEventStore
 
     cfg, _ = trained
-    sc = ServeConfig(
-        model=cfg.output,
-        port=serve_port,
-        app_name="rerank-redis",
-        route_prefix="/redis",
-        events={"kind": "redis", "redis_url": redis_url},
-        num_cpus=0.5,
-        autoscaling={"min_replicas": 1, "max_replicas": 1},
+    sc = _one_replica(
+        cfg.output, serve_port, "redis", events={"kind": "redis", "redis_url": redis_url}
     )
     url = _deploy(sc)
     ids = [str(x) for x in load_artifact(cfg.output).items["item_id"].iloc[1:30]]
@@ -708,15 +716,8 @@ def test_a_redis_outage_degrades_and_loses_no_acknowledged_event(
     server = RedisProcess(tmp_path)
     server.start()
     cfg, _ = trained
-    sc = ServeConfig(
-        model=cfg.output,
-        port=serve_port,
-        app_name="rerank-outage",
-        route_prefix="/outage",
-        events={"kind": "redis", "redis_url": server.url, "timeout_s": 0.5, "retry_after_s": 3},
-        num_cpus=0.5,
-        autoscaling={"min_replicas": 1, "max_replicas": 1},
-    )
+    events = {"kind": "redis", "redis_url": server.url, "timeout_s": 0.5, "retry_after_s": 3}
+    sc = _one_replica(cfg.output, serve_port, "outage", events=events)
     url = _deploy(sc)
     ids = [str(x) for x in load_artifact(cfg.output).items["item_id"].iloc[1:40]]
     posted, acked, seq = [], [], iter(range(10_000))

@@ -12,6 +12,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
@@ -52,16 +53,22 @@ def flatten_text(value: str | None) -> str | None:
         obj = json.loads(value)
     except ValueError:
         return value
+    return join_list(obj)
+
+
+def join_list(value: Any) -> str | None:
+    """A list (nested lists too) as 'a|b|c', the delimited form the template splits:
+    nulls and blanks dropped, each value once, in order; None when nothing is left."""
     parts: list[str] = []
 
-    def walk(o) -> None:
+    def walk(o: Any) -> None:
         if isinstance(o, list):
             for x in o:
                 walk(x)
         elif o is not None and str(o).strip():
             parts.append(str(o).strip())
 
-    walk(obj)
+    walk(value)
     return "|".join(dict.fromkeys(parts)) or None
 
 

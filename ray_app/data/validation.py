@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ray_app.data import schema as S
+from ray_app.data.text import join_list
 
 MISSING_USER_ID = "missing_user_id"
 MISSING_ITEM_ID = "missing_item_id"
@@ -74,22 +74,6 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
 
 
-def _joined(value: Any) -> str | None:
-    """A list value (nested lists too) as `a|b|c`: nulls and blanks dropped, each
-    value once, in order; None when nothing is left."""
-    parts: list[str] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, list):
-            for x in v:
-                walk(x)
-        elif v is not None and str(v).strip():
-            parts.append(str(v).strip())
-
-    walk(value)
-    return "|".join(dict.fromkeys(parts)) or None
-
-
 def _clean_str(col: pa.ChunkedArray | pa.Array | None, n: int) -> pd.Series:
     """Text of a column, trimmed, blanks as None. A list-typed column (genres, tags,
     categories as Parquet `list<string>`) reads as its `|`-delimited string form,
@@ -97,7 +81,7 @@ def _clean_str(col: pa.ChunkedArray | pa.Array | None, n: int) -> pd.Series:
     if col is None:
         return pd.Series([None] * n, dtype=object)
     if _is_list(col.type):
-        col = pa.array([_joined(v) for v in col.to_pylist()], pa.string())
+        col = pa.array([join_list(v) for v in col.to_pylist()], pa.string())
     elif not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
         col = pc.cast(col, pa.string())
     s = pc.utf8_trim_whitespace(col)
