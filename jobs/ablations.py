@@ -183,9 +183,11 @@ def summary(metrics: dict, seeds: list[int], k: int) -> str:
 
 
 def main() -> int:
-    from ray_app.config import EvaluateConfig, TrainConfig, load_config
+    from ray_app.config import load_config
+    from ray_app.evaluation.config import EvaluateConfig
     from ray_app.evaluation.evaluate import run_evaluate
     from ray_app.storage import is_complete
+    from ray_app.training.config import TrainConfig
     from ray_app.training.trainer import run_train
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

@@ -42,7 +42,8 @@ def _complete(path: Path) -> bool:
 
 
 def prepared_users(root: Path, users: int, events_per_user: int, items: int) -> Path:
-    from ray_app.config import GenerateConfig, PrepareConfig, load_config
+    from ray_app.config import load_config
+    from ray_app.data.config import GenerateConfig, PrepareConfig
     from ray_app.data.prepare import run_prepare
     from ray_app.data.synthetic import generate
 
@@ -68,7 +69,7 @@ def prepared_users(root: Path, users: int, events_per_user: int, items: int) -> 
 
 
 def train_model(prepared: Path, out: Path, minutes: float) -> Path:
-    from ray_app.config import TrainConfig
+    from ray_app.training.config import TrainConfig
     from ray_app.training.trainer import run_train
 
     if _complete(out):
@@ -98,8 +99,8 @@ def same_catalogue(model: Path, prepared: Path) -> None:
 
 
 def main() -> int:
+    from ray_app.batch.config import NightlyConfig
     from ray_app.batch.nightly import ListOptions, end_of_day, run_nightly, single_process
-    from ray_app.config import NightlyConfig
     from ray_app.model.ranker import Ranker
     from ray_app.runtime import ensure_ray
     from ray_app.storage import read_parquet
@@ -120,7 +121,7 @@ def main() -> int:
     logging.getLogger("ray").setLevel(logging.WARNING)
     root = Path(args.workdir).absolute()
     root.mkdir(parents=True, exist_ok=True)
-    from ray_app.config import RayConfig
+    from ray_app.runtime import RayConfig
 
     ensure_ray(RayConfig())
     sizes = sorted(args.users)

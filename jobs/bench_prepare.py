@@ -71,8 +71,9 @@ def pandas_reference(raw: str, out: str) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ray_app.config import PrepareConfig, load_config
+    from ray_app.config import load_config
     from ray_app.data import schema as S
+    from ray_app.data.config import PrepareConfig
     from ray_app.data.negatives import NegativeSampler
     from ray_app.data.prepare import resolve_rules, split_spec
     from ray_app.data.sequences import assign_splits, build_examples, order_and_dedupe, target_rows

@@ -93,8 +93,8 @@ def run_load(url: str, make_bodies, concurrency: int, seconds: float) -> dict:
 
 
 def main() -> int:
-    from ray_app.config import ServeConfig
     from ray_app.model.artifact import load_artifact
+    from ray_app.serving.config import ServeConfig
     from ray_app.serving.run import start
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

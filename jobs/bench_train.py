@@ -117,8 +117,9 @@ def ray_train(cfg, workers: int, threads: int, minutes: float, workdir: str) -> 
 
 
 def main() -> int:
-    from ray_app.config import TrainConfig, load_config
+    from ray_app.config import load_config
     from ray_app.runtime import ensure_ray
+    from ray_app.training.config import TrainConfig
     from ray_app.training.loop import STEADY_AFTER
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)

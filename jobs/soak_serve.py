@@ -254,8 +254,9 @@ def main() -> int:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    from ray_app.config import ServeConfig, load_config
+    from ray_app.config import load_config
     from ray_app.model.artifact import load_artifact
+    from ray_app.serving.config import ServeConfig
 
     if args.url:
         import ray

@@ -43,7 +43,8 @@ def main() -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
-    from ray_app.config import GenerateConfig, PrepareConfig, TrainConfig, load_config
+    from ray_app.config import load_config
+    from ray_app.data.config import GenerateConfig, PrepareConfig
     from ray_app.data.prepare import run_prepare
     from ray_app.data.synthetic import generate
     from ray_app.evaluation import metrics as M
@@ -52,6 +53,7 @@ def main() -> int:
     from ray_app.evaluation.model_scorer import RerankerScorer
     from ray_app.evaluation.protocols import backtest, sampled_candidates, score_split
     from ray_app.model.artifact import load_artifact
+    from ray_app.training.config import TrainConfig
     from ray_app.training.trainer import run_train
 
     ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1")

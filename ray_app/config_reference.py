@@ -1,30 +1,27 @@
 """The configuration reference, generated from the config models themselves.
 
-Every key's type, default and description come from the pydantic models in
-`ray_app/config.py` (descriptions are the fields' docstrings), so the
-reference cannot drift from what the code accepts. `rerank config <stage>`
-prints one stage's table; the README's copy is rewritten with
-`python -m ray_app.config_reference --write README.md`, and a test fails when
-it is stale.
+Every key's type, default and description come from the stages' pydantic
+models (descriptions are the fields' docstrings), so the reference cannot
+drift from what the code accepts. `rerank config <stage>` prints one stage's
+table; the README's copy is rewritten with `rerank config --write README.md`,
+and a test fails when it is stale.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 import types
 import typing
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from ray_app.config import COMMAND_MODELS
+from ray_app.stage import Stage
 
-BEGIN = "<!-- BEGIN CONFIG REFERENCE (python -m ray_app.config_reference --write README.md) -->"
+BEGIN = "<!-- BEGIN CONFIG REFERENCE (rerank config --write README.md) -->"
 END = "<!-- END CONFIG REFERENCE -->"
 
 
@@ -78,11 +75,11 @@ def rows(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, 
     return out
 
 
-def stage_markdown(stage: str) -> str:
-    model = COMMAND_MODELS[stage]
+def stage_markdown(stage: Stage) -> str:
+    model = stage.config
     doc = " ".join((model.__doc__ or "").strip().split("\n\n")[0].split())
     lines = [
-        f"#### `{stage}` ({model.__name__})",
+        f"#### `{stage.name}` ({model.__name__})",
         "",
         doc,
         "",
@@ -95,8 +92,8 @@ def stage_markdown(stage: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def reference_markdown() -> str:
-    return "\n".join(stage_markdown(s) for s in COMMAND_MODELS)
+def reference_markdown(stages: Iterable[Stage]) -> str:
+    return "\n".join(stage_markdown(s) for s in stages)
 
 
 def replace_section(text: str, body: str) -> str:
@@ -105,21 +102,3 @@ def replace_section(text: str, body: str) -> str:
     if not pattern.search(text):
         raise ValueError(f"no {BEGIN!r} ... {END!r} section to replace")
     return pattern.sub(lambda _: f"{BEGIN}\n\n{body}\n{END}", text)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--write", metavar="README", help="rewrite the reference section there")
-    args = parser.parse_args(argv)
-    body = reference_markdown()
-    if args.write:
-        path = Path(args.write)
-        path.write_text(replace_section(path.read_text(), body))
-        print(f"wrote the configuration reference into {path}")
-    else:
-        sys.stdout.write(body)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,14 +1,37 @@
-"""Connecting to Ray: a cluster address, or a local instance on 127.0.0.1."""
+"""Connecting to Ray: a cluster address, or a local instance on 127.0.0.1; and what the
+cluster offers (CPUs, GPUs) to the stages that size their work by it."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import os
+from typing import Literal
 
-from ray_app.config import RayConfig
+from pydantic import Field
+
+from ray_app.config import StrictModel
 
 logger = logging.getLogger(__name__)
+
+
+class RayConfig(StrictModel):
+    """Where to run. `address: null` starts a local Ray in-process on 127.0.0.1."""
+
+    address: str | None = None
+    """A Ray cluster to join (`ray://...`, `auto`, host:port); null starts a local Ray (or joins
+    RAY_ADDRESS).
+    """
+    num_cpus: int | None = Field(default=None, ge=1)
+    """CPUs of a local Ray (default: all)."""
+    object_store_memory_mb: int | None = Field(default=None, ge=64)
+    """Object store size of a local Ray (default: Ray's)."""
+    show_progress: bool = True
+    """Ray Data progress bars."""
+    dashboard: bool = True
+    """A local Ray's dashboard (on 127.0.0.1). Ray Train's controller watches its workers through
+    the state API that the dashboard serves.
+    """
 
 
 def ensure_ray(cfg: RayConfig) -> None:
@@ -64,3 +87,12 @@ def cluster_cpus() -> int:
     import ray
 
     return max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def use_gpus(setting: bool | Literal["auto"]) -> bool:
+    """A stage's `use_gpu`: `auto` is true when the cluster has GPUs."""
+    import ray
+
+    if setting != "auto":
+        return bool(setting)
+    return ray.cluster_resources().get("GPU", 0) > 0

@@ -13,6 +13,9 @@ import re
 import numpy as np
 
 DAY_S = 86_400
+# The moments after a user's last event that returning users are scored at by
+# default (the train stage's select metric and the evaluate stage's curve).
+DEFAULT_DELTAS = ["0s", "1h", "1d", "7d", "30d"]
 
 
 def parse_time(value: int | str) -> int:

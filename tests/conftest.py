@@ -61,7 +61,8 @@ def write(tmp_path: Path):
 @pytest.fixture(scope="session")
 def prepared(ray_local, tmp_path_factory) -> str:
     """A small prepared synthetic data set (15k events, 300 items), built once."""
-    from ray_app.config import GenerateConfig, PrepareConfig, load_config
+    from ray_app.config import load_config
+    from ray_app.data.config import GenerateConfig, PrepareConfig
     from ray_app.data.prepare import run_prepare
     from ray_app.data.synthetic import generate
 
@@ -86,7 +87,7 @@ BATCH = 128
 
 def tiny_config(prepared: str, root: Path, **kw):
     """A tiny re-ranker's train config (2-layer random BERT, top layer trained)."""
-    from ray_app.config import TrainConfig
+    from ray_app.training.config import TrainConfig
 
     base = {
         "prepared": prepared,

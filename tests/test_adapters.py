@@ -7,9 +7,10 @@ import json
 import pyarrow.dataset as pads
 import pytest
 
-from ray_app.config import InputConfig, PrepareConfig, load_config
+from ray_app.config import load_config
 from ray_app.data import schema as S
 from ray_app.data.adapters import make_adapter
+from ray_app.data.config import InputConfig, PrepareConfig
 from ray_app.data.prepare import run_prepare
 from ray_app.data.readers import read_file
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from ray_app import cli
-from ray_app.config import COMMAND_MODELS, PipelineConfig
 from ray_app.config_reference import reference_markdown, rows
+from ray_app.pipeline.config import PipelineConfig
+from ray_app.pipeline.run import stage_configs
+from ray_app.registry import COMMANDS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +26,7 @@ def _help(argv: list[str], capsys) -> str:
 
 def test_every_command_has_a_description_and_examples(capsys):
     top = _help(["--help"], capsys)
-    for name in cli.COMMANDS:
+    for name in cli.documented_commands():
         assert name in top
         text = _help([name, "--help"], capsys)
         description, _, examples = text.partition("examples:")
@@ -34,7 +36,9 @@ def test_every_command_has_a_description_and_examples(capsys):
 
 
 @pytest.mark.parametrize(
-    "example", [ex for _, _, exs in cli.COMMANDS.values() for ex in exs], ids=lambda s: s[:60]
+    "example",
+    [ex for _, _, exs in cli.documented_commands().values() for ex in exs],
+    ids=lambda s: s[:60],
 )
 def test_every_example_parses_into_a_valid_config(example, monkeypatch):
     """Examples run through the real parser and config models (nothing is started)."""
@@ -47,13 +51,13 @@ def test_every_example_parses_into_a_valid_config(example, monkeypatch):
         return
     cfg = cli.command_config(args)
     if isinstance(cfg, PipelineConfig):
-        cfg.stage_configs()
+        stage_configs(cfg)
 
 
 def test_config_command_lists_every_key_with_type_and_default(capsys):
     assert cli.main(["config", "train"]) == 0
     out = capsys.readouterr().out
-    for key, _typ, _, description in rows(COMMAND_MODELS["train"]):
+    for key, _typ, _, description in rows(COMMANDS["train"].config):
         assert f"`{key}`" in out and description, key
     assert "`model.trainable_layers` | int | `1` |" in out
     assert "fail_at_step" not in out  # testing hooks stay out of the reference
@@ -61,9 +65,8 @@ def test_config_command_lists_every_key_with_type_and_default(capsys):
 
 def test_readme_configuration_reference_is_generated_from_the_models():
     readme = (ROOT / "README.md").read_text()
-    assert reference_markdown() in readme, (
-        "README's configuration reference is stale: "
-        "run `python -m ray_app.config_reference --write README.md`"
+    assert reference_markdown(COMMANDS.values()) in readme, (
+        "README's configuration reference is stale: run `rerank config --write README.md`"
     )
 
 

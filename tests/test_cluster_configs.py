@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ray_app.config import (
-    AppArgs,
-    EvaluateConfig,
-    NightlyConfig,
-    PipelineConfig,
-    PrepareConfig,
-    TrainConfig,
-    load_config,
-)
+from ray_app.batch.config import NightlyConfig
+from ray_app.config import load_config
+from ray_app.data.config import PrepareConfig
+from ray_app.evaluation.config import EvaluateConfig
+from ray_app.pipeline.config import PipelineConfig
+from ray_app.pipeline.run import stage_configs
+from ray_app.serving.config import AppArgs
+from ray_app.training.config import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
@@ -108,7 +107,7 @@ def test_shipped_config_is_valid(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cfg = load_config(MODELS[stage], path)
     if stage == "pipeline":
-        cfg.stage_configs()
+        stage_configs(cfg)
 
 
 def test_every_yaml_under_cluster_parses_and_names_a_known_kind():
@@ -121,7 +120,7 @@ def test_rayjob_entrypoints_run_existing_jobs_with_valid_configs(monkeypatch):
     seen = set()
     for name, job in _rayjobs():
         stage, cfg = _entrypoint_config(job["spec"]["entrypoint"])
-        stages = cfg.stage_configs() if stage == "pipeline" else {stage: cfg}
+        stages = stage_configs(cfg) if stage == "pipeline" else {stage: cfg}
         seen |= set(stages)
         if "nightly" in stages:
             assert stages["nightly"].date == "2026-11-24", f"{name}: the date must reach nightly"
@@ -133,7 +132,7 @@ def test_training_cluster_fits_the_training_config(monkeypatch):
     monkeypatch.chdir(ROOT)
     for name, job in _rayjobs():
         stage, cfg = _entrypoint_config(job["spec"]["entrypoint"])
-        stages = cfg.stage_configs() if stage == "pipeline" else {stage: cfg}
+        stages = stage_configs(cfg) if stage == "pipeline" else {stage: cfg}
         gpu_pods = [
             (c["resources"]["limits"], g)
             for _, c, g in _pods(job["spec"]["rayClusterSpec"])

@@ -3,7 +3,9 @@ from __future__ import annotations
 import pytest
 
 from ray_app.cli import main
-from ray_app.config import ConfigError, PrepareConfig, load_config, parse_time
+from ray_app.config import ConfigError, load_config
+from ray_app.data.config import PrepareConfig
+from ray_app.times import parse_time
 
 BASE = ["input.interactions=a.csv", "input.items=b.csv", "output=out"]
 
@@ -112,7 +114,7 @@ def test_presplit_needs_both_the_method_and_the_files():
 def test_nightly_date_from_cli_yaml_or_quoted(tmp_path):
     """`--date 2026-11-24` and an unquoted YAML date both arrive as YAML dates; the
     scheduled job must accept them, and reject a day that does not exist."""
-    from ray_app.config import NightlyConfig
+    from ray_app.batch.config import NightlyConfig
 
     base = ["model=m", "prepared=p", "output=o"]
     assert load_config(NightlyConfig, None, [*base, "date=2026-11-24"]).date == "2026-11-24"

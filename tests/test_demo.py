@@ -10,6 +10,7 @@ import pytest
 
 from ray_app.cli import build_parser, demo_config, main
 from ray_app.config import ConfigError
+from ray_app.pipeline.run import stage_configs
 
 
 def _args(*extra: str):
@@ -17,7 +18,7 @@ def _args(*extra: str):
 
 
 def test_demo_runs_every_stage_on_generated_data_with_the_bundled_encoder():
-    stages = demo_config(_args()).stage_configs()
+    stages = stage_configs(demo_config(_args()))
     assert list(stages) == ["generate", "prepare", "train", "evaluate", "nightly"]
     assert stages["generate"].output == "/w/raw"
     assert stages["prepare"].input.interactions == "/w/raw/interactions"
@@ -31,7 +32,7 @@ def test_demo_flags_and_overrides_reach_their_stage():
         "--events", "5000", "--encoder", "tiny", "--train-minutes", "0.5",
         "--sasrec-epochs", "2", "--set", "nightly.k=20", "--set", "prepare.split.max_history=9",
     )  # fmt: skip
-    s = demo_config(args).stage_configs()
+    s = stage_configs(demo_config(args))
     assert s["generate"].num_events == 5000 and s["train"].model.encoder == "tiny"
     assert s["train"].max_minutes == 0.5 and s["evaluate"].sasrec_epochs == 2
     assert s["nightly"].k == 20 and s["prepare"].split.max_history == 9

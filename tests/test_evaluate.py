@@ -8,8 +8,9 @@ import math
 import pyarrow.parquet as pq
 import pytest
 
-from ray_app.config import EvaluateConfig, load_config
+from ray_app.config import load_config
 from ray_app.evaluation import metrics as M
+from ray_app.evaluation.config import EvaluateConfig
 from ray_app.evaluation.data import load_prepared, sample_users
 from ray_app.evaluation.evaluate import run_evaluate
 from ray_app.evaluation.model_scorer import RerankerScorer

@@ -89,7 +89,7 @@ def movielens_folder(root: Path, num_events: int = 6000) -> Path:
     import numpy as np
     import pandas as pd
 
-    from ray_app.config import GenerateConfig
+    from ray_app.data.config import GenerateConfig
     from ray_app.data.synthetic import generate
 
     generate(GenerateConfig(output=str(root / "raw"), num_events=num_events, seed=5))

@@ -10,8 +10,9 @@ import pandas as pd
 import pyarrow.dataset as pads
 import pytest
 
-from ray_app.config import GenerateConfig, PrepareConfig, load_config
+from ray_app.config import load_config
 from ray_app.data import schema as S
+from ray_app.data.config import GenerateConfig, PrepareConfig
 from ray_app.data.prepare import RejectedShareError, run_prepare
 from ray_app.data.synthetic import generate
 from ray_app.storage import SUCCESS
@@ -164,8 +165,7 @@ def test_a_failed_stage_leaves_no_cpus_reserved_for_the_next_one(ray_local, tmp_
     import logging
     import time
 
-    from ray_app.config import RayConfig
-    from ray_app.runtime import ensure_ray
+    from ray_app.runtime import RayConfig, ensure_ray
 
     write("items.csv", ITEMS)
     write("logs.csv", "uid,item_id,timestamp\nu1,i1,1700000000\n")
@@ -278,7 +278,7 @@ def test_presplit_files_keep_their_split(ray_local, tmp_path, write):
     assert set(ex[S.TARGET_ITEM_ID]) == {"i11"}
     assert ex[S.HIST_LEN].tolist() == [6, 6, 6]  # 5 train + the valid event before it
     # Evaluation runs on exactly this split: the test targets are the test file's events.
-    from ray_app.config import EvaluateConfig
+    from ray_app.evaluation.config import EvaluateConfig
     from ray_app.evaluation.evaluate import run_evaluate
 
     ecfg = load_config(

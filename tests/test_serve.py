@@ -23,11 +23,11 @@ import pytest
 import requests
 import schemathesis
 
-from ray_app.config import ServeConfig
 from ray_app.data import schema as S
 from ray_app.evaluation.data import load_prepared
 from ray_app.model.artifact import load_artifact
 from ray_app.model.history import make_history
+from ray_app.serving.config import ServeConfig
 from tests.conftest import TEST_TOKEN_ENV, free_port
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -169,7 +169,7 @@ def _replay_tool():
 def test_replaying_the_sampled_protocol_with_scored_at_gives_the_evaluate_scores(
     service, catalogue, prepared, trained, tmp_path, capsys
 ):
-    from ray_app.config import EvaluateConfig
+    from ray_app.evaluation.config import EvaluateConfig
     from ray_app.evaluation.evaluate import run_evaluate
     from ray_app.evaluation.model_scorer import RerankerScorer
 

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from ray_app.config import GenerateConfig, TextConfig
 from ray_app.data import schema as S
+from ray_app.data.config import GenerateConfig, TextConfig
 from ray_app.data.synthetic import generate
 from ray_app.data.text import ItemTokenizer, TextRenderer, default_encoder_path
 

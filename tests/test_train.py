@@ -55,7 +55,8 @@ def test_trained_model_ranks_far_above_random(prepared, trained):
 def sessions(ray_local, tmp_path_factory) -> tuple[str, str]:
     """(prepared, artifact) of generated users whose sessions stay on one topic and who come
     back days later, and a tiny model trained on them long enough to learn that."""
-    from ray_app.config import GenerateConfig, PrepareConfig, load_config
+    from ray_app.config import load_config
+    from ray_app.data.config import GenerateConfig, PrepareConfig
     from ray_app.data.prepare import run_prepare
     from ray_app.data.synthetic import generate
 

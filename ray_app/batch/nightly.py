@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
-from ray_app.config import NightlyConfig, dump_config
+from ray_app.batch.config import NightlyConfig
+from ray_app.config import dump_config
 from ray_app.data import schema as S
 from ray_app.errors import describe
 from ray_app.model.ranker import Ranker

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ray_app.config import InputConfig
 from ray_app.data import schema as S
+from ray_app.data.config import InputConfig
 from ray_app.data.readers import ReadSpec, read_file
 from ray_app.storage import InputError, InputFile, expand_paths, join
 

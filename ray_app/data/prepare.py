@@ -36,9 +36,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_app.config import PrepareConfig, dump_config, parse_time
+from ray_app.config import dump_config
 from ray_app.data import schema as S
 from ray_app.data.adapters import Adapter, Source, make_adapter
+from ray_app.data.config import PrepareConfig
 from ray_app.data.negatives import NegativeSampler, user_hash
 from ray_app.data.readers import detect_format, read_raw
 from ray_app.data.sequences import (
@@ -71,6 +72,7 @@ from ray_app.storage import (
     read_parquet,
     resolve,
 )
+from ray_app.times import parse_time
 
 logger = logging.getLogger(__name__)
 

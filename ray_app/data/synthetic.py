@@ -21,9 +21,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ray_app.config import GenerateConfig, parse_time
 from ray_app.data import schema as S
+from ray_app.data.config import GenerateConfig
 from ray_app.storage import join, resolve
+from ray_app.times import parse_time
 
 logger = logging.getLogger(__name__)
 

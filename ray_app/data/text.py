@@ -16,8 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_app.config import TextConfig
 from ray_app.data import schema as S
+from ray_app.data.config import TextConfig
 
 logger = logging.getLogger(__name__)
 

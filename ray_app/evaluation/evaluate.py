@@ -20,10 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from ray_app.config import EvaluateConfig, dump_config
+from ray_app.config import dump_config
 from ray_app.data import schema as S
 from ray_app.evaluation import metrics as M
 from ray_app.evaluation.baselines import EASE, Baseline, ItemKNN, Popularity
+from ray_app.evaluation.config import EvaluateConfig
 from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared, sample_users
 from ray_app.evaluation.protocols import (
     GAP_BUCKETS,

@@ -26,7 +26,6 @@ from ray import serve
 from ray.serve import Application
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_app.config import AppArgs
 from ray_app.model.ranker import Candidate, Event, Ranked, Ranker
 from ray_app.model.ranker import Query as RankQuery
 from ray_app.serving.api import (
@@ -38,6 +37,7 @@ from ray_app.serving.api import (
     RerankRequest,
     RerankResponse,
 )
+from ray_app.serving.config import AppArgs
 from ray_app.serving.events import StoreUnavailable, make_store, merge
 from ray_app.serving.recommendations import NoRecommendations, TopKReader
 from ray_app.storage import absolute

@@ -20,8 +20,8 @@ from collections import defaultdict, deque
 from collections.abc import Iterable, Sequence
 from typing import Protocol
 
-from ray_app.config import EventStoreConfig
 from ray_app.model.ranker import Event
+from ray_app.serving.config import EventStoreConfig
 
 logger = logging.getLogger(__name__)
 

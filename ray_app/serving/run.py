@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from ray_app.config import ServeConfig
 from ray_app.runtime import ensure_ray
+from ray_app.serving.config import ServeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,24 @@ def start(cfg: ServeConfig) -> str:
     url = f"http://{cfg.host}:{cfg.port}{prefix}"
     logger.info("serving on %s (OpenAPI: %s/docs)", url, url)
     return url
+
+
+def serve_until_stopped(cfg: ServeConfig) -> dict[str, str]:
+    """`rerank serve`: deploy, then keep serving until Ctrl-C or SIGTERM; returns the URL."""
+    import contextlib
+    import signal
+    import threading
+
+    from ray import serve
+
+    url = start(cfg)
+    print(f"serving {cfg.model} on {url} (OpenAPI at {url}/docs); Ctrl-C stops", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with contextlib.suppress(KeyboardInterrupt):
+        stop.wait()
+    serve.shutdown()
+    return {"url": url}
 
 
 def running_replicas(app_name: str = "rerank") -> int:

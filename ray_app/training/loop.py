@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ray_app.config import TrainConfig
 from ray_app.data import schema as S
 from ray_app.data.negatives import NegativeSampler, user_hash
 from ray_app.evaluation import metrics as M
@@ -48,6 +47,7 @@ from ray_app.training.checkpoint import (
     state_dict,
     write_checkpoint,
 )
+from ray_app.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

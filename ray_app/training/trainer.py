@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_app.config import TrainConfig, dump_config
+from ray_app.config import dump_config
 from ray_app.data import schema as S
 from ray_app.runtime import ensure_ray
 from ray_app.storage import (
@@ -26,6 +26,7 @@ from ray_app.storage import (
     require_complete,
     upload_dir,
 )
+from ray_app.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from ray_app.config import PipelineConfig
 from ray_app.errors import describe
+from ray_app.pipeline.config import PipelineConfig
+from ray_app.registry import PIPELINE_STAGES
 from ray_app.storage import join, write_json
 
 logger = logging.getLogger(__name__)
@@ -34,52 +35,37 @@ class StageFailed(RuntimeError):
         self.stage = stage
 
 
-def _run_stage(name: str, cfg: BaseModel) -> dict[str, Any]:
-    if name == "generate":
-        from ray_app.data.synthetic import generate
-
-        return {"summary": generate(cfg)}
-    if name == "prepare":
-        from ray_app.data.prepare import run_prepare
-
-        return {"counts": run_prepare(cfg)["counts"]}
-    if name == "train":
-        from ray_app.training.trainer import run_train
-
-        metrics = run_train(cfg)
-        return {k: v for k, v in metrics.items() if k != "history"}
-    if name == "evaluate":
-        from ray_app.evaluation.evaluate import run_evaluate
-        from ray_app.evaluation.report import markdown
-
-        metrics = run_evaluate(cfg)
-        print(markdown(metrics), flush=True)
-        return {"report": join(cfg.output, "report.md")}
-    if name == "nightly":
-        from ray_app.batch.nightly import run_nightly
-
-        out = run_nightly(cfg)
-        return {k: out[k] for k in ("date", "counts", "latest", "model_version")}
-    raise ValueError(f"unknown stage {name!r}")
+def stage_configs(cfg: PipelineConfig) -> dict[str, BaseModel]:
+    """Every stage's validated config: all keys checked before the first stage starts."""
+    return cfg.stage_configs(PIPELINE_STAGES)
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     """Run the configured stages in order; returns (and writes to
     `<workdir>/pipeline.json`) each stage's output path, seconds and summary."""
-    stages = cfg.stage_configs()
+    configs = stage_configs(cfg)
     summary: dict[str, Any] = {"workdir": cfg.workdir, "stages": {}}
-    for name, stage_cfg in stages.items():
-        logger.info("pipeline: stage '%s' starting (output %s)", name, stage_cfg.output)
+    for stage in PIPELINE_STAGES:
+        if stage.name not in configs:
+            continue
+        stage_cfg = configs[stage.name]
+        logger.info("pipeline: stage '%s' starting (output %s)", stage.name, stage_cfg.output)
         t = time.perf_counter()
         try:
-            result = _run_stage(name, stage_cfg)
+            result = stage.run(stage_cfg)
         except Exception as e:
             dt = time.perf_counter() - t
-            logger.error("pipeline: stage '%s' failed after %.1f s", name, dt)
-            raise StageFailed(name, dt, e) from e
+            logger.error("pipeline: stage '%s' failed after %.1f s", stage.name, dt)
+            raise StageFailed(stage.name, dt, e) from e
         dt = time.perf_counter() - t
-        logger.info("pipeline: stage '%s' done in %.1f s", name, dt)
-        summary["stages"][name] = {"output": stage_cfg.output, "seconds": round(dt, 1), **result}
+        logger.info("pipeline: stage '%s' done in %.1f s", stage.name, dt)
+        if stage.show is not None:
+            print(stage.show(stage_cfg, result), flush=True)
+        summary["stages"][stage.name] = {
+            "output": stage_cfg.output,
+            "seconds": round(dt, 1),
+            **stage.summarize(stage_cfg, result),
+        }
         write_json(join(cfg.workdir, "pipeline.json"), summary)
     print(json.dumps(summary, indent=2, default=str), flush=True)
     return summary

@@ -1,0 +1,52 @@
+"""`pipeline` and what `rerank demo` runs: the pipeline stages as one job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray_app.config import load_config
+from ray_app.pipeline.config import PipelineConfig
+from ray_app.stage import Stage
+
+PIPELINE = Stage(
+    name="pipeline",
+    config=PipelineConfig,
+    run_path="ray_app.pipeline.run:run_pipeline",
+    summarize=lambda cfg, summary: summary,
+    show=lambda cfg, summary: "",  # run_pipeline prints its summary as it goes
+    help="run generate? -> prepare -> train -> evaluate -> nightly as one job",
+    description="Each stage's keys under its name (or `config: <stage file>`), the paths "
+    "between stages under workdir. Every key is checked before the first stage starts. On a "
+    "cluster: ray job submit --working-dir . -- python jobs/pipeline.py --config ...",
+    examples=(
+        "rerank pipeline --config cluster/configs/pipeline-demo.yaml --set workdir=runs/pipeline",
+        "rerank pipeline --config cluster/configs/pipeline-demo.yaml "
+        "--set workdir=runs/p --set train.max_minutes=2 --set stages=[train,evaluate]",
+    ),
+)
+
+
+def demo_config(
+    workdir: str,
+    events: int,
+    encoder: str,
+    train_minutes: float,
+    sasrec_epochs: int,
+    overrides: list[str],
+) -> PipelineConfig:
+    """The pipeline on the embedded defaults: generated sample data, the bundled
+    encoder, a training time budget and a short SASRec so it takes minutes."""
+    base: dict[str, Any] = {
+        "workdir": workdir,
+        "generate": {"num_events": events},
+        "train": {
+            # A frozen encoder: on CPUs its steps are 2-3x cheaper, and in a budget of
+            # minutes more epochs beat fine-tuning its top layer (see the README).
+            "model": {"encoder": encoder, "trainable_layers": 0},
+            "epochs": 2,
+            "max_minutes": train_minutes,
+            "resume": False,
+        },
+        "evaluate": {"sasrec_epochs": sasrec_epochs},
+    }
+    return load_config(PipelineConfig, None, overrides, base=base)
