@@ -29,8 +29,8 @@ import pandas as pd
 import requests
 
 from ray_app.data import schema as S
-from ray_app.evaluation import metrics as M
-from ray_app.evaluation.data import load_prepared
+from ray_app.protocol import metrics as M
+from ray_app.protocol.data import load_prepared
 
 logger = logging.getLogger(__name__)
 

@@ -47,12 +47,12 @@ def main() -> int:
     from ray_app.data.config import GenerateConfig, PrepareConfig
     from ray_app.data.prepare import run_prepare
     from ray_app.data.synthetic import generate
-    from ray_app.evaluation import metrics as M
     from ray_app.evaluation.baselines import Popularity
-    from ray_app.evaluation.data import load_prepared
-    from ray_app.evaluation.model_scorer import RerankerScorer
-    from ray_app.evaluation.protocols import backtest, sampled_candidates, score_split
     from ray_app.model.artifact import load_artifact
+    from ray_app.protocol import metrics as M
+    from ray_app.protocol.data import load_prepared
+    from ray_app.protocol.scorer import RerankerScorer
+    from ray_app.protocol.scoring import backtest, sampled_candidates, score_split
     from ray_app.training.config import TrainConfig
     from ray_app.training.trainer import run_train
 

@@ -9,13 +9,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from ray_app.config import load_config
-from ray_app.evaluation import metrics as M
 from ray_app.evaluation.config import EvaluateConfig
-from ray_app.evaluation.data import load_prepared, sample_users
 from ray_app.evaluation.evaluate import run_evaluate
-from ray_app.evaluation.model_scorer import RerankerScorer
-from ray_app.evaluation.protocols import sampled_candidates, score_split
 from ray_app.model.artifact import load_artifact
+from ray_app.protocol import metrics as M
+from ray_app.protocol.data import load_prepared, sample_users
+from ray_app.protocol.scorer import RerankerScorer
+from ray_app.protocol.scoring import sampled_candidates, score_split
 from ray_app.times import parse_duration
 from ray_app.training.loop import returning_moments
 
@@ -158,8 +158,8 @@ def test_every_event_on_a_held_out_item_is_a_cold_target_with_its_past(prepared)
 def test_a_cold_start_model_is_scored_on_held_out_items(prepared, trained, tmp_path):
     import numpy as np
 
-    from ray_app.evaluation.model_scorer import RerankerScorer
     from ray_app.model.artifact import load_artifact
+    from ray_app.protocol.scorer import RerankerScorer
     from ray_app.training.trainer import run_train
     from tests.conftest import tiny_config
 
@@ -236,8 +236,8 @@ def test_returning_users_a_model_without_time_input_scores_the_same_at_every_del
 ):
     import numpy as np
 
-    from ray_app.evaluation.model_scorer import RerankerScorer
     from ray_app.model.artifact import load_artifact
+    from ray_app.protocol.scorer import RerankerScorer
 
     art = load_artifact(trained[0].output)
     untimed = _without_time_input(art, tmp_path / "untimed")
@@ -297,7 +297,7 @@ def test_returning_users_a_model_without_time_input_scores_the_same_at_every_del
 def test_returning_users_real_gaps_and_backtest_histories(prepared):
     import numpy as np
 
-    from ray_app.evaluation.protocols import NO_EARLIER_EVENT, gap_labels
+    from ray_app.protocol.scoring import NO_EARLIER_EVENT, gap_labels
     from ray_app.times import day_start
 
     t = load_prepared(prepared).splits["test"]

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ray_app.evaluation import metrics as M
+from ray_app.protocol import metrics as M
 
 
 def test_single_list_hand_computed():

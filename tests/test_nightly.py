@@ -20,9 +20,9 @@ from ray_app.batch.nightly import _move_latest, end_of_day, mmr, run_nightly
 from ray_app.data import schema as S
 from ray_app.errors import describe
 from ray_app.evaluation.config import EvaluateConfig
-from ray_app.evaluation.data import load_prepared
 from ray_app.evaluation.evaluate import run_evaluate
 from ray_app.model.ranker import Candidate, Event, Query, Ranker
+from ray_app.protocol.data import load_prepared
 from ray_app.storage import read_parquet
 from ray_app.times import day_start
 

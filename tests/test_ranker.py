@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from ray_app.evaluation.data import load_prepared
 from ray_app.model.history import make_history
 from ray_app.model.ranker import Candidate, Event, Query, Ranker, UnknownEventType
+from ray_app.protocol.data import load_prepared
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

@@ -24,9 +24,9 @@ import requests
 import schemathesis
 
 from ray_app.data import schema as S
-from ray_app.evaluation.data import load_prepared
 from ray_app.model.artifact import load_artifact
 from ray_app.model.history import make_history
+from ray_app.protocol.data import load_prepared
 from ray_app.serving.config import ServeConfig
 from tests.conftest import TEST_TOKEN_ENV, free_port
 
@@ -171,7 +171,7 @@ def test_replaying_the_sampled_protocol_with_scored_at_gives_the_evaluate_scores
 ):
     from ray_app.evaluation.config import EvaluateConfig
     from ray_app.evaluation.evaluate import run_evaluate
-    from ray_app.evaluation.model_scorer import RerankerScorer
+    from ray_app.protocol.scorer import RerankerScorer
 
     url, _ = service
     art = catalogue

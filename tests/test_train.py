@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from ray_app.errors import describe
-from ray_app.evaluation import metrics as M
 from ray_app.evaluation.baselines import Popularity
-from ray_app.evaluation.data import load_prepared
-from ray_app.evaluation.model_scorer import RerankerScorer
-from ray_app.evaluation.protocols import sampled_candidates, score_split
 from ray_app.model.artifact import load_artifact, save_artifact
+from ray_app.protocol import metrics as M
+from ray_app.protocol.data import load_prepared
+from ray_app.protocol.scorer import RerankerScorer
+from ray_app.protocol.scoring import sampled_candidates, score_split
 from ray_app.training.loop import cold_start_items
 from ray_app.training.trainer import run_train, train_dataset
 from tests.conftest import BATCH, EPOCHS, tiny_config

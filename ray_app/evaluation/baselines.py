@@ -18,40 +18,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ray_app.data import schema as S
-from ray_app.evaluation.data import SplitTargets
+from ray_app.protocol.scorer import Scorer
 
 logger = logging.getLogger(__name__)
-
-
-class Baseline:
-    name = "baseline"
-    # Whether scores depend on when a history is scored (its events' times); those
-    # that do not score the same at every moment and are scored once.
-    uses_time = False
-
-    @property
-    def params(self) -> dict:
-        return {}
-
-    def fit(self, train: pd.DataFrame, num_items: int) -> Baseline:
-        raise NotImplementedError
-
-    def score_all(self, histories: list[np.ndarray]) -> np.ndarray:
-        raise NotImplementedError
-
-    def score_targets(self, targets: SplitTargets) -> np.ndarray:
-        """Scores of every item for each target's user; models that use event
-        types and times (the re-ranker) override this, the baselines need only
-        the item histories."""
-        return self.score_all(targets.histories)
-
-    def score_candidates(self, targets: SplitTargets, candidates: np.ndarray) -> np.ndarray:
-        """(n, c) scores of each target's user for the item indices `candidates` only."""
-        return np.take_along_axis(self.score_targets(targets), candidates, axis=1)
-
-    def score(self, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
-        full = self.score_all(histories)
-        return np.take_along_axis(full, candidates, axis=1)
 
 
 def _user_item_matrix(train: pd.DataFrame, num_items: int) -> sp.csr_matrix:
@@ -78,7 +47,7 @@ def _history_matrix(histories: list[np.ndarray], num_items: int) -> sp.csr_matri
 
 
 @dataclass
-class Popularity(Baseline):
+class Popularity(Scorer):
     """Train interaction count; the same list for everyone."""
 
     name: str = "popularity"
@@ -94,7 +63,7 @@ class Popularity(Baseline):
 
 
 @dataclass
-class ItemKNN(Baseline):
+class ItemKNN(Scorer):
     """Item-based kNN: cosine similarity of item co-occurrence, top-`k` neighbours per item."""
 
     k: int = 100
@@ -135,7 +104,7 @@ class ItemKNN(Baseline):
 
 
 @dataclass
-class EASE(Baseline):
+class EASE(Scorer):
     """EASE (Steck 2019): closed-form item-item weights, L2 strength `lam`."""
 
     lam: float = 500.0

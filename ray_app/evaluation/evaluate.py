@@ -22,11 +22,13 @@ import scipy.sparse as sp
 
 from ray_app.config import dump_config
 from ray_app.data import schema as S
-from ray_app.evaluation import metrics as M
-from ray_app.evaluation.baselines import EASE, Baseline, ItemKNN, Popularity
+from ray_app.evaluation.baselines import EASE, ItemKNN, Popularity
 from ray_app.evaluation.config import EvaluateConfig
-from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared, sample_users
-from ray_app.evaluation.protocols import (
+from ray_app.evaluation.sasrec import SASRec, SASRecConfig
+from ray_app.protocol import metrics as M
+from ray_app.protocol.data import EvalData, SplitTargets, load_prepared, sample_users
+from ray_app.protocol.scorer import Scorer
+from ray_app.protocol.scoring import (
     GAP_BUCKETS,
     NO_EARLIER_EVENT,
     TARGET_TIME,
@@ -43,7 +45,6 @@ from ray_app.evaluation.protocols import (
     versus_best,
     versus_pairs,
 )
-from ray_app.evaluation.sasrec import SASRec, SASRecConfig
 from ray_app.storage import StagedOutput, code_version, resolve, write_json
 
 logger = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ PROTOCOLS = ("sampled", "full")
 
 def fit_baselines(
     cfg: EvaluateConfig, data: EvalData, cands: dict[str, np.ndarray], bags: sp.csr_matrix
-) -> tuple[dict[str, dict[str, Baseline]], dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Scorer]], dict[str, Any]]:
     """Fit each baseline on train; choose its hyper-parameters on valid, per protocol.
 
     Each protocol gets the value with the best valid NDCG@k under that protocol
@@ -176,14 +177,14 @@ def fit_baselines(
     within their fit-time cap.
     """
     k = cfg.k
-    models: dict[str, dict[str, Baseline]] = {}
+    models: dict[str, dict[str, Scorer]] = {}
     info: dict[str, Any] = {}
 
-    def valid_ndcg(m: Baseline) -> dict[str, float]:
+    def valid_ndcg(m: Scorer) -> dict[str, float]:
         summary = summarize(score_split(m, data.splits["valid"], cands["valid"], k), data, k, bags)
         return {p: summary[p][f"ndcg@{k}"] for p in PROTOCOLS}
 
-    def search(candidates: dict[str, Baseline]) -> tuple[dict[str, Baseline], dict]:
+    def search(candidates: dict[str, Scorer]) -> tuple[dict[str, Scorer], dict]:
         tried = {key: valid_ndcg(m) for key, m in candidates.items()}
         chosen = {p: candidates[max(tried, key=lambda key: tried[key][p])] for p in PROTOCOLS}
         return chosen, tried
@@ -225,10 +226,10 @@ def fit_baselines(
 
 def load_models(
     cfg: EvaluateConfig, data: EvalData
-) -> tuple[dict[str, dict[str, Baseline]], dict[str, Any], dict[str, np.ndarray]]:
+) -> tuple[dict[str, dict[str, Scorer]], dict[str, Any], dict[str, np.ndarray]]:
     """Trained re-rankers from their artifacts; checked against the prepared catalogue."""
-    from ray_app.evaluation.model_scorer import RerankerScorer
     from ray_app.model.artifact import load_artifact
+    from ray_app.protocol.scorer import RerankerScorer
 
     models, info, held = {}, {}, {}
     for name, path in cfg.models.items():
@@ -406,7 +407,7 @@ def _warm_targets(
 
 
 def cold_start(
-    models: dict[str, dict[str, Baseline]],
+    models: dict[str, dict[str, Scorer]],
     held: dict[str, np.ndarray],
     data: EvalData,
     cfg: EvaluateConfig,

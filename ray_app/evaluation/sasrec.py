@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ray_app.data import schema as S
-from ray_app.evaluation.baselines import Baseline
+from ray_app.protocol.scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _owned(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
     return sorted_keys[pos] == keys
 
 
-class SASRec(Baseline):
+class SASRec(Scorer):
     def __init__(self, cfg: SASRecConfig | None = None) -> None:
         self.cfg = cfg or SASRecConfig()
         self.name = "sasrec" if self.cfg.loss == "bce" else "sasrec_ce"

@@ -21,14 +21,14 @@ import torch.distributed as dist
 
 from ray_app.data import schema as S
 from ray_app.data.negatives import NegativeSampler, user_hash
-from ray_app.evaluation import metrics as M
-from ray_app.evaluation.data import EvalData, SplitTargets, load_prepared
-from ray_app.evaluation.model_scorer import RerankerScorer
-from ray_app.evaluation.protocols import sampled_candidates, score_split
 from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, load_pretrained, tokenizer_source
 from ray_app.model.history import time_resolution
 from ray_app.model.reranker import Reranker
+from ray_app.protocol import metrics as M
+from ray_app.protocol.data import EvalData, SplitTargets, load_prepared
+from ray_app.protocol.scorer import RerankerScorer
+from ray_app.protocol.scoring import sampled_candidates, score_split
 from ray_app.times import parse_duration
 from ray_app.training.batches import (
     ExampleBatch,

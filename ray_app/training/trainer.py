@@ -133,8 +133,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     import torch
 
     from ray_app import plots
-    from ray_app.evaluation.data import load_prepared
     from ray_app.model.artifact import from_prepare_manifest, save_artifact
+    from ray_app.protocol.data import load_prepared
     from ray_app.training.batches import ItemText
     from ray_app.training.checkpoint import BEST, load_weights, read_state
     from ray_app.training.loop import build_model, cold_start_items, item_token_ids

@@ -1,17 +1,51 @@
-"""The trained re-ranker behind the same scoring interface as the baselines."""
+"""The interface every scored method implements, and the trained re-ranker behind it."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import torch
 
-from ray_app.evaluation.baselines import Baseline
-from ray_app.evaluation.data import SplitTargets
 from ray_app.model.history import make_history
 from ray_app.model.reranker import Reranker
+from ray_app.protocol.data import SplitTargets
 
 
-class RerankerScorer(Baseline):
+class Scorer:
+    """What the protocols score: every item for each target's user (`score_targets`), or
+    only some candidates. The baselines and the trained re-ranker implement it."""
+
+    name = "scorer"
+    # Whether scores depend on when a history is scored (its events' times); those
+    # that do not score the same at every moment and are scored once.
+    uses_time = False
+
+    @property
+    def params(self) -> dict:
+        return {}
+
+    def fit(self, train: pd.DataFrame, num_items: int) -> Scorer:
+        raise NotImplementedError
+
+    def score_all(self, histories: list[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError
+
+    def score_targets(self, targets: SplitTargets) -> np.ndarray:
+        """Scores of every item for each target's user; models that use event
+        types and times (the re-ranker) override this, the baselines need only
+        the item histories."""
+        return self.score_all(targets.histories)
+
+    def score_candidates(self, targets: SplitTargets, candidates: np.ndarray) -> np.ndarray:
+        """(n, c) scores of each target's user for the item indices `candidates` only."""
+        return np.take_along_axis(self.score_targets(targets), candidates, axis=1)
+
+    def score(self, histories: list[np.ndarray], candidates: np.ndarray) -> np.ndarray:
+        full = self.score_all(histories)
+        return np.take_along_axis(full, candidates, axis=1)
+
+
+class RerankerScorer(Scorer):
     """Scores every catalogue item with the full model (user tower + scorer).
 
     Histories carry event types and time gaps to each target's moment of

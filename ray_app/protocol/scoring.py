@@ -14,7 +14,7 @@ history is, when it is scored, and against what:
   before, the whole catalogue minus those events' items.
 
 Training's per-epoch validation uses `sampled_candidates` and `score_split`
-from here too, so a Ray Train worker does not import the evaluate stage.
+from here too, so a Ray Train worker imports no part of the evaluate stage.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from ray_app.evaluation import metrics as M
-from ray_app.evaluation.baselines import Baseline
-from ray_app.evaluation.data import EvalData, SplitTargets
+from ray_app.protocol import metrics as M
+from ray_app.protocol.data import EvalData, SplitTargets
+from ray_app.protocol.scorer import Scorer
 
 CHUNK = 1024
 TARGET_TIME = "target"  # the moment label of scoring at the target's own time
@@ -76,7 +76,7 @@ def concat_stats(stats: list[M.RankStats]) -> M.RankStats:
 
 
 def score_split(
-    model: Baseline,
+    model: Scorer,
     targets: SplitTargets,
     cand: np.ndarray | None,
     k: int,
@@ -141,7 +141,7 @@ def column_name(protocol: str, moment: str) -> str:
 
 
 def at_moments(
-    model: Baseline,
+    model: Scorer,
     targets: SplitTargets,
     cand: np.ndarray,
     k: int,
@@ -187,11 +187,11 @@ def gap_labels(targets: SplitTargets) -> np.ndarray:
     return np.where(targets.has_history, labels, NO_EARLIER_EVENT)
 
 
-class PopularityFallback(Baseline):
+class PopularityFallback(Scorer):
     """`model`, except that users with an empty history get the popularity list (what a
     system without a personal model shows a user it knows nothing about)."""
 
-    def __init__(self, model: Baseline, popularity: Baseline) -> None:
+    def __init__(self, model: Scorer, popularity: Scorer) -> None:
         self.model, self.popularity = model, popularity
         self.name, self.uses_time = model.name, model.uses_time
 
@@ -207,7 +207,7 @@ class PopularityFallback(Baseline):
         return scores
 
 
-def backtest(model: Baseline, targets: SplitTargets, k: int, popularity: Baseline | None) -> Column:
+def backtest(model: Scorer, targets: SplitTargets, k: int, popularity: Scorer | None) -> Column:
     """Per user, the nightly protocol's NDCG@k and Recall@k (see the module docstring).
 
     `targets` as they are (`as_of_previous_day` is applied here). A target already in
