@@ -11,7 +11,7 @@ change what is measured). Then, side by side in this one run:
 
 * ray:    `run_nightly` on a local Ray, as `rerank nightly` runs it (read,
           group events by user, actor pool of TopKActor, write Parquet);
-* single: `nightly.single_process`, the same lists in one process (events
+* single: `single_process` below, the same lists in one process (events
           read with pyarrow, users in order, the same `top_k` in batches),
           using every core's thread in PyTorch.
 
@@ -98,9 +98,33 @@ def same_catalogue(model: Path, prepared: Path) -> None:
         )
 
 
+def single_process(ranker, interactions: list, opts, batch_size: int):
+    """The nightly lists without Ray: one process, users in order, the same `user_events`
+    and `top_k` as the actors run."""
+    import itertools
+
+    import pyarrow as pa
+
+    from ray_app.batch.nightly import top_k, user_events
+
+    table = pa.concat_tables(interactions)
+    users = table["user_id"].to_numpy(zero_copy_only=False)
+    order = np.argsort(users, kind="stable")
+    table = table.take(order)
+    users = users[order]
+    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
+    rows = pa.concat_tables(
+        user_events(table.slice(lo, hi - lo), "now", opts.now)
+        for lo, hi in itertools.pairwise(bounds)
+    )
+    return pa.concat_tables(
+        top_k(ranker, rows.slice(lo, batch_size), opts) for lo in range(0, len(rows), batch_size)
+    )
+
+
 def main() -> int:
     from ray_app.batch.config import NightlyConfig
-    from ray_app.batch.nightly import ListOptions, end_of_day, run_nightly, single_process
+    from ray_app.batch.nightly import ListOptions, end_of_day, run_nightly
     from ray_app.model.ranker import Ranker
     from ray_app.runtime import ensure_ray
     from ray_app.storage import read_parquet

@@ -37,14 +37,15 @@ def plain_loop(cfg, minutes: float, threads: int) -> dict:
     import torch
 
     from ray_app.storage import join, resolve
-    from ray_app.training.batches import ItemText, to_examples
-    from ray_app.training.loop import (
-        STEADY_AFTER,
+    from ray_app.training.batches import to_examples
+    from ray_app.training.inputs import load_train_data
+    from ray_app.training.meters import Throughput
+    from ray_app.training.steps import (
         Precision,
         build_model,
-        load_train_data,
         lr_factor,
         make_optimizer,
+        prepare_text,
         refresh_text,
         set_lr,
         train_step,
@@ -56,36 +57,27 @@ def plain_loop(cfg, minutes: float, threads: int) -> dict:
     model, _ = build_model(mcfg, data.num_items, cfg.seed)
     model.items.known.copy_(data.known)
     device = torch.device("cpu")
-    text = ItemText(data.item_ids) if model.text is not None else None
-    if text is not None and model.text.trainable and model.text.caches_lower:
-        text.build_cache(model.text, device)
-    refresh_text(model, text, device)
+    text = prepare_text(model, data.item_ids, device)
     opt = make_optimizer(model, cfg)
     fs, path = resolve(join(cfg.prepared, "examples", "train"))
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
     perm = np.random.default_rng(cfg.seed).permutation(len(table))
     steps = len(table) // cfg.batch_size
     precision = Precision(cfg.precision, device)
-    n, t0, step = 0, time.time(), 0
-    t_steady, n_steady = None, 0
-    while time.time() - t0 < minutes * 60 and step < steps:
+    speed, step = Throughput(world=1), 0
+    while time.time() - speed.t0 < minutes * 60 and step < steps:
         rows = perm[step * cfg.batch_size : (step + 1) * cfg.batch_size]
         ex = to_examples(table.take(rows), mcfg.max_history, cfg.negatives_per_example, data.hidden)
         set_lr(opt, lr_factor(step, steps, steps // 20))
         live = text if model.text is not None and model.text.trainable else None
         train_step(model, opt, ex, live, data, cfg, device, precision)
         step += 1
-        n += len(rows)
-        if t_steady is not None:
-            n_steady += len(rows)
-        elif step == STEADY_AFTER:
-            t_steady = time.time()
+        speed.add(len(rows), step)
         if model.text is not None and model.text.trainable and step % cfg.refresh_text_every == 0:
             refresh_text(model, text, device)
-    end = time.time()
     return {
-        "samples_per_s": n / (end - t0),
-        "samples_per_s_steady": n_steady / (end - t_steady) if n_steady else float("nan"),
+        "samples_per_s": speed.samples_per_s(),
+        "samples_per_s_steady": speed.steady_per_s(),
         "steps": step,
     }
 
@@ -120,7 +112,7 @@ def main() -> int:
     from ray_app.config import load_config
     from ray_app.runtime import ensure_ray
     from ray_app.training.config import TrainConfig
-    from ray_app.training.loop import STEADY_AFTER
+    from ray_app.training.meters import STEADY_AFTER
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--prepared", required=True, help="a published prepare output")

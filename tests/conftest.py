@@ -105,6 +105,33 @@ def tiny_config(prepared: str, root: Path, **kw):
     return TrainConfig.model_validate(base)
 
 
+class FailAtStep:
+    """A training callback that makes the rank-0 worker raise when it reaches `step`, once:
+    a marker file remembers the failure, so a run that restarts from its checkpoint goes
+    on, as after a worker that crashed."""
+
+    def __init__(self, step: int, marker: Path) -> None:
+        self.step, self.marker = step, Path(marker)
+
+    def on_step(self, step: int, rank: int) -> None:
+        if step == self.step and rank == 0 and not self.marker.exists():
+            self.marker.parent.mkdir(parents=True, exist_ok=True)
+            self.marker.write_text("injected failure\n")
+            raise RuntimeError(f"injected failure at step {step} (fail_at_step)")
+
+
+class FailAtBatch:
+    """A nightly `on_batch` hook: every ranking actor raises from its `batch`-th batch on
+    (a run that dies half-way)."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def __call__(self, batch: int) -> None:
+        if batch >= self.batch:
+            raise RuntimeError(f"injected failure at batch {batch} (fail_after_batches)")
+
+
 @pytest.fixture(scope="session")
 def trained(prepared, tmp_path_factory):
     """(config, metrics) of one tiny model trained with Ray Train, once per session."""

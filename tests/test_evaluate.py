@@ -17,7 +17,7 @@ from ray_app.protocol.data import load_prepared, sample_users
 from ray_app.protocol.scorer import RerankerScorer
 from ray_app.protocol.scoring import sampled_candidates, score_split
 from ray_app.times import parse_duration
-from ray_app.training.loop import returning_moments
+from ray_app.training.inputs import returning_moments
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -134,7 +134,7 @@ def test_every_event_on_a_held_out_item_is_a_cold_target_with_its_past(prepared)
     import numpy as np
 
     from ray_app.evaluation.evaluate import held_out_events
-    from ray_app.training.loop import cold_start_items
+    from ray_app.training.inputs import cold_start_items
 
     data = load_prepared(prepared)
     mask = cold_start_items(data.items["item_id"].to_numpy(), 0.2, 0)

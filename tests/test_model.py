@@ -15,7 +15,7 @@ from ray_app.model.history import History, left_pad, make_history
 from ray_app.model.reranker import Reranker
 from ray_app.training.batches import ExampleBatch, ItemText, step_candidates, to_examples
 from ray_app.training.checkpoint import load_optimizer, save_optimizer
-from ray_app.training.loop import lr_factor
+from ray_app.training.steps import lr_factor
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from ray_app.model.ranker import Candidate, Event, Query, Ranker
 from ray_app.protocol.data import load_prepared
 from ray_app.storage import read_parquet
 from ray_app.times import day_start
+from tests.conftest import FailAtBatch
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -113,20 +114,20 @@ def test_a_run_that_dies_half_way_leaves_latest_and_the_last_lists(nightly, tmp_
     cfg, _, _ = nightly
     root = Path(cfg.output)
     before = _lists(root / "dt=2026-11-23")
-    broken = cfg.model_copy(update={"date": "2026-11-24", "fail_after_batches": 2})
+    broken = cfg.model_copy(update={"date": "2026-11-24"})
     with pytest.raises(Exception, match="injected failure") as failed:
-        run_nightly(broken)
+        run_nightly(broken, on_batch=FailAtBatch(2))
     # What the CLI prints: the actor's own error, where it was raised, not Ray's wrapper.
     told = describe(failed.value)
     assert re.search(r"RuntimeError: injected failure at batch \d+", told), told
     assert "UDF" not in told, told
-    assert re.search(r"\(at \S+nightly\.py:\d+ in ", told), told
+    assert re.search(r"\(at \S+conftest\.py:\d+ in __call__\)", told), told  # the raising hook
     assert (root / "LATEST").read_text().strip() == "dt=2026-11-23"
     assert not (root / "dt=2026-11-24").exists()
     assert [p.name for p in root.iterdir() if p.name.startswith(".dt=2026-11-24.staging")]
     pd.testing.assert_frame_equal(_lists(root / "dt=2026-11-23"), before)
     # The next good run of that date publishes it, moves LATEST and clears the debris.
-    run_nightly(broken.model_copy(update={"fail_after_batches": None}))
+    run_nightly(broken)
     assert (root / "LATEST").read_text().strip() == "dt=2026-11-24"
     assert not [p for p in root.iterdir() if p.name.startswith(".")]
     # A backfill of an older date does not roll LATEST back; a backtest never moves it.

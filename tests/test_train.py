@@ -22,9 +22,9 @@ from ray_app.protocol import metrics as M
 from ray_app.protocol.data import load_prepared
 from ray_app.protocol.scorer import RerankerScorer
 from ray_app.protocol.scoring import sampled_candidates, score_split
-from ray_app.training.loop import cold_start_items
+from ray_app.training.inputs import cold_start_items
 from ray_app.training.trainer import run_train, train_dataset
-from tests.conftest import BATCH, EPOCHS, tiny_config
+from tests.conftest import BATCH, EPOCHS, FailAtStep, tiny_config
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -135,10 +135,8 @@ def test_artifact_holds_everything_and_reloads_to_identical_scores(prepared, tra
 
 
 def test_a_worker_failure_is_recovered_from_the_last_checkpoint(prepared, tmp_path):
-    cfg = tiny_config(
-        prepared, tmp_path, epochs=1, fail_at_step=7, checkpoint_every_steps=5, max_failures=1
-    )
-    metrics = run_train(cfg)
+    cfg = tiny_config(prepared, tmp_path, epochs=1, checkpoint_every_steps=5, max_failures=1)
+    metrics = run_train(cfg, callbacks=[FailAtStep(7, tmp_path / "runs" / ".train.failed-once")])
     assert (tmp_path / "runs" / ".train.failed-once").exists()  # it did fail once
     assert metrics["steps"] == metrics["train_examples"] // BATCH > 7
     assert [h["epoch"] for h in metrics["history"]] == [1]
@@ -151,9 +149,9 @@ def test_failure_beyond_max_failures_stops_with_the_error(prepared, tmp_path, mo
     # injected failure only after loading it).
     shutil.copytree(prepared, tmp_path / "prepared")
     monkeypatch.chdir(tmp_path)
-    cfg = tiny_config("prepared", Path("."), epochs=1, fail_at_step=2, max_failures=0)
+    cfg = tiny_config("prepared", Path("."), epochs=1, max_failures=0)
     with pytest.raises(Exception, match="injected failure") as failed:
-        run_train(cfg)
+        run_train(cfg, callbacks=[FailAtStep(2, tmp_path / "runs" / ".train.failed-once")])
     assert not (tmp_path / "model").exists()  # nothing published
     # What the CLI prints: the worker's own error, not Ray Train's wrapper.
     assert describe(failed.value).startswith("RuntimeError: injected failure at step 2")

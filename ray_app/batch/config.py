@@ -55,8 +55,6 @@ class NightlyConfig(StrictModel):
     """PyTorch threads per actor."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """Which Ray to run on."""
-    fail_after_batches: int | None = Field(default=None, ge=1)
-    """Testing hook: every actor raises on its Nth batch (a crash half-way)."""
 
     @field_validator("date", mode="before")
     @classmethod

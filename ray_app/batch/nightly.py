@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import itertools
 import logging
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ from ray_app.config import dump_config
 from ray_app.data import schema as S
 from ray_app.errors import describe
 from ray_app.model.ranker import Ranker
-from ray_app.runtime import cluster_cpus, ensure_ray
+from ray_app.runtime import cluster_cpus, ensure_ray, use_gpus
 from ray_app.storage import (
     StagedOutput,
     absolute,
@@ -232,8 +231,9 @@ def _spans(n: int, size: int) -> list[tuple[int, int]]:
 
 
 class TopKActor:
-    """`map_batches` actor: the model is loaded once (`loader`, injectable for tests),
-    then every batch of users becomes their top-K rows."""
+    """`map_batches` actor: the model is loaded once, then every batch of users becomes
+    their top-K rows. `on_batch` (picklable) is called with each batch's number first:
+    a hook to watch a run or, in the tests, to make it fail half-way."""
 
     def __init__(
         self,
@@ -242,20 +242,19 @@ class TopKActor:
         boost: np.ndarray | None = None,
         torch_threads: int = 1,
         device: str = "cpu",
-        fail_after_batches: int | None = None,
-        loader: Callable[..., Ranker] = Ranker.from_path,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
-        self.ranker = loader(model, device=device)
+        self.ranker = Ranker.from_path(model, device=device)
         self.opts = opts
         self.boost = None if boost is None else torch.from_numpy(boost).float()
-        self.fail_after = fail_after_batches
+        self.on_batch = on_batch
         self.batches = 0
 
     def __call__(self, users: pa.Table) -> pa.Table:
         self.batches += 1
-        if self.fail_after is not None and self.batches >= self.fail_after:
-            raise RuntimeError(f"injected failure at batch {self.batches} (fail_after_batches)")
+        if self.on_batch is not None:
+            self.on_batch(self.batches)
         return top_k(self.ranker, users, self.opts, self.boost)
 
 
@@ -323,7 +322,7 @@ def _write_lists(
     opts: ListOptions,
     actors: Any,
     gpu: bool,
-    loader: Callable[..., Ranker] | None,
+    on_batch: Callable[[int], None] | None,
 ) -> str | None:
     """The Ray Data pipeline, written to `staging`: None, or what went wrong.
 
@@ -354,8 +353,7 @@ def _write_lists(
             "boost": boost,
             "torch_threads": cfg.torch_threads,
             "device": "cuda" if gpu else "cpu",
-            "fail_after_batches": cfg.fail_after_batches,
-            **({"loader": loader} if loader is not None else {}),
+            "on_batch": on_batch,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -388,10 +386,11 @@ def _detach(exc: BaseException) -> None:
         e.__traceback__ = e.__cause__ = e.__context__ = None
 
 
-def run_nightly(cfg: NightlyConfig, loader: Callable[..., Ranker] | None = None) -> dict[str, Any]:
-    """Rank every user, publish `dt=<date>` atomically, then move `LATEST` to it."""
-    import ray
-
+def run_nightly(
+    cfg: NightlyConfig, on_batch: Callable[[int], None] | None = None
+) -> dict[str, Any]:
+    """Rank every user, publish `dt=<date>` atomically, then move `LATEST` to it.
+    `on_batch` goes to every ranking actor (see `TopKActor`)."""
     t0 = time.time()
     date = cfg.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     require_complete(cfg.model)
@@ -401,13 +400,13 @@ def run_nightly(cfg: NightlyConfig, loader: Callable[..., Ranker] | None = None)
     from ray_app.model.artifact import load_artifact
 
     art = load_artifact(model)
-    gpu = bool(cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0))
+    gpu = use_gpus(cfg.use_gpu)
     opts = ListOptions.from_config(cfg, end_of_day(date))
     actors = _actors(cfg, gpu)
     name = partition_name(date)
     with StagedOutput(join(cfg.output, name)) as stage:
         error = _write_lists(
-            cfg, stage.staging, model, prepared, art.model.num_items, opts, actors, gpu, loader
+            cfg, stage.staging, model, prepared, art.model.num_items, opts, actors, gpu, on_batch
         )
         if error is None:
             counts = _count(stage.staging)
@@ -461,28 +460,3 @@ def _move_latest(root: str, name: str, as_of: str) -> bool:
         return False
     write_text_atomic(join(root, S.TOPK_LATEST), name + "\n")
     return True
-
-
-def single_process(
-    ranker: Ranker,
-    interactions: Sequence[pa.Table],
-    opts: ListOptions,
-    batch_size: int,
-) -> pa.Table:
-    """The same lists without Ray: one process, users in order (the benchmark's reference)."""
-    table = pa.concat_tables(interactions)
-    users = table[S.USER_ID].to_numpy(zero_copy_only=False)
-    order = np.argsort(users, kind="stable")
-    table = table.take(order)
-    users = users[order]
-    bounds = np.flatnonzero(np.r_[True, users[1:] != users[:-1], True])
-    rows = [
-        user_events(table.slice(lo, hi - lo), "now", opts.now)
-        for lo, hi in itertools.pairwise(bounds)
-    ]
-    user_rows = pa.concat_tables(rows)
-    out = [
-        top_k(ranker, user_rows.slice(lo, hi - lo), opts)
-        for lo, hi in _spans(len(rows), batch_size)
-    ]
-    return pa.concat_tables(out)

@@ -65,7 +65,8 @@ def save_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
     )
 
 
-def load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+def read_optimizer(folder: Path) -> dict[str, Any]:
+    """The optimizer's state dict as `save_optimizer` wrote it."""
     meta = json.loads((folder / OPTIMIZER_META).read_text())
     state: dict[int, dict[str, Any]] = {}
     for key, value in load_file(str(folder / OPTIMIZER)).items():
@@ -77,7 +78,11 @@ def load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
     groups = meta["param_groups"]
     for g in groups:  # JSON has no tuples
         g.update({k: tuple(v) for k, v in g.items() if k == "betas"})
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, folder: Path) -> None:
+    opt.load_state_dict(read_optimizer(folder))
 
 
 def write_checkpoint(
@@ -99,3 +104,25 @@ def write_checkpoint(
 def read_state(folder: Path) -> tuple[Progress, dict[str, Any]]:
     data = json.loads((folder / STATE).read_text())
     return Progress(**data["progress"]), data["config"]
+
+
+@dataclass
+class Saved:
+    """Everything a checkpoint holds, read in one pass over its folder."""
+
+    weights: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    progress: Progress
+    config: dict[str, Any]
+
+
+def read_checkpoint(folder: Path) -> Saved:
+    progress, config = read_state(folder)
+    return Saved(
+        load_weights(folder / MODEL),
+        load_weights(folder / BEST),
+        read_optimizer(folder),
+        progress,
+        config,
+    )

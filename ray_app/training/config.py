@@ -143,8 +143,6 @@ class TrainConfig(StrictModel):
     """Seed of initialisation, shuffling and dropout."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """Which Ray to run on."""
-    fail_at_step: int | None = Field(default=None, ge=1)
-    """Testing hook: the worker of rank 0 raises once when it reaches this step."""
 
     @field_validator("select_deltas", "returning_max")
     @classmethod

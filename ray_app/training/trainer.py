@@ -7,8 +7,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -16,7 +17,7 @@ import pyarrow.compute as pc
 
 from ray_app.config import dump_config
 from ray_app.data import schema as S
-from ray_app.runtime import ensure_ray
+from ray_app.runtime import ensure_ray, use_gpus
 from ray_app.storage import (
     StagedOutput,
     absolute,
@@ -27,6 +28,9 @@ from ray_app.storage import (
     upload_dir,
 )
 from ray_app.training.config import TrainConfig
+
+if TYPE_CHECKING:
+    from ray_app.training.loop import StepCallback
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +103,7 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[
 
     from ray_app.training.loop import train_loop_per_worker
 
-    gpu = cfg.use_gpu if cfg.use_gpu != "auto" else ray.cluster_resources().get("GPU", 0) > 0
+    gpu = use_gpus(cfg.use_gpu)
     cpus = ray.cluster_resources().get("CPU", 0)
     wanted = cfg.num_workers * cfg.cpus_per_worker
     local = not (cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # a cluster may scale up
@@ -128,8 +132,9 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[
     )
 
 
-def run_train(cfg: TrainConfig) -> dict[str, Any]:
-    """Fine-tune with Ray Train, then build and publish the model artifact."""
+def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
+    """Fine-tune with Ray Train, then build and publish the model artifact. `callbacks`
+    (picklable) are called by every worker after each step."""
     import torch
 
     from ray_app import plots
@@ -137,7 +142,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     from ray_app.protocol.data import load_prepared
     from ray_app.training.batches import ItemText
     from ray_app.training.checkpoint import BEST, load_weights, read_state
-    from ray_app.training.loop import build_model, cold_start_items, item_token_ids
+    from ray_app.training.inputs import cold_start_items, item_token_ids
+    from ray_app.training.steps import build_model
 
     t0 = time.time()
     prep_manifest = require_complete(cfg.prepared)
@@ -159,7 +165,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     trainer = build_trainer(
         cfg,
         {"train": ds},
-        {"train": for_workers(cfg).model_dump(mode="json"), "steps_per_epoch": steps},
+        {
+            "train": for_workers(cfg).model_dump(mode="json"),
+            "steps_per_epoch": steps,
+            "callbacks": list(callbacks),
+        },
     )
     result = trainer.fit()
     if result.checkpoint is None:
