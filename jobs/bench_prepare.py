@@ -72,7 +72,7 @@ def pandas_reference(raw: str, out: str) -> None:
     import pyarrow.parquet as pq
 
     from ray_app.config import load_config
-    from ray_app.data import schema as S
+    from ray_app.data import schema
     from ray_app.data.config import PrepareConfig
     from ray_app.data.negatives import NegativeSampler
     from ray_app.data.prepare import resolve_rules, split_spec
@@ -87,40 +87,46 @@ def pandas_reference(raw: str, out: str) -> None:
     )
     rules, spec = resolve_rules(cfg), split_spec(cfg)
     items = pd.read_parquet(f"{raw}/items")
-    items = items.drop_duplicates(S.ITEM_ID).reset_index(drop=True)
-    items[S.ITEM_IDX] = np.arange(1, len(items) + 1, dtype=np.int32)
-    for c in S.ITEM_COLUMNS:
+    items = items.drop_duplicates(schema.ITEM_ID).reset_index(drop=True)
+    items[schema.ITEM_IDX] = np.arange(1, len(items) + 1, dtype=np.int32)
+    for c in schema.ITEM_COLUMNS:
         if c not in items:
             items[c] = None
     tok = ItemTokenizer(cfg.text)
     os.makedirs(f"{out}/items", exist_ok=True)
     pq.write_table(
-        tok(pa.Table.from_pandas(items[[S.ITEM_IDX, *S.ITEM_COLUMNS]], preserve_index=False)),
+        tok(
+            pa.Table.from_pandas(
+                items[[schema.ITEM_IDX, *schema.ITEM_COLUMNS]], preserve_index=False
+            )
+        ),
         f"{out}/items/part.parquet",
     )
     raw_ev = pd.read_parquet(f"{raw}/interactions")
-    raw_ev[S.SOURCE_FILE] = np.int32(0)
-    raw_ev[S.SOURCE_ROW] = np.arange(len(raw_ev), dtype=np.int64)
-    raw_ev[S.REASON] = None
+    raw_ev[schema.SOURCE_FILE] = np.int32(0)
+    raw_ev[schema.SOURCE_ROW] = np.arange(len(raw_ev), dtype=np.int64)
+    raw_ev[schema.REASON] = None
     frame, reasons = normalize_interactions(
         pa.Table.from_pandas(raw_ev, preserve_index=False), rules
     )
-    idx = pd.Index(items[S.ITEM_ID]).get_indexer(frame[S.ITEM_ID])
+    idx = pd.Index(items[schema.ITEM_ID]).get_indexer(frame[schema.ITEM_ID])
     ok = pd.isna(reasons) & (idx >= 0)
     frame = frame[ok].copy()
-    frame[S.ITEM_IDX] = (idx[ok] + 1).astype(np.int32)
+    frame[schema.ITEM_IDX] = (idx[ok] + 1).astype(np.int32)
     kept, _ = order_and_dedupe(frame)
     kept, _ = assign_splits(kept, spec)
     os.makedirs(f"{out}/interactions", exist_ok=True)
     pq.write_table(
         pa.Table.from_pandas(
-            kept[[f.name for f in S.INTERACTIONS_SCHEMA]],
-            schema=S.INTERACTIONS_SCHEMA,
+            kept[[f.name for f in schema.INTERACTIONS_SCHEMA]],
+            schema=schema.INTERACTIONS_SCHEMA,
             preserve_index=False,
         ),
         f"{out}/interactions/part.parquet",
     )
-    counts = np.bincount(kept.loc[kept[S.SPLIT] == "train", S.ITEM_IDX], minlength=len(items) + 1)
+    counts = np.bincount(
+        kept.loc[kept[schema.SPLIT] == "train", schema.ITEM_IDX], minlength=len(items) + 1
+    )
     neg = cfg.negatives
     sampler = NegativeSampler.from_counts(counts, neg.sampler, neg.popularity_alpha, neg.seed)
     n = 0

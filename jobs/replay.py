@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 import requests
 
-from ray_app.data import schema as S
-from ray_app.protocol import metrics as M
+from ray_app.data import schema
+from ray_app.protocol import metrics
 from ray_app.protocol.data import load_prepared
 
 logger = logging.getLogger(__name__)
@@ -40,9 +40,9 @@ def requests_for(prepared: str, candidates: str, split: str, history: int, score
     data = load_prepared(prepared)
     targets = data.splits[split]
     lists = pd.read_parquet(candidates)
-    if list(lists[S.USER_ID]) != list(targets.user_ids):
+    if list(lists[schema.USER_ID]) != list(targets.user_ids):
         raise SystemExit(f"{candidates}: not the {split} lists of {prepared}")
-    ids = data.items[S.ITEM_ID].to_numpy()
+    ids = data.items[schema.ITEM_ID].to_numpy()
     kinds = data.manifest["resolved"]["event_types"]
     bodies, cands = [], []
     for u, row in enumerate(lists["candidates"]):
@@ -112,13 +112,13 @@ def main(argv: list[str] | None = None) -> int:
     answers = replay(args.url, bodies, headers, args.concurrency)
     seconds = time.time() - t0
     scores = scores_of(answers, cands)
-    stats = M.rank_stats(scores, np.zeros(len(scores), int))  # the target is listed first
+    stats = metrics.rank_stats(scores, np.zeros(len(scores), int))  # the target is listed first
     result = {
         "requests": len(bodies),
         "scored_at": "target's time" if not args.at_wall_clock else "wall clock",
-        f"ndcg@{args.k}": M.mean_defined(M.ndcg(stats, args.k)),
-        f"hr@{args.k}": M.mean_defined(M.hit_rate(stats, args.k)),
-        "auc": M.mean_defined(M.auc(stats)),
+        f"ndcg@{args.k}": metrics.mean_defined(metrics.ndcg(stats, args.k)),
+        f"hr@{args.k}": metrics.mean_defined(metrics.hit_rate(stats, args.k)),
+        "auc": metrics.mean_defined(metrics.auc(stats)),
         "history_dropped": int(sum(a["history_dropped"] for a in answers)),
         "requests_per_s": round(len(bodies) / seconds, 1),
         "model_version": answers[0]["model_version"] if answers else None,

@@ -49,9 +49,9 @@ def main() -> int:
     from ray_app.data.synthetic import generate
     from ray_app.evaluation.baselines import Popularity
     from ray_app.model.artifact import load_artifact
-    from ray_app.protocol import metrics as M
+    from ray_app.protocol import metrics
     from ray_app.protocol.data import load_prepared
-    from ray_app.protocol.scorer import RerankerScorer
+    from ray_app.protocol.scorer import NetScorer
     from ray_app.protocol.scoring import backtest, sampled_candidates, score_split
     from ray_app.training.config import TrainConfig
     from ray_app.training.trainer import run_train
@@ -85,7 +85,9 @@ def main() -> int:
 
     def ndcg(scorer, targets) -> tuple[float, float]:
         r = score_split(scorer, targets, cands, 10, lists=False)
-        return float(M.ndcg(r["full"], 10).mean()), float(M.ndcg(r["sampled"], 10).mean())
+        return float(metrics.ndcg(r["full"], 10).mean()), float(
+            metrics.ndcg(r["sampled"], 10).mean()
+        )
 
     popularity = Popularity().fit(data.train, data.num_items)
     rows = {
@@ -113,7 +115,7 @@ def main() -> int:
         cfg = load_config(TrainConfig, None, [*base, *(f"{k}={v}" for k, v in overrides.items())])
         run_train(cfg)
         art = load_artifact(cfg.output)
-        scorer = RerankerScorer(art.model, art.item_vectors)
+        scorer = NetScorer(art.model, art.item_vectors)
         rows[name] = {"target": ndcg(scorer, test)}
         rows[name] |= {d: ndcg(scorer, test.after_last_event(s)) for d, s in DELTAS.items()}
         night = backtest(scorer, test, 10, popularity).ndcg.mean()

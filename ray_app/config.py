@@ -127,8 +127,3 @@ def deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
             deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
         )
     return out
-
-
-def dump_config(cfg: BaseModel) -> dict[str, Any]:
-    """The resolved config as plain data, for manifests and checkpoints."""
-    return cfg.model_dump(mode="json")

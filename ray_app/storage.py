@@ -277,6 +277,19 @@ class StagedOutput:
     def path(self, *parts: str) -> str:
         return join(self.staging, *parts)
 
+    def manifest(self, stage: str, config: Any, started: float, **fields: Any) -> dict[str, Any]:
+        """What every stage's manifest.json holds first: which stage, run and code made the
+        output, from which (resolved) config, when and in how long; then `fields`."""
+        return {
+            "stage": stage,
+            "run_id": self.run_id,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "code_version": code_version(),
+            "config": config if isinstance(config, dict) else config.model_dump(mode="json"),
+            "timings": {"total_s": round(time.time() - started, 2)},
+            **fields,
+        }
+
     def publish(self, manifest: dict[str, Any]) -> None:
         """Write manifest and `_SUCCESS`, then swap the staging directory into place."""
         write_json(self.path(MANIFEST), manifest)

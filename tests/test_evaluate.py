@@ -14,7 +14,7 @@ from ray_app.evaluation.evaluate import run_evaluate
 from ray_app.model.artifact import load_artifact
 from ray_app.protocol import metrics as M
 from ray_app.protocol.data import load_prepared, sample_users
-from ray_app.protocol.scorer import RerankerScorer
+from ray_app.protocol.scorer import NetScorer
 from ray_app.protocol.scoring import sampled_candidates, score_split
 from ray_app.times import parse_duration
 from ray_app.training.inputs import returning_moments
@@ -109,7 +109,7 @@ def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_p
     art = load_artifact(cfg.output)
     drawn = returning_moments(data.splits["valid"], [parse_duration(d) for d in cfg.select_deltas])
     cands = sampled_candidates(data, "valid", cfg.valid_negatives, 0)
-    res = score_split(RerankerScorer(art.model, art.item_vectors), drawn, cands, 10, lists=False)
+    res = score_split(NetScorer(art.model, art.item_vectors), drawn, cands, 10, lists=False)
     for proto in ("full", "sampled"):
         assert float(M.ndcg(res[proto], 10).mean()) == pytest.approx(
             best[f"valid_ndcg_{proto}_returning@10"], rel=0.15
@@ -159,7 +159,7 @@ def test_a_cold_start_model_is_scored_on_held_out_items(prepared, trained, tmp_p
     import numpy as np
 
     from ray_app.model.artifact import load_artifact
-    from ray_app.protocol.scorer import RerankerScorer
+    from ray_app.protocol.scorer import NetScorer
     from ray_app.training.trainer import run_train
     from tests.conftest import tiny_config
 
@@ -167,7 +167,7 @@ def test_a_cold_start_model_is_scored_on_held_out_items(prepared, trained, tmp_p
     run_train(cold_cfg)
     # Scoring only the candidates gives the whole catalogue's scores at those columns.
     art = load_artifact(trained[0].output)
-    scorer = RerankerScorer(art.model, art.item_vectors)
+    scorer = NetScorer(art.model, art.item_vectors)
     data = load_prepared(prepared)
     t = data.splits["test"].subset(slice(0, 40))
     cand = sampled_candidates(data, "test", 20, seed=0, targets=t)
@@ -206,10 +206,10 @@ def test_a_cold_start_model_is_scored_on_held_out_items(prepared, trained, tmp_p
 def _without_time_input(art, folder):
     """The trained artifact's model with `recency_buckets: 1` (no time input), saved."""
     from ray_app.model.artifact import save_artifact
-    from ray_app.model.reranker import Reranker
+    from ray_app.model.net import RerankerNet
 
     cfg = art.model.cfg.model_copy(update={"recency_buckets": 1})
-    model = Reranker(cfg, art.model.num_items, art.model.text)
+    model = RerankerNet(cfg, art.model.num_items, art.model.text)
     time_tables = ("user.recency.", "user.since_last.", "user.to_last.")
     weights = {k: v for k, v in art.model.state_dict().items() if not k.startswith(time_tables)}
     model.load_state_dict(weights, strict=False)
@@ -237,7 +237,7 @@ def test_returning_users_a_model_without_time_input_scores_the_same_at_every_del
     import numpy as np
 
     from ray_app.model.artifact import load_artifact
-    from ray_app.protocol.scorer import RerankerScorer
+    from ray_app.protocol.scorer import NetScorer
 
     art = load_artifact(trained[0].output)
     untimed = _without_time_input(art, tmp_path / "untimed")
@@ -249,8 +249,8 @@ def test_returning_users_a_model_without_time_input_scores_the_same_at_every_del
         later = t.after_last_event(secs)
         pairs = zip(later.moments, later.history_times, strict=True)
         assert all((m - h >= 0).all() for m, h in pairs)
-    flat = RerankerScorer(untimed, untimed.item_table())
-    timed = RerankerScorer(art.model, art.item_vectors)
+    flat = NetScorer(untimed, untimed.item_table())
+    timed = NetScorer(art.model, art.item_vectors)
     at_target = flat.score_targets(t)
     moved = []
     for secs in deltas.values():

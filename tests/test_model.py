@@ -12,7 +12,7 @@ import torch
 from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, load_pretrained
 from ray_app.model.history import History, left_pad, make_history
-from ray_app.model.reranker import Reranker
+from ray_app.model.net import RerankerNet
 from ray_app.training.batches import ExampleBatch, ItemText, step_candidates, to_examples
 from ray_app.training.checkpoint import load_optimizer, save_optimizer
 from ray_app.training.steps import lr_factor
@@ -80,13 +80,13 @@ def test_cached_lower_output_gives_the_same_pooled_text(tiny_bert):
     assert direct[0].abs().sum() == 0  # padding item
 
 
-def _model(**kw) -> Reranker:
+def _model(**kw) -> RerankerNet:
     cfg = ModelConfig(encoder="tiny", dim=16, heads=2, **kw)
     text = None
     if cfg.use_text:
         text = TextEncoder(load_pretrained("tiny", seed=0)[0], cfg.trainable_layers)
     torch.manual_seed(0)
-    return Reranker(cfg, num_items=20, text=text)
+    return RerankerNet(cfg, num_items=20, text=text)
 
 
 def test_items_the_user_already_has_are_left_out_of_the_softmax():

@@ -171,7 +171,7 @@ def test_replaying_the_sampled_protocol_with_scored_at_gives_the_evaluate_scores
 ):
     from ray_app.evaluation.config import EvaluateConfig
     from ray_app.evaluation.evaluate import run_evaluate
-    from ray_app.protocol.scorer import RerankerScorer
+    from ray_app.protocol.scorer import NetScorer
 
     url, _ = service
     art = catalogue
@@ -189,7 +189,7 @@ def test_replaying_the_sampled_protocol_with_scored_at_gives_the_evaluate_scores
     lists = str(tmp_path / "eval" / "candidates" / "test.parquet")
     t = load_prepared(prepared).splits["test"]
     cands = np.stack(pq.read_table(lists).to_pandas()["candidates"].to_numpy()).astype(np.int64)
-    want = RerankerScorer(art.model, art.item_vectors).score_candidates(t, cands)
+    want = NetScorer(art.model, art.item_vectors).score_candidates(t, cands)
     tool = _replay_tool()
     n = art.model.cfg.max_history
     ids, bodies = tool.requests_for(prepared, lists, "test", n, scored_at=True)

@@ -20,7 +20,7 @@ from ray_app.evaluation.baselines import Popularity
 from ray_app.model.artifact import load_artifact, save_artifact
 from ray_app.protocol import metrics as M
 from ray_app.protocol.data import load_prepared
-from ray_app.protocol.scorer import RerankerScorer
+from ray_app.protocol.scorer import NetScorer
 from ray_app.protocol.scoring import sampled_candidates, score_split
 from ray_app.training.inputs import cold_start_items
 from ray_app.training.trainer import run_train, train_dataset
@@ -33,8 +33,8 @@ def _valid_ndcg(prepared: str, artifact_path: str) -> tuple[float, np.ndarray]:
     data = load_prepared(prepared)
     art = load_artifact(artifact_path)
     cands = sampled_candidates(data, "valid", 99, seed=0)
-    res = score_split(RerankerScorer(art.model, art.item_vectors), data.splits["valid"], cands, 10)
-    scores = RerankerScorer(art.model, art.item_vectors).score_targets(data.splits["valid"])
+    res = score_split(NetScorer(art.model, art.item_vectors), data.splits["valid"], cands, 10)
+    scores = NetScorer(art.model, art.item_vectors).score_targets(data.splits["valid"])
     return float(M.ndcg(res["sampled"], 10).mean()), scores
 
 
@@ -81,7 +81,7 @@ def test_a_user_who_returns_a_week_later_is_ranked_about_as_well(sessions):
     prepared, artifact = sessions
     data = load_prepared(prepared)
     art = load_artifact(artifact)
-    scorer = RerankerScorer(art.model, art.item_vectors)
+    scorer = NetScorer(art.model, art.item_vectors)
     test = data.splits["test"]
 
     def full_ndcg(targets) -> float:

@@ -31,15 +31,13 @@ import torch
 import torch.nn.functional as F
 
 from ray_app.batch.config import NightlyConfig
-from ray_app.config import dump_config
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.errors import describe
 from ray_app.model.ranker import Ranker
 from ray_app.runtime import cluster_cpus, ensure_ray, use_gpus
 from ray_app.storage import (
     StagedOutput,
     absolute,
-    code_version,
     exists,
     join,
     parquet_dataset,
@@ -57,9 +55,9 @@ NOW = "now"  # when recency is measured to; 0 = the run's time
 HIST_TIME = "hist_time"
 USER_ROWS = pa.schema(
     [
-        pa.field(S.USER_ID, pa.string()),
-        pa.field(S.HIST_ITEM_IDX, pa.list_(pa.int32())),
-        pa.field(S.HIST_EVENT_IDX, pa.list_(pa.int8())),
+        pa.field(schema.USER_ID, pa.string()),
+        pa.field(schema.HIST_ITEM_IDX, pa.list_(pa.int32())),
+        pa.field(schema.HIST_EVENT_IDX, pa.list_(pa.int8())),
         pa.field(HIST_TIME, pa.list_(pa.int64())),
         pa.field(NOW, pa.int64()),
     ]
@@ -86,16 +84,20 @@ def user_events(group: pa.Table, as_of: str, until: int) -> pa.Table:
     """
     order = pc.sort_indices(
         group,
-        [(S.TIMESTAMP, "ascending"), (S.SOURCE_FILE, "ascending"), (S.SOURCE_ROW, "ascending")],
+        [
+            (schema.TIMESTAMP, "ascending"),
+            (schema.SOURCE_FILE, "ascending"),
+            (schema.SOURCE_ROW, "ascending"),
+        ],
     )
     g = group.take(order)
-    times = g[S.TIMESTAMP].to_numpy()
+    times = g[schema.TIMESTAMP].to_numpy()
     if as_of == "now":
         n, now = int(np.searchsorted(times, until, side="right")), 0
         if n == 0:
             return USER_ROWS.empty_table()
     else:
-        hits = np.flatnonzero(pc.equal(g[S.SPLIT], as_of).to_numpy(zero_copy_only=False))
+        hits = np.flatnonzero(pc.equal(g[schema.SPLIT], as_of).to_numpy(zero_copy_only=False))
         if not len(hits):
             return USER_ROWS.empty_table()
         midnight = int(day_start(times[hits[0]]))
@@ -106,10 +108,10 @@ def user_events(group: pa.Table, as_of: str, until: int) -> pa.Table:
 
     return pa.Table.from_arrays(
         [
-            pa.array([g[S.USER_ID][0].as_py()], pa.string()),
-            head(S.ITEM_IDX, pa.int32()),
-            head(S.EVENT_IDX, pa.int8()),
-            head(S.TIMESTAMP, pa.int64()),
+            pa.array([g[schema.USER_ID][0].as_py()], pa.string()),
+            head(schema.ITEM_IDX, pa.int32()),
+            head(schema.EVENT_IDX, pa.int8()),
+            head(schema.TIMESTAMP, pa.int64()),
             pa.array([now], pa.int64()),
         ],
         schema=USER_ROWS,
@@ -180,49 +182,51 @@ def top_k(
     scores `/v1/rerank` returns for them; `boost` (per
     item_idx) and `diversity` change the order only, never the score column.
     """
-    items = _lists(users[S.HIST_ITEM_IDX])
-    events = _lists(users[S.HIST_EVENT_IDX])
+    items = _lists(users[schema.HIST_ITEM_IDX])
+    events = _lists(users[schema.HIST_EVENT_IDX])
     times = _lists(users[HIST_TIME])
     now = users[NOW].to_numpy()
     now = np.where(now > 0, now, opts.now)
-    hist = ranker.history(items, events, times, now)
+    hist = ranker.history_input(items, events, times, now)
     total = len(ranker.vectors) - 1
     if opts.num_candidates:
-        cand = ranker.retrieve(hist, opts.num_candidates, items)
+        cand_items = ranker.retrieve(hist, opts.num_candidates, items)
         scores = torch.cat(
             [
-                ranker.score_rows(hist[lo:hi], cand[lo:hi])
-                for lo, hi in _spans(len(items), max(1, MAX_CELLS // max(1, cand.shape[1])))
+                ranker.score_rows(hist[lo:hi], cand_items[lo:hi])
+                for lo, hi in _spans(len(items), max(1, MAX_CELLS // max(1, cand_items.shape[1])))
             ]
         ).float()
     else:
-        cand = torch.arange(1, total + 1).expand(len(items), -1).clone()
+        cand_items = torch.arange(1, total + 1).expand(len(items), -1).clone()
         for b, seen in enumerate(items):
-            cand[b, torch.from_numpy(seen[seen > 0] - 1)] = 0
-        cand = cand.to(ranker.device)
+            cand_items[b, torch.from_numpy(seen[seen > 0] - 1)] = 0
+        cand_items = cand_items.to(ranker.device)
         scores = ranker.score_catalogue(hist)[:, 1:].float()
-    scores = scores.masked_fill(cand == 0, -torch.inf)
-    ordered = scores if boost is None else scores + boost.to(scores.device)[cand]
+    scores = scores.masked_fill(cand_items == 0, -torch.inf)
+    ordered = scores if boost is None else scores + boost.to(scores.device)[cand_items]
     if opts.diversity > 0:
-        pos = mmr(ordered, ranker.vectors[cand] - ranker.vector_mean, opts.k, opts.diversity)
+        pos = mmr(ordered, ranker.vectors[cand_items] - ranker.vector_mean, opts.k, opts.diversity)
     else:
         top = ordered.topk(min(opts.k, ordered.shape[1]), dim=1)
         pos = top.indices.masked_fill(~torch.isfinite(top.values), -1)
     keep = (pos >= 0).cpu().numpy()
     pos = pos.clamp(min=0)
-    idx = cand.gather(1, pos).cpu().numpy()
+    idx = cand_items.gather(1, pos).cpu().numpy()
     sc = scores.gather(1, pos).cpu().numpy()
     n = keep.sum(1)
     ranks = np.broadcast_to(np.arange(1, pos.shape[1] + 1, dtype=np.int32), keep.shape)
     return pa.Table.from_arrays(
         [
-            pa.array(np.repeat(users[S.USER_ID].to_numpy(zero_copy_only=False), n), pa.string()),
+            pa.array(
+                np.repeat(users[schema.USER_ID].to_numpy(zero_copy_only=False), n), pa.string()
+            ),
             pa.array(ranks[keep], pa.int32()),
             pa.array(ranker.item_ids[idx[keep]], pa.string()),
             pa.array(sc[keep].astype(np.float32), pa.float32()),
             pa.array([ranker.version] * int(n.sum()), pa.string()),
         ],
-        schema=S.TOPK_SCHEMA,
+        schema=schema.TOPK_SCHEMA,
     )
 
 
@@ -262,12 +266,12 @@ def popularity_boost(ds: Any, num_items: int, weight: float) -> np.ndarray:
     """weight x (1 - popularity percentile) per item_idx, from train-split events."""
 
     def train_items(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.equal(batch[S.SPLIT], "train")).select([S.ITEM_IDX])
+        return batch.filter(pc.equal(batch[schema.SPLIT], "train")).select([schema.ITEM_IDX])
 
     counts = np.zeros(num_items + 1)
-    agg = ds.map_batches(train_items, batch_format="pyarrow").groupby(S.ITEM_IDX).count()
+    agg = ds.map_batches(train_items, batch_format="pyarrow").groupby(schema.ITEM_IDX).count()
     df = agg.to_pandas()
-    counts[df[S.ITEM_IDX].to_numpy()] = df.iloc[:, 1].to_numpy()
+    counts[df[schema.ITEM_IDX].to_numpy()] = df.iloc[:, 1].to_numpy()
     pct = np.argsort(np.argsort(counts[1:], kind="stable"), kind="stable") / max(1, num_items - 1)
     out = np.zeros(num_items + 1, dtype=np.float32)
     out[1:] = weight * (1.0 - pct)
@@ -275,7 +279,7 @@ def popularity_boost(ds: Any, num_items: int, weight: float) -> np.ndarray:
 
 
 def read_latest(root: str) -> str | None:
-    latest = join(root, S.TOPK_LATEST)
+    latest = join(root, schema.TOPK_LATEST)
     return read_text(latest).strip() if exists(latest) else None
 
 
@@ -337,12 +341,20 @@ def _write_lists(
     import ray.data
 
     fs, path = resolve(join(prepared, "interactions"))
-    cols = [S.USER_ID, S.ITEM_IDX, S.EVENT_IDX, S.TIMESTAMP, S.SPLIT, S.SOURCE_FILE, S.SOURCE_ROW]
+    cols = [
+        schema.USER_ID,
+        schema.ITEM_IDX,
+        schema.EVENT_IDX,
+        schema.TIMESTAMP,
+        schema.SPLIT,
+        schema.SOURCE_FILE,
+        schema.SOURCE_ROW,
+    ]
     events = ray.data.read_parquet(path, filesystem=fs).select_columns(cols)
     boost = None
     if cfg.long_tail_boost > 0:
         boost = popularity_boost(events, num_items, cfg.long_tail_boost)
-    users = events.groupby(S.USER_ID, num_partitions=_partitions(fs, path)).map_groups(
+    users = events.groupby(schema.USER_ID, num_partitions=_partitions(fs, path)).map_groups(
         user_events, fn_args=(cfg.as_of, opts.now), batch_format="pyarrow"
     )
     lists = users.map_batches(
@@ -415,23 +427,21 @@ def run_nightly(
         if error is not None:
             gc.collect()  # the failed pipeline's actors go now, not at some later collection
             raise NightlyError(f"nightly {name}: {error}; LATEST and published lists unchanged")
-        manifest = {
-            "stage": "nightly",
-            "run_id": stage.run_id,
-            "date": date,
-            "as_of": cfg.as_of,
-            "history_cut": "end_of_date" if cfg.as_of == "now" else "day_before_target",
-            "model": cfg.model,
-            "model_version": art.version,
-            "prepared": cfg.prepared,
-            "prepared_run_id": prep_manifest.get("run_id"),
-            "config": dump_config(cfg),
-            "counts": counts,
-            "actors": {"min": actors.min_size, "max": actors.max_size},
-            "device": "cuda" if gpu else "cpu",
-            "code_version": code_version(),
-            "timings": {"total_s": round(time.time() - t0, 2)},
-        }
+        manifest = stage.manifest(
+            "nightly",
+            cfg,
+            t0,
+            date=date,
+            as_of=cfg.as_of,
+            history_cut="end_of_date" if cfg.as_of == "now" else "day_before_target",
+            model=cfg.model,
+            model_version=art.version,
+            prepared=cfg.prepared,
+            prepared_run_id=prep_manifest.get("run_id"),
+            counts=counts,
+            actors={"min": actors.min_size, "max": actors.max_size},
+            device="cuda" if gpu else "cpu",
+        )
         stage.publish(manifest)
     moved = _move_latest(cfg.output, name, cfg.as_of)
     logger.info(
@@ -446,7 +456,7 @@ def run_nightly(
 
 def _count(uri: str) -> dict[str, int]:
     ds = parquet_dataset(uri)
-    return {"rows": ds.count_rows(), "users": ds.count_rows(filter=pc.field(S.RANK) == 1)}
+    return {"rows": ds.count_rows(), "users": ds.count_rows(filter=pc.field(schema.RANK) == 1)}
 
 
 def _move_latest(root: str, name: str, as_of: str) -> bool:
@@ -458,5 +468,5 @@ def _move_latest(root: str, name: str, as_of: str) -> bool:
     if current is not None and current > name:
         logger.info("LATEST stays at %s (later than %s)", current, name)
         return False
-    write_text_atomic(join(root, S.TOPK_LATEST), name + "\n")
+    write_text_atomic(join(root, schema.TOPK_LATEST), name + "\n")
     return True

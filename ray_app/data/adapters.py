@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.data.config import InputConfig
 from ray_app.data.readers import ReadSpec, read_file
 from ray_app.storage import InputError, InputFile, expand_paths, join
 
-_PROVENANCE = (S.SOURCE_FILE, S.SOURCE_ROW, S.REASON)
+_PROVENANCE = (schema.SOURCE_FILE, schema.SOURCE_ROW, schema.REASON)
 
 ML100K_GENRES = (
     "unknown",
@@ -64,7 +64,9 @@ class ColumnMap:
         n = table.num_rows
         out: dict[str, pa.ChunkedArray | pa.Array] = {}
         has_valid = (
-            table.column(S.REASON).null_count > 0 if S.REASON in table.column_names else True
+            table.column(schema.REASON).null_count > 0
+            if schema.REASON in table.column_names
+            else True
         )
         for contract, candidates in self.columns.items():
             src = next((c for c in candidates if c in table.column_names), None)
@@ -99,20 +101,26 @@ class Adapter:
         self.interaction_map = ColumnMap(
             columns={
                 c: (cfg.interaction_columns.get(c, c),)
-                for c in (S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE, S.VALUE)
+                for c in (
+                    schema.USER_ID,
+                    schema.ITEM_ID,
+                    schema.TIMESTAMP,
+                    schema.EVENT_TYPE,
+                    schema.VALUE,
+                )
             },
-            required=(S.USER_ID, S.ITEM_ID, S.TIMESTAMP),
+            required=(schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP),
         )
         self.item_map = ColumnMap(
-            columns={c: (cfg.item_columns.get(c, c),) for c in S.ITEM_COLUMNS},
-            required=(S.ITEM_ID,),
+            columns={c: (cfg.item_columns.get(c, c),) for c in schema.ITEM_COLUMNS},
+            required=(schema.ITEM_ID,),
         )
-        unknown = set(cfg.interaction_columns) - set(S.INTERACTION_COLUMNS)
+        unknown = set(cfg.interaction_columns) - set(schema.INTERACTION_COLUMNS)
         if unknown:
             raise InputError(
                 f"input.interaction_columns: unknown contract columns {sorted(unknown)}"
             )
-        unknown = set(cfg.item_columns) - set(S.ITEM_COLUMNS)
+        unknown = set(cfg.item_columns) - set(schema.ITEM_COLUMNS)
         if unknown:
             raise InputError(f"input.item_columns: unknown contract columns {sorted(unknown)}")
 
@@ -171,17 +179,21 @@ class MovieLensAdapter(Adapter):
         super().__init__(cfg)
         self.interaction_map = ColumnMap(
             columns={
-                S.USER_ID: ("userId",),
-                S.ITEM_ID: ("movieId",),
-                S.TIMESTAMP: ("timestamp",),
-                S.VALUE: ("rating",),
+                schema.USER_ID: ("userId",),
+                schema.ITEM_ID: ("movieId",),
+                schema.TIMESTAMP: ("timestamp",),
+                schema.VALUE: ("rating",),
             },
-            constants={S.EVENT_TYPE: "rating"},
-            required=(S.USER_ID, S.ITEM_ID, S.TIMESTAMP),
+            constants={schema.EVENT_TYPE: "rating"},
+            required=(schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP),
         )
         self.item_map = ColumnMap(
-            columns={S.ITEM_ID: ("movieId",), S.TITLE: ("title",), S.GENRES: ("genres",)},
-            required=(S.ITEM_ID,),
+            columns={
+                schema.ITEM_ID: ("movieId",),
+                schema.TITLE: ("title",),
+                schema.GENRES: ("genres",),
+            },
+            required=(schema.ITEM_ID,),
         )
 
     def _file(self, explicit, name: str) -> str:
@@ -201,13 +213,13 @@ class MovieLensAdapter(Adapter):
 
     def to_items(self, table: pa.Table) -> pa.Table:
         out = super().to_items(table)
-        if S.GENRES in out.column_names:
+        if schema.GENRES in out.column_names:
             import pyarrow.compute as pc
 
-            g = out.column(S.GENRES)
+            g = out.column(schema.GENRES)
             out = out.set_column(
-                out.column_names.index(S.GENRES),
-                S.GENRES,
+                out.column_names.index(schema.GENRES),
+                schema.GENRES,
                 pc.if_else(pc.equal(g, "(no genres listed)"), pa.scalar(None, pa.string()), g),
             )
         return out
@@ -236,7 +248,7 @@ class MovieLensAdapter(Adapter):
                     if mid and tag and tag.strip():
                         counts.setdefault(mid.strip(), Counter())[tag.strip().lower()] += 1
         return {
-            mid: {S.TAGS: "|".join(t for t, _ in c.most_common(self.max_tags))}
+            mid: {schema.TAGS: "|".join(t for t, _ in c.most_common(self.max_tags))}
             for mid, c in counts.items()
         }
 
@@ -250,13 +262,13 @@ class MovieLens100kAdapter(MovieLensAdapter):
         super().__init__(cfg)
         self.interaction_map = ColumnMap(
             columns={
-                S.USER_ID: ("user",),
-                S.ITEM_ID: ("item",),
-                S.TIMESTAMP: ("timestamp",),
-                S.VALUE: ("rating",),
+                schema.USER_ID: ("user",),
+                schema.ITEM_ID: ("item",),
+                schema.TIMESTAMP: ("timestamp",),
+                schema.VALUE: ("rating",),
             },
-            constants={S.EVENT_TYPE: "rating"},
-            required=(S.USER_ID, S.ITEM_ID, S.TIMESTAMP),
+            constants={schema.EVENT_TYPE: "rating"},
+            required=(schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP),
         )
 
     def interaction_source(self) -> Source:
@@ -300,9 +312,9 @@ class MovieLens100kAdapter(MovieLensAdapter):
         )
         return pa.table(
             {
-                S.ITEM_ID: table.column("movie"),
-                S.TITLE: table.column("title"),
-                S.GENRES: pa.array(genres, pa.string()),
+                schema.ITEM_ID: table.column("movie"),
+                schema.TITLE: table.column("title"),
+                schema.GENRES: pa.array(genres, pa.string()),
                 **{c: table.column(c) for c in _PROVENANCE},
             }
         )
@@ -322,22 +334,22 @@ class AmazonAdapter(Adapter):
         super().__init__(cfg)
         self.interaction_map = ColumnMap(
             columns={
-                S.USER_ID: ("reviewerID", "user_id"),
-                S.ITEM_ID: ("parent_asin", "asin"),
-                S.VALUE: ("overall", "rating"),
+                schema.USER_ID: ("reviewerID", "user_id"),
+                schema.ITEM_ID: ("parent_asin", "asin"),
+                schema.VALUE: ("overall", "rating"),
             },
-            constants={S.EVENT_TYPE: "review"},
-            required=(S.USER_ID, S.ITEM_ID),
+            constants={schema.EVENT_TYPE: "review"},
+            required=(schema.USER_ID, schema.ITEM_ID),
         )
         self.item_map = ColumnMap(
             columns={
-                S.ITEM_ID: ("parent_asin", "asin"),
-                S.TITLE: ("title",),
-                S.DESCRIPTION: ("description",),
-                S.CATEGORIES: ("categories", "category", "main_category"),
-                S.TAGS: ("features", "feature"),
+                schema.ITEM_ID: ("parent_asin", "asin"),
+                schema.TITLE: ("title",),
+                schema.DESCRIPTION: ("description",),
+                schema.CATEGORIES: ("categories", "category", "main_category"),
+                schema.TAGS: ("features", "feature"),
             },
-            required=(S.ITEM_ID,),
+            required=(schema.ITEM_ID,),
         )
 
     def _spec(self) -> ReadSpec:
@@ -361,14 +373,14 @@ class AmazonAdapter(Adapter):
                 ],
                 pa.string(),
             )
-        elif table.column(S.REASON).null_count == 0:
+        elif table.column(schema.REASON).null_count == 0:
             ts = pa.nulls(table.num_rows, pa.string())
         else:
             raise InputError(
                 "amazon reviews: no unixReviewTime or timestamp field; columns are "
                 f"{[c for c in table.column_names if c not in _PROVENANCE]}"
             )
-        return out.append_column(S.TIMESTAMP, ts)
+        return out.append_column(schema.TIMESTAMP, ts)
 
 
 ADAPTERS: dict[str, type[Adapter]] = {

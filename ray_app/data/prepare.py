@@ -36,8 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ray_app.config import dump_config
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.data.adapters import Adapter, Source, make_adapter
 from ray_app.data.config import PrepareConfig
 from ray_app.data.negatives import NegativeSampler, user_hash
@@ -66,7 +65,6 @@ from ray_app.errors import naming_the_batch
 from ray_app.storage import (
     InputError,
     StagedOutput,
-    code_version,
     exists,
     join,
     read_parquet,
@@ -120,8 +118,8 @@ def _write(table: pa.Table, uri: str) -> None:
 
 def _batch_name(table: pa.Table) -> str:
     """Deterministic file name for a batch, so a retried task overwrites, not duplicates."""
-    f = table.column(S.SOURCE_FILE)
-    r = table.column(S.SOURCE_ROW)
+    f = table.column(schema.SOURCE_FILE)
+    r = table.column(schema.SOURCE_ROW)
     key = f"{f[0]}-{r[0]}-{f[-1]}-{r[-1]}-{table.num_rows}"
     return hashlib.sha1(key.encode()).hexdigest()[:16]
 
@@ -135,13 +133,13 @@ def _counts_table(counts: Counter) -> pa.Table:
     )
 
 
-@naming_the_batch(files_arg=3, source_file=S.SOURCE_FILE, source_row=S.SOURCE_ROW)
+@naming_the_batch(files_arg=3, source_file=schema.SOURCE_FILE, source_row=schema.SOURCE_ROW)
 def parse_items(table: pa.Table, adapter: Adapter, rules: Rules, files: list[str]) -> pa.Table:
     """Raw catalogue batch -> contract item rows; rejected ones carry reason and record."""
     contract = adapter.to_items(table)
     frame, reasons = normalize_items(contract, rules.max_id_chars, rules.max_text_chars)
     bad = ~pd.isna(reasons)
-    frame[S.REASON] = reasons
+    frame[schema.REASON] = reasons
     records = np.full(len(frame), None, dtype=object)
     if bad.any():
         records[bad] = rejected_table(table, bad, reasons, files).column("record").to_pylist()
@@ -150,12 +148,12 @@ def parse_items(table: pa.Table, adapter: Adapter, rules: Rules, files: list[str
 
 
 _ITEM_ROWS = pa.schema(
-    [pa.field(S.ITEM_ID, pa.string())]
-    + [pa.field(f, pa.string()) for f in S.ITEM_TEXT_FIELDS]
+    [pa.field(schema.ITEM_ID, pa.string())]
+    + [pa.field(f, pa.string()) for f in schema.ITEM_TEXT_FIELDS]
     + [
-        pa.field(S.SOURCE_FILE, pa.int32()),
-        pa.field(S.SOURCE_ROW, pa.int64()),
-        pa.field(S.REASON, pa.string()),
+        pa.field(schema.SOURCE_FILE, pa.int32()),
+        pa.field(schema.SOURCE_ROW, pa.int64()),
+        pa.field(schema.REASON, pa.string()),
         pa.field("record", pa.string()),
     ]
 )
@@ -196,7 +194,7 @@ class InteractionValidator:
         )
 
 
-@naming_the_batch(files_arg=7, source_file=S.SOURCE_FILE, source_row=S.SOURCE_ROW)
+@naming_the_batch(files_arg=7, source_file=schema.SOURCE_FILE, source_row=schema.SOURCE_ROW)
 def validate_and_bucket(
     raw: pa.Table,
     adapter: Adapter,
@@ -213,7 +211,7 @@ def validate_and_bucket(
     """
     contract = adapter.to_interactions(raw)
     frame, reasons = normalize_interactions(contract, rules)
-    item_idx = index.get_indexer(frame[S.ITEM_ID].to_numpy())
+    item_idx = index.get_indexer(frame[schema.ITEM_ID].to_numpy())
     unknown = (item_idx < 0) & pd.isna(reasons)
     reasons[unknown] = UNKNOWN_ITEM
     ok = pd.isna(reasons)
@@ -223,8 +221,8 @@ def validate_and_bucket(
     if (~ok).any():
         _write(rejected_table(raw, ~ok, reasons, files), join(rejected_dir, f"{name}.parquet"))
     good = frame[ok].copy()
-    good[S.ITEM_IDX] = (item_idx[ok] + 1).astype(np.int32)
-    bucket = (user_hash(good[S.USER_ID].to_numpy()) % np.uint64(num_buckets)).astype(np.int64)
+    good[schema.ITEM_IDX] = (item_idx[ok] + 1).astype(np.int32)
+    bucket = (user_hash(good[schema.USER_ID].to_numpy()) % np.uint64(num_buckets)).astype(np.int64)
     for b in np.unique(bucket):
         part = good[bucket == b]
         _write(
@@ -239,15 +237,15 @@ def _read_bucket(work_dir: str, bucket: int) -> pd.DataFrame:
     if not exists(path):
         return pd.DataFrame(
             columns=[
-                S.USER_ID,
-                S.ITEM_ID,
-                S.TIMESTAMP,
-                S.EVENT_TYPE,
-                S.EVENT_IDX,
-                S.VALUE,
-                S.SOURCE_FILE,
-                S.SOURCE_ROW,
-                S.ITEM_IDX,
+                schema.USER_ID,
+                schema.ITEM_ID,
+                schema.TIMESTAMP,
+                schema.EVENT_TYPE,
+                schema.EVENT_IDX,
+                schema.VALUE,
+                schema.SOURCE_FILE,
+                schema.SOURCE_ROW,
+                schema.ITEM_IDX,
             ]
         )
     return read_parquet(path)
@@ -296,17 +294,17 @@ class BucketSequencer:
                 _interactions_table(kept),
                 join(self.out_dir, "interactions", f"part-{b:05d}.parquet"),
             )
-        train = kept[kept[S.SPLIT] == "train"] if not kept.empty else kept
-        items, cnt = np.unique(train[S.ITEM_IDX].to_numpy(np.int64), return_counts=True)
+        train = kept[kept[schema.SPLIT] == "train"] if not kept.empty else kept
+        items, cnt = np.unique(train[schema.ITEM_IDX].to_numpy(np.int64), return_counts=True)
         return {
             "bucket": b,
             "stats": {
                 "kept": len(kept),
                 "duplicates": len(dups),
                 "filtered": len(filtered),
-                "users_kept": int(kept[S.USER_ID].nunique()) if len(kept) else 0,
-                "users_filtered": int(filtered[S.USER_ID].nunique()) if len(filtered) else 0,
-                **{f"split:{k}": int(v) for k, v in kept[S.SPLIT].value_counts().items()},
+                "users_kept": int(kept[schema.USER_ID].nunique()) if len(kept) else 0,
+                "users_filtered": int(filtered[schema.USER_ID].nunique()) if len(filtered) else 0,
+                **{f"split:{k}": int(v) for k, v in kept[schema.SPLIT].value_counts().items()},
             },
             "items": items,
             "counts": cnt,
@@ -315,8 +313,8 @@ class BucketSequencer:
 
 def _interactions_table(kept: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(
-        kept[[f.name for f in S.INTERACTIONS_SCHEMA]],
-        schema=S.INTERACTIONS_SCHEMA,
+        kept[[f.name for f in schema.INTERACTIONS_SCHEMA]],
+        schema=schema.INTERACTIONS_SCHEMA,
         preserve_index=False,
     )
 
@@ -392,16 +390,16 @@ def _prepare_items(run: _Run, src: Source, file_offset: int) -> tuple[pd.DataFra
         batch_size=None,
     )
     table = pa.concat_tables(ray.get(list(rows.to_arrow_refs())), promote_options="default")
-    frame = table.to_pandas().sort_values([S.SOURCE_FILE, S.SOURCE_ROW], kind="stable")
-    rejected = frame[frame[S.REASON].notna()]
-    valid = frame[frame[S.REASON].isna()]
-    dup = valid[S.ITEM_ID].duplicated(keep="first").to_numpy()
-    dups = valid[dup].assign(**{S.REASON: DUPLICATE_ITEM})
+    frame = table.to_pandas().sort_values([schema.SOURCE_FILE, schema.SOURCE_ROW], kind="stable")
+    rejected = frame[frame[schema.REASON].notna()]
+    valid = frame[frame[schema.REASON].isna()]
+    dup = valid[schema.ITEM_ID].duplicated(keep="first").to_numpy()
+    dups = valid[dup].assign(**{schema.REASON: DUPLICATE_ITEM})
     if not dups.empty:
         dups = dups.assign(
             record=[
                 json.dumps({k: v for k, v in r.items() if v is not None})
-                for r in dups[list(S.ITEM_COLUMNS)].to_dict("records")
+                for r in dups[list(schema.ITEM_COLUMNS)].to_dict("records")
             ]
         )
     valid = valid[~dup].reset_index(drop=True)
@@ -410,14 +408,14 @@ def _prepare_items(run: _Run, src: Source, file_offset: int) -> tuple[pd.DataFra
         "read": len(frame),
         "valid": len(valid),
         "rejected": len(rejected),
-        "rejected_by_reason": {k: int(v) for k, v in Counter(rejected[S.REASON]).items()},
+        "rejected_by_reason": {k: int(v) for k, v in Counter(rejected[schema.REASON]).items()},
     }
     if len(rejected):
         _write(
             make_rejected(
-                rejected[S.REASON],
-                rejected[S.SOURCE_FILE],
-                rejected[S.SOURCE_ROW],
+                rejected[schema.REASON],
+                rejected[schema.SOURCE_FILE],
+                rejected[schema.SOURCE_ROW],
                 rejected["record"].tolist(),
                 run.files,
             ),
@@ -435,11 +433,11 @@ def _prepare_items(run: _Run, src: Source, file_offset: int) -> tuple[pd.DataFra
     for name in sorted({k for d in extra.values() for k in d}):
         valid[name] = [
             extra.get(i, {}).get(name) or old
-            for i, old in zip(valid[S.ITEM_ID], valid[name], strict=True)
+            for i, old in zip(valid[schema.ITEM_ID], valid[name], strict=True)
         ]
-    valid[S.ITEM_IDX] = np.arange(1, len(valid) + 1, dtype=np.int32)
+    valid[schema.ITEM_IDX] = np.arange(1, len(valid) + 1, dtype=np.int32)
     (
-        ray.data.from_pandas(valid[[S.ITEM_IDX, *S.ITEM_COLUMNS]])
+        ray.data.from_pandas(valid[[schema.ITEM_IDX, *schema.ITEM_COLUMNS]])
         .map_batches(
             ItemTokenizer,
             fn_constructor_args=(run.cfg.text,),
@@ -516,7 +514,7 @@ def _sequence(
         {BELOW_MIN_INTERACTIONS: int(totals["filtered"])} if totals["filtered"] else {}
     )
     counts["kept"] = int(totals["kept"])
-    counts["by_split"] = {k: int(totals.get(f"split:{k}", 0)) for k in S.SPLITS}
+    counts["by_split"] = {k: int(totals.get(f"split:{k}", 0)) for k in schema.SPLITS}
     accounted = counts["kept"] + counts["rejected"] + counts["filtered"]
     if accounted != counts["read"]:
         raise RuntimeError(f"internal error: {counts['read']} rows read, {accounted} accounted for")
@@ -546,7 +544,7 @@ def _examples(run: _Run, buckets, train_counts: np.ndarray) -> dict[str, int]:
     totals: Counter = Counter()
     for st in ex["stats"]:
         totals.update(json.loads(st))
-    return {k: int(totals.get(k, 0)) for k in S.SPLITS}
+    return {k: int(totals.get(k, 0)) for k in schema.SPLITS}
 
 
 def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
@@ -575,7 +573,7 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
         num_buckets = _auto_buckets(cfg, isrc.files, fmt, cpus)
         with timer("validate_s"):
             counts = _validate_interactions(
-                run, isrc, items[S.ITEM_ID].to_numpy(dtype=object), num_buckets
+                run, isrc, items[schema.ITEM_ID].to_numpy(dtype=object), num_buckets
             )
         buckets = ray.data.from_items(
             [{"bucket": b} for b in range(num_buckets)], override_num_blocks=num_buckets
@@ -587,13 +585,12 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
             examples = _examples(run, buckets, train_counts)
         run.timings["total_s"] = round(time.time() - t_start, 3)
         item_counts["with_train_interactions"] = int((train_counts[1:] > 0).sum())
-        manifest = {
-            "stage": "prepare",
-            "run_id": stage.run_id,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "code_version": code_version(),
-            "ray_version": ray.__version__,
-            "inputs": {
+        manifest = stage.manifest(
+            "prepare",
+            cfg,
+            t_start,
+            ray_version=ray.__version__,
+            inputs={
                 "adapter": cfg.input.adapter,
                 "files": [
                     {"path": f.path, "size": f.size, "mtime": f.mtime}
@@ -601,23 +598,22 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, Any]:
                 ],
                 "side_files": adapter.side_files,
             },
-            "config": dump_config(cfg),
-            "resolved": {
+            resolved={
                 "min_timestamp": rules.min_timestamp,
                 "max_timestamp": rules.max_timestamp,
                 "num_buckets": num_buckets,
                 "event_types": list(rules.event_types),
                 "num_items": len(items),
-                "item_idx_padding": S.PAD_IDX,
+                "item_idx_padding": schema.PAD_IDX,
             },
-            "counts": {
+            counts={
                 "interactions": counts,
                 "users": users,
                 "items": item_counts,
                 "examples": examples,
             },
-            "timings": run.timings,
-        }
+            timings=run.timings,
+        )
         stage.publish(manifest)
     logger.info("prepare done in %.1fs: %s", run.timings["total_s"], manifest["counts"])
     return manifest

@@ -6,6 +6,8 @@ strings, so a rename is one edit.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 
 # Interaction contract (architecture doc, "Data contracts").
@@ -120,3 +122,10 @@ TOPK_SCHEMA = pa.schema(
         pa.field(MODEL_VERSION, pa.string(), nullable=False),
     ]
 )
+
+
+def item_index(items: Any) -> dict[str, int]:
+    """item_id -> item_idx of an item table ordered by item_idx whose row 0 is the
+    padding item (a prepare output's or an artifact's `items`, as a DataFrame)."""
+    rest = items.iloc[1:]
+    return dict(zip(rest[ITEM_ID], rest[ITEM_IDX].astype(int), strict=True))

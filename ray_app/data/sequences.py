@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.data.negatives import NegativeSampler, splitmix64, user_hash
 from ray_app.data.validation import BELOW_MIN_INTERACTIONS, DUPLICATE_EVENT, make_rejected
 
-SORT_KEYS = [S.USER_ID, S.TIMESTAMP, S.SOURCE_FILE, S.SOURCE_ROW]
-DEDUPE_KEYS = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE]
-TRAIN, VALID, TEST = S.SPLITS
+SORT_KEYS = [schema.USER_ID, schema.TIMESTAMP, schema.SOURCE_FILE, schema.SOURCE_ROW]
+DEDUPE_KEYS = [schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP, schema.EVENT_TYPE]
+TRAIN, VALID, TEST = schema.SPLITS
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,9 @@ def order_and_dedupe(events: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """
     events = events.sort_values(SORT_KEYS, kind="stable", ignore_index=True)
     dup = events.duplicated(subset=DEDUPE_KEYS, keep="first").to_numpy()
-    return events[~dup].reset_index(drop=True), events[dup].assign(**{S.REASON: DUPLICATE_EVENT})
+    return events[~dup].reset_index(drop=True), events[dup].assign(
+        **{schema.REASON: DUPLICATE_EVENT}
+    )
 
 
 def assign_splits(events: pd.DataFrame, spec: SplitSpec) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -51,26 +53,28 @@ def assign_splits(events: pd.DataFrame, spec: SplitSpec) -> tuple[pd.DataFrame, 
 
     `events` must be ordered by `order_and_dedupe`.
     """
-    user = events[S.USER_ID].to_numpy()
+    user = events[schema.USER_ID].to_numpy()
     n = len(events)
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]]) if n else np.array([], int)
     lengths = np.diff(np.r_[starts, n])
     per_row_len = np.repeat(lengths, lengths)
     keep = per_row_len >= spec.min_interactions
-    filtered = events[~keep].assign(**{S.REASON: BELOW_MIN_INTERACTIONS})
+    filtered = events[~keep].assign(**{schema.REASON: BELOW_MIN_INTERACTIONS})
     events = events[keep].reset_index(drop=True)
-    pos_from_end = _pos_from_end(events[S.USER_ID].to_numpy())
+    pos_from_end = _pos_from_end(events[schema.USER_ID].to_numpy())
     split = np.full(len(events), TRAIN, dtype=object)
     if spec.method == "leave_last_out":
         split[pos_from_end == 0] = TEST
         split[pos_from_end == 1] = VALID
     elif spec.method == "presplit":
-        split = np.asarray(spec.file_splits, dtype=object)[events[S.SOURCE_FILE].to_numpy(np.int64)]
+        split = np.asarray(spec.file_splits, dtype=object)[
+            events[schema.SOURCE_FILE].to_numpy(np.int64)
+        ]
     else:
-        ts = events[S.TIMESTAMP].to_numpy()
+        ts = events[schema.TIMESTAMP].to_numpy()
         split[ts >= spec.valid_start] = VALID
         split[ts >= spec.test_start] = TEST
-    events[S.SPLIT] = split
+    events[schema.SPLIT] = split
     return events, filtered
 
 
@@ -93,12 +97,12 @@ def target_rows(events: pd.DataFrame, spec: SplitSpec) -> dict[str, np.ndarray]:
     are one target each. Time split and presplit: each user's first valid
     event and first test event (in time order) that have an earlier event.
     """
-    user = events[S.USER_ID].to_numpy()
+    user = events[schema.USER_ID].to_numpy()
     n = len(events)
     if n == 0:
-        return {s: np.zeros(0, dtype=np.int64) for s in S.SPLITS}
+        return {s: np.zeros(0, dtype=np.int64) for s in schema.SPLITS}
     first = np.r_[True, user[1:] != user[:-1]]
-    split = events[S.SPLIT].to_numpy()
+    split = events[schema.SPLIT].to_numpy()
     out = {TRAIN: np.flatnonzero((split == TRAIN) & ~first)}
     for s in (VALID, TEST):
         is_s = split == s
@@ -123,14 +127,14 @@ def build_examples(
     """Examples for `targets`, in chunks: the last `max_history` events before each target."""
     if len(targets) == 0:
         return
-    user = events[S.USER_ID].to_numpy()
+    user = events[schema.USER_ID].to_numpy()
     n = len(events)
     starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     lengths = np.diff(np.r_[starts, n])
     user_start = np.repeat(starts, lengths)
-    item_idx = events[S.ITEM_IDX].to_numpy(np.int32)
-    ts = events[S.TIMESTAMP].to_numpy(np.int64)
-    ev = events[S.EVENT_IDX].to_numpy(np.int8)
+    item_idx = events[schema.ITEM_IDX].to_numpy(np.int32)
+    ts = events[schema.TIMESTAMP].to_numpy(np.int64)
+    ev = events[schema.EVENT_IDX].to_numpy(np.int8)
     uhash = user_hash(user)
     window = np.arange(-spec.max_history, 0)
     for lo in range(0, len(targets), chunk_rows):
@@ -152,25 +156,27 @@ def build_examples(
         neg_offsets = (np.arange(len(t) + 1) * negs.shape[1]).astype(np.int32)
         yield pa.table(
             {
-                S.USER_ID: pa.array(user[t], pa.string()),
-                S.TARGET_ITEM_ID: pa.array(events[S.ITEM_ID].to_numpy()[t], pa.string()),
-                S.TARGET_ITEM_IDX: pa.array(item_idx[t]),
-                S.TARGET_TIMESTAMP: pa.array(ts[t]),
-                S.TARGET_EVENT_IDX: pa.array(ev[t]),
-                S.TARGET_POS: pa.array(target_pos.astype(np.int32)),
-                S.HIST_ITEM_IDX: pa.ListArray.from_arrays(
+                schema.USER_ID: pa.array(user[t], pa.string()),
+                schema.TARGET_ITEM_ID: pa.array(events[schema.ITEM_ID].to_numpy()[t], pa.string()),
+                schema.TARGET_ITEM_IDX: pa.array(item_idx[t]),
+                schema.TARGET_TIMESTAMP: pa.array(ts[t]),
+                schema.TARGET_EVENT_IDX: pa.array(ev[t]),
+                schema.TARGET_POS: pa.array(target_pos.astype(np.int32)),
+                schema.HIST_ITEM_IDX: pa.ListArray.from_arrays(
                     pa.array(offsets), pa.array(item_idx[flat])
                 ),
-                S.HIST_EVENT_IDX: pa.ListArray.from_arrays(pa.array(offsets), pa.array(ev[flat])),
-                S.HIST_GAP: pa.ListArray.from_arrays(
+                schema.HIST_EVENT_IDX: pa.ListArray.from_arrays(
+                    pa.array(offsets), pa.array(ev[flat])
+                ),
+                schema.HIST_GAP: pa.ListArray.from_arrays(
                     pa.array(offsets), pa.array(gaps.astype(np.int64))
                 ),
-                S.HIST_LEN: pa.array(hist_len),
-                S.NEGATIVES: pa.ListArray.from_arrays(
+                schema.HIST_LEN: pa.array(hist_len),
+                schema.NEGATIVES: pa.ListArray.from_arrays(
                     pa.array(neg_offsets), pa.array(negs.reshape(-1).astype(np.int32))
                 ),
             },
-            schema=S.EXAMPLES_SCHEMA,
+            schema=schema.EXAMPLES_SCHEMA,
         )
 
 
@@ -200,12 +206,12 @@ def _negatives(
 
 def rejected_events(frame: pd.DataFrame, files: list[str]) -> pa.Table:
     """Interaction rows dropped after parsing (duplicates, filters) in the rejected schema."""
-    cols = [S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE, S.VALUE]
-    records = frame[cols].astype({S.VALUE: object}).where(frame[cols].notna(), None)
+    cols = [schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP, schema.EVENT_TYPE, schema.VALUE]
+    records = frame[cols].astype({schema.VALUE: object}).where(frame[cols].notna(), None)
     return make_rejected(
-        frame[S.REASON].to_numpy(),
-        frame[S.SOURCE_FILE].to_numpy(),
-        frame[S.SOURCE_ROW].to_numpy(),
+        frame[schema.REASON].to_numpy(),
+        frame[schema.SOURCE_FILE].to_numpy(),
+        frame[schema.SOURCE_ROW].to_numpy(),
         records.to_dict(orient="records"),
         files,
     )

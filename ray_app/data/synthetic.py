@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.data.config import GenerateConfig
 from ray_app.storage import join, resolve
 from ray_app.times import parse_time
@@ -303,11 +303,11 @@ def _item_table(
         topic_cdf.append(np.cumsum(w) / w.sum() if len(w) else np.array([1.0]))
     table = pa.table(
         {
-            S.ITEM_ID: [f"i{i:07d}" for i in range(n_items)],
-            S.TITLE: titles,
-            S.DESCRIPTION: descs,
-            S.GENRES: genres,
-            S.TAGS: tags,
+            schema.ITEM_ID: [f"i{i:07d}" for i in range(n_items)],
+            schema.TITLE: titles,
+            schema.DESCRIPTION: descs,
+            schema.GENRES: genres,
+            schema.TAGS: tags,
         }
     )
     return table, _World(names, vocab, item_topic, topic_items, topic_cdf)
@@ -371,11 +371,11 @@ def _events_for_users(
     order = np.lexsort((uidx, ts))
     return pa.table(
         {
-            S.USER_ID: pa.array(np.asarray([f"u{x:08d}" for x in users])[uidx[order]]),
-            S.ITEM_ID: pa.array(np.char.add("i", np.char.zfill(item[order].astype(str), 7))),
-            S.TIMESTAMP: pa.array(ts[order]),
-            S.EVENT_TYPE: pa.array(np.asarray(kinds)[ev[order]]),
-            S.VALUE: pa.array(value[order].astype(np.float32)),
+            schema.USER_ID: pa.array(np.asarray([f"u{x:08d}" for x in users])[uidx[order]]),
+            schema.ITEM_ID: pa.array(np.char.add("i", np.char.zfill(item[order].astype(str), 7))),
+            schema.TIMESTAMP: pa.array(ts[order]),
+            schema.EVENT_TYPE: pa.array(np.asarray(kinds)[ev[order]]),
+            schema.VALUE: pa.array(value[order].astype(np.float32)),
         }
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.data.config import TextConfig
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class TextRenderer:
         self.parts = [(p, _FIELD.findall(p)) for p in parts]
         self.sep = cfg.separator
         self.list_delimiter = cfg.list_delimiter
-        known = set(S.ITEM_TEXT_FIELDS) | {S.ITEM_ID}
+        known = set(schema.ITEM_TEXT_FIELDS) | {schema.ITEM_ID}
         unknown = {f for _, fields in self.parts for f in fields} - known
         if unknown:
             raise ValueError(
@@ -116,15 +116,17 @@ class ItemTokenizer:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        texts = [self.renderer.render(r) or (r.get(S.TITLE) or r[S.ITEM_ID]) for r in rows]
+        texts = [
+            self.renderer.render(r) or (r.get(schema.TITLE) or r[schema.ITEM_ID]) for r in rows
+        ]
         enc = self.tokenizer(texts, truncation=True, max_length=self.max_length)
         return pa.table(
             {
-                S.ITEM_IDX: batch.column(S.ITEM_IDX),
-                S.ITEM_ID: batch.column(S.ITEM_ID),
-                S.TITLE: batch.column(S.TITLE),
-                S.TEXT: pa.array(texts, pa.string()),
-                S.INPUT_IDS: pa.array(enc["input_ids"], pa.list_(pa.int32())),
+                schema.ITEM_IDX: batch.column(schema.ITEM_IDX),
+                schema.ITEM_ID: batch.column(schema.ITEM_ID),
+                schema.TITLE: batch.column(schema.TITLE),
+                schema.TEXT: pa.array(texts, pa.string()),
+                schema.INPUT_IDS: pa.array(enc["input_ids"], pa.list_(pa.int32())),
             },
-            schema=S.ITEMS_SCHEMA,
+            schema=schema.ITEMS_SCHEMA,
         )

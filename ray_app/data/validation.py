@@ -16,7 +16,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.data.text import join_list
 
 MISSING_USER_ID = "missing_user_id"
@@ -149,27 +149,27 @@ def _column(table: pa.Table, name: str) -> pa.ChunkedArray | None:
 def normalize_interactions(table: pa.Table, rules: Rules) -> tuple[pd.DataFrame, np.ndarray]:
     """Contract-named batch -> typed interactions frame and per-row reasons (None = valid)."""
     n = table.num_rows
-    reasons = Reasons(_column(table, S.REASON), n)
-    user = _clean_str(_column(table, S.USER_ID), n)
-    item = _clean_str(_column(table, S.ITEM_ID), n)
+    reasons = Reasons(_column(table, schema.REASON), n)
+    user = _clean_str(_column(table, schema.USER_ID), n)
+    item = _clean_str(_column(table, schema.ITEM_ID), n)
     reasons.add(user.isna().to_numpy(), MISSING_USER_ID)
     reasons.add(item.isna().to_numpy(), MISSING_ITEM_ID)
     too_long = (user.str.len().fillna(0) > rules.max_id_chars) | (
         item.str.len().fillna(0) > rules.max_id_chars
     )
     reasons.add(too_long.to_numpy(), ID_TOO_LONG)
-    ts, missing, bad = parse_timestamps(_column(table, S.TIMESTAMP), n, rules.timestamp_unit)
+    ts, missing, bad = parse_timestamps(_column(table, schema.TIMESTAMP), n, rules.timestamp_unit)
     reasons.add(missing, MISSING_TIMESTAMP)
     reasons.add(bad, BAD_TIMESTAMP)
     reasons.add((ts < rules.min_timestamp) | (ts > rules.max_timestamp), TIMESTAMP_OUT_OF_RANGE)
 
-    ev = _clean_str(_column(table, S.EVENT_TYPE), n).str.lower()
+    ev = _clean_str(_column(table, schema.EVENT_TYPE), n).str.lower()
     ev = ev.where(ev.notna(), rules.default_event_type)
     vocab = {e: i + 1 for i, e in enumerate(rules.event_types)}
     ev_idx = ev.map(vocab)
     reasons.add(ev_idx.isna().to_numpy(), UNKNOWN_EVENT_TYPE)
 
-    raw_val = _column(table, S.VALUE)
+    raw_val = _column(table, schema.VALUE)
     if raw_val is None:
         value = np.full(n, np.nan, dtype=np.float32)
     elif pa.types.is_integer(raw_val.type) or pa.types.is_floating(raw_val.type):
@@ -182,14 +182,14 @@ def normalize_interactions(table: pa.Table, rules: Rules) -> tuple[pd.DataFrame,
 
     frame = pd.DataFrame(
         {
-            S.USER_ID: user,
-            S.ITEM_ID: item,
-            S.TIMESTAMP: ts,
-            S.EVENT_TYPE: ev,
-            S.EVENT_IDX: ev_idx.fillna(0).astype(np.int8).to_numpy(),
-            S.VALUE: value,
-            S.SOURCE_FILE: table.column(S.SOURCE_FILE).to_numpy(),
-            S.SOURCE_ROW: table.column(S.SOURCE_ROW).to_numpy(),
+            schema.USER_ID: user,
+            schema.ITEM_ID: item,
+            schema.TIMESTAMP: ts,
+            schema.EVENT_TYPE: ev,
+            schema.EVENT_IDX: ev_idx.fillna(0).astype(np.int8).to_numpy(),
+            schema.VALUE: value,
+            schema.SOURCE_FILE: table.column(schema.SOURCE_FILE).to_numpy(),
+            schema.SOURCE_ROW: table.column(schema.SOURCE_ROW).to_numpy(),
         }
     )
     return frame, reasons.values
@@ -200,19 +200,19 @@ def normalize_items(
 ) -> tuple[pd.DataFrame, np.ndarray]:
     """Contract-named catalogue batch -> item frame (text fields as str) and reasons."""
     n = table.num_rows
-    reasons = Reasons(_column(table, S.REASON), n)
-    item = _clean_str(_column(table, S.ITEM_ID), n)
+    reasons = Reasons(_column(table, schema.REASON), n)
+    item = _clean_str(_column(table, schema.ITEM_ID), n)
     reasons.add(item.isna().to_numpy(), MISSING_ITEM_ID)
     reasons.add((item.str.len().fillna(0) > max_id_chars).to_numpy(), ID_TOO_LONG)
-    data = {S.ITEM_ID: item}
+    data = {schema.ITEM_ID: item}
     total = np.zeros(n, dtype=np.int64)
-    for f in S.ITEM_TEXT_FIELDS:
+    for f in schema.ITEM_TEXT_FIELDS:
         s = _clean_str(_column(table, f), n)
         data[f] = s
         total += s.str.len().fillna(0).to_numpy(dtype=np.int64)
     reasons.add(total > max_text_chars, TEXT_TOO_LONG)
-    data[S.SOURCE_FILE] = table.column(S.SOURCE_FILE).to_numpy()
-    data[S.SOURCE_ROW] = table.column(S.SOURCE_ROW).to_numpy()
+    data[schema.SOURCE_FILE] = table.column(schema.SOURCE_FILE).to_numpy()
+    data[schema.SOURCE_ROW] = table.column(schema.SOURCE_ROW).to_numpy()
     return pd.DataFrame(data), reasons.values
 
 
@@ -261,11 +261,15 @@ def rejected_table(
     """Rejected raw rows: every source column goes into the record."""
     idx = np.flatnonzero(mask)
     sub = source.take(pa.array(idx))
-    data_cols = [c for c in sub.column_names if c not in (S.SOURCE_FILE, S.SOURCE_ROW, S.REASON)]
+    data_cols = [
+        c
+        for c in sub.column_names
+        if c not in (schema.SOURCE_FILE, schema.SOURCE_ROW, schema.REASON)
+    ]
     return make_rejected(
         reasons[idx],
-        sub.column(S.SOURCE_FILE).to_numpy(),
-        sub.column(S.SOURCE_ROW).to_numpy(),
+        sub.column(schema.SOURCE_FILE).to_numpy(),
+        sub.column(schema.SOURCE_ROW).to_numpy(),
         sub.select(data_cols).to_pylist(),
         files,
     )

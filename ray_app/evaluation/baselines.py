@@ -17,16 +17,16 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.protocol.scorer import Scorer
 
 logger = logging.getLogger(__name__)
 
 
 def _user_item_matrix(train: pd.DataFrame, num_items: int) -> sp.csr_matrix:
-    users, codes = np.unique(train[S.USER_ID].to_numpy(), return_inverse=True)
+    users, codes = np.unique(train[schema.USER_ID].to_numpy(), return_inverse=True)
     x = sp.csr_matrix(
-        (np.ones(len(train), np.float32), (codes, train[S.ITEM_IDX].to_numpy())),
+        (np.ones(len(train), np.float32), (codes, train[schema.ITEM_IDX].to_numpy())),
         shape=(len(users), num_items + 1),
     )
     x.data[:] = 1.0  # implicit feedback: repeats count once
@@ -53,7 +53,7 @@ class Popularity(Scorer):
     name: str = "popularity"
 
     def fit(self, train: pd.DataFrame, num_items: int) -> Popularity:
-        self.counts = np.bincount(train[S.ITEM_IDX].to_numpy(), minlength=num_items + 1)
+        self.counts = np.bincount(train[schema.ITEM_IDX].to_numpy(), minlength=num_items + 1)
         self.counts = self.counts.astype(np.float64)
         self.counts[0] = -np.inf
         return self

@@ -20,12 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
-from ray_app.config import dump_config
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.evaluation.baselines import EASE, ItemKNN, Popularity
 from ray_app.evaluation.config import EvaluateConfig
 from ray_app.evaluation.sasrec import SASRec, SASRecConfig
-from ray_app.protocol import metrics as M
+from ray_app.protocol import metrics
 from ray_app.protocol.data import EvalData, SplitTargets, load_prepared, sample_users
 from ray_app.protocol.scorer import Scorer
 from ray_app.protocol.scoring import (
@@ -45,7 +44,7 @@ from ray_app.protocol.scoring import (
     versus_best,
     versus_pairs,
 )
-from ray_app.storage import StagedOutput, code_version, resolve, write_json
+from ray_app.storage import StagedOutput, resolve, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +56,8 @@ def write_candidates(path: str, targets: SplitTargets, cand: np.ndarray) -> None
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     table = pa.table(
         {
-            S.USER_ID: pa.array(targets.user_ids, pa.string()),
-            S.TARGET_ITEM_IDX: pa.array(targets.targets.astype(np.int32)),
+            schema.USER_ID: pa.array(targets.user_ids, pa.string()),
+            schema.TARGET_ITEM_IDX: pa.array(targets.targets.astype(np.int32)),
             "candidates": pa.array(list(cand.astype(np.int32)), pa.list_(pa.int32())),
         }
     )
@@ -66,43 +65,31 @@ def write_candidates(path: str, targets: SplitTargets, cand: np.ndarray) -> None
 
 
 def _token_bags(data: EvalData) -> sp.csr_matrix:
-    """Items as normalised bags of text tokens, for intra-list diversity."""
-    ids = data.items[S.INPUT_IDS].tolist()
+    """Items as bags of text tokens, for intra-list diversity."""
+    ids = data.items[schema.INPUT_IDS].tolist()
     rows = np.repeat(np.arange(len(ids)), [len(v) for v in ids])
     cols = np.concatenate([np.asarray(v) for v in ids])
-    m = sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(ids), int(cols.max()) + 1))
-    norms = np.sqrt(np.asarray(m.multiply(m).sum(axis=1)).ravel())
-    return sp.diags(1.0 / np.maximum(norms, 1e-12)) @ m
-
-
-def _diversity(topk: np.ndarray, bags: sp.csr_matrix) -> float:
-    vals = []
-    for t in topk:
-        e = bags[t]
-        sim = (e @ e.T).toarray()
-        m = len(t)
-        vals.append(1.0 - (sim.sum() - np.trace(sim)) / (m * (m - 1)))
-    return float(np.mean(vals)) if vals else float("nan")
+    return sp.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(ids), int(cols.max()) + 1))
 
 
 def summarize(res: dict[str, Any], data: EvalData, k: int, bags: sp.csr_matrix) -> dict[str, Any]:
     s, f, topk = res["sampled"], res["full"], res["topk"]
-    per_user_auc = M.auc(s)
+    per_user_auc = metrics.auc(s)
     return {
         "sampled": {
-            f"hr@{k}": M.mean_defined(M.hit_rate(s, k)),
-            f"ndcg@{k}": M.mean_defined(M.ndcg(s, k)),
-            "mrr": M.mean_defined(M.mrr(s)),
-            "auc": M.mean_defined(per_user_auc),
-            "gauc": M.gauc(per_user_auc),
+            f"hr@{k}": metrics.mean_defined(metrics.hit_rate(s, k)),
+            f"ndcg@{k}": metrics.mean_defined(metrics.ndcg(s, k)),
+            "mrr": metrics.mean_defined(metrics.mrr(s)),
+            "auc": metrics.mean_defined(per_user_auc),
+            "gauc": metrics.gauc(per_user_auc),
         },
         "full": {
-            f"recall@{k}": M.mean_defined(M.hit_rate(f, k)),
-            f"ndcg@{k}": M.mean_defined(M.ndcg(f, k)),
-            "mrr": M.mean_defined(M.mrr(f)),
-            f"coverage@{k}": M.coverage(list(topk), data.num_items, k),
-            f"long_tail_share@{k}": M.long_tail_share(list(topk), data.train_counts, k),
-            f"diversity@{k}": _diversity(topk, bags),
+            f"recall@{k}": metrics.mean_defined(metrics.hit_rate(f, k)),
+            f"ndcg@{k}": metrics.mean_defined(metrics.ndcg(f, k)),
+            "mrr": metrics.mean_defined(metrics.mrr(f)),
+            f"coverage@{k}": metrics.coverage(list(topk), data.num_items, k),
+            f"long_tail_share@{k}": metrics.long_tail_share(list(topk), data.train_counts, k),
+            f"diversity@{k}": metrics.intra_list_diversity(list(topk), bags, k),
         },
         "users": len(s),
     }
@@ -132,14 +119,14 @@ def breakdowns(res: dict[str, Any], data: EvalData, split: str, k: int) -> dict[
     repeat = repeat_targets(targets)
     out["full_by_target"] = {
         label: {
-            f"recall@{k}": M.mean_defined(M.hit_rate(res["full"], k)[mask]),
-            f"ndcg@{k}": M.mean_defined(M.ndcg(res["full"], k)[mask]),
+            f"recall@{k}": metrics.mean_defined(metrics.hit_rate(res["full"], k)[mask]),
+            f"ndcg@{k}": metrics.mean_defined(metrics.ndcg(res["full"], k)[mask]),
             "users": int(mask.sum()),
         }
         for label, mask in (("new", ~repeat), ("repeat", repeat))
     }
     for proto in ("full", "sampled"):
-        nd = M.ndcg(res[proto], k)
+        nd = metrics.ndcg(res[proto], k)
         out[f"{proto}_ndcg_by_history"] = {
             hist_labels[b - 1]: {
                 "ndcg": float(nd[hist_bucket == b].mean()),
@@ -167,7 +154,7 @@ PROTOCOLS = ("sampled", "full")
 
 
 def fit_baselines(
-    cfg: EvaluateConfig, data: EvalData, cands: dict[str, np.ndarray], bags: sp.csr_matrix
+    cfg: EvaluateConfig, data: EvalData, candidates: dict[str, np.ndarray], bags: sp.csr_matrix
 ) -> tuple[dict[str, dict[str, Scorer]], dict[str, Any]]:
     """Fit each baseline on train; choose its hyper-parameters on valid, per protocol.
 
@@ -181,7 +168,9 @@ def fit_baselines(
     info: dict[str, Any] = {}
 
     def valid_ndcg(m: Scorer) -> dict[str, float]:
-        summary = summarize(score_split(m, data.splits["valid"], cands["valid"], k), data, k, bags)
+        summary = summarize(
+            score_split(m, data.splits["valid"], candidates["valid"], k), data, k, bags
+        )
         return {p: summary[p][f"ndcg@{k}"] for p in PROTOCOLS}
 
     def search(candidates: dict[str, Scorer]) -> tuple[dict[str, Scorer], dict]:
@@ -229,19 +218,22 @@ def load_models(
 ) -> tuple[dict[str, dict[str, Scorer]], dict[str, Any], dict[str, np.ndarray]]:
     """Trained re-rankers from their artifacts; checked against the prepared catalogue."""
     from ray_app.model.artifact import load_artifact
-    from ray_app.protocol.scorer import RerankerScorer
+    from ray_app.protocol.scorer import NetScorer
 
     models, info, held = {}, {}, {}
     for name, path in cfg.models.items():
         art = load_artifact(path)
-        ids = art.items[S.ITEM_ID].to_numpy()
-        if len(ids) != len(data.items) or (ids[1:] != data.items[S.ITEM_ID].to_numpy()[1:]).any():
+        ids = art.items[schema.ITEM_ID].to_numpy()
+        if (
+            len(ids) != len(data.items)
+            or (ids[1:] != data.items[schema.ITEM_ID].to_numpy()[1:]).any()
+        ):
             raise ValueError(
                 f"models.{name}: the artifact's catalogue ({len(ids) - 1} items) is not the "
                 f"one of {cfg.prepared} ({data.num_items} items); evaluate on the prepare "
                 "output the model was trained on"
             )
-        scorer = RerankerScorer(
+        scorer = NetScorer(
             art.model,
             art.item_vectors,
             name=name,
@@ -285,28 +277,30 @@ def score_lists(
             f"lists {path}: made by an older nightly that cut histories at the target "
             "itself, not at the day before it; re-run nightly with as_of=" + split
         )
-    table = read_parquet(path).sort_values([S.USER_ID, S.RANK], kind="stable")
-    index = dict(zip(data.items[S.ITEM_ID].iloc[1:], data.items[S.ITEM_IDX].iloc[1:], strict=True))
-    unknown = set(table[S.ITEM_ID]) - index.keys()
+    table = read_parquet(path).sort_values([schema.USER_ID, schema.RANK], kind="stable")
+    index = schema.item_index(data.items)
+    unknown = set(table[schema.ITEM_ID]) - index.keys()
     if unknown:
         raise ValueError(
             f"lists {path}: {len(unknown)} item ids are not in the prepared catalogue "
             f"({sorted(unknown)[:3]}...); score lists on the data their model was trained on"
         )
-    table[S.ITEM_IDX] = table[S.ITEM_ID].map(index).astype(np.int64)
-    per_user = {u: g.to_numpy() for u, g in table.groupby(S.USER_ID, sort=False)[S.ITEM_IDX]}
+    table[schema.ITEM_IDX] = table[schema.ITEM_ID].map(index).astype(np.int64)
+    per_user = {
+        u: g.to_numpy() for u, g in table.groupby(schema.USER_ID, sort=False)[schema.ITEM_IDX]
+    }
     targets = data.splits[split]
     topk = [per_user.get(u, np.zeros(0, np.int64))[:k] for u in targets.user_ids]
     relevant = [np.array([t]) for t in targets.targets]
-    recall = M.recall_at_k(topk, relevant, k)
-    ndcg = M.ndcg_lists(topk, relevant, k)
+    recall = metrics.recall_at_k(topk, relevant, k)
+    ndcg = metrics.ndcg_lists(topk, relevant, k)
     new = ~repeat_targets(targets)
     full = {
-        f"recall@{k}": M.mean_defined(recall),
-        f"ndcg@{k}": M.mean_defined(ndcg),
-        f"coverage@{k}": M.coverage(topk, data.num_items, k),
-        f"long_tail_share@{k}": M.long_tail_share(topk, data.train_counts, k),
-        f"diversity@{k}": _diversity(np.array([t for t in topk if len(t) == k]), bags),
+        f"recall@{k}": metrics.mean_defined(recall),
+        f"ndcg@{k}": metrics.mean_defined(ndcg),
+        f"coverage@{k}": metrics.coverage(topk, data.num_items, k),
+        f"long_tail_share@{k}": metrics.long_tail_share(topk, data.train_counts, k),
+        f"diversity@{k}": metrics.intra_list_diversity([t for t in topk if len(t) == k], bags, k),
     }
     col = Column(ndcg, recall)
     return (
@@ -315,13 +309,13 @@ def score_lists(
             "full": full,
             "backtest": backtest_rows(col, targets.as_of_previous_day().has_history, k),
             "new_targets": {
-                f"recall@{k}": M.mean_defined(recall[new]),
-                f"ndcg@{k}": M.mean_defined(ndcg[new]),
+                f"recall@{k}": metrics.mean_defined(recall[new]),
+                f"ndcg@{k}": metrics.mean_defined(ndcg[new]),
                 "users": int(new.sum()),
             },
             "users": len(targets),
             "users_with_list": int(sum(len(t) > 0 for t in topk)),
-            "list_length": int(table.groupby(S.USER_ID).size().max()),
+            "list_length": int(table.groupby(schema.USER_ID).size().max()),
             "model_version": manifest.get("model_version"),
             "config": {
                 key: manifest.get("config", {}).get(key)
@@ -344,10 +338,10 @@ def held_out_events(data: EvalData, mask: np.ndarray) -> SplitTargets:
     The models did train on the same users' later events with other items.
     """
     tr = data.train
-    users = tr[S.USER_ID].to_numpy()
-    items = tr[S.ITEM_IDX].to_numpy(np.int64)
-    kinds = tr[S.EVENT_IDX].to_numpy(np.int64)
-    times = tr[S.TIMESTAMP].to_numpy(np.int64)
+    users = tr[schema.USER_ID].to_numpy()
+    items = tr[schema.ITEM_IDX].to_numpy(np.int64)
+    kinds = tr[schema.EVENT_IDX].to_numpy(np.int64)
+    times = tr[schema.TIMESTAMP].to_numpy(np.int64)
     starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
     first = np.zeros(len(tr), dtype=bool)
     first[starts] = True
@@ -388,7 +382,7 @@ def _cold_target_sets(
 
 
 def _warm_targets(
-    sampled: dict[str, M.RankStats], mask: np.ndarray, data: EvalData, k: int
+    sampled: dict[str, metrics.RankStats], mask: np.ndarray, data: EvalData, k: int
 ) -> dict[str, Any]:
     """The same model on the valid and test targets that are not held-out items,
     in the standard sampled protocol: what its held-out-item figure is weighed
@@ -400,8 +394,8 @@ def _warm_targets(
     ]
     merged = concat_stats(stats)
     return {
-        f"hr@{k}": M.mean_defined(M.hit_rate(merged, k)),
-        f"ndcg@{k}": M.mean_defined(M.ndcg(merged, k)),
+        f"hr@{k}": metrics.mean_defined(metrics.hit_rate(merged, k)),
+        f"ndcg@{k}": metrics.mean_defined(metrics.ndcg(merged, k)),
         "users": len(merged),
     }
 
@@ -411,7 +405,7 @@ def cold_start(
     held: dict[str, np.ndarray],
     data: EvalData,
     cfg: EvaluateConfig,
-    sampled: dict[str, dict[str, M.RankStats]],
+    sampled: dict[str, dict[str, metrics.RankStats]],
 ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
     """Each model with held-out items, ranked against other held-out items the user
     never touched, on two target sets: the valid and test targets that are
@@ -430,7 +424,7 @@ def cold_start(
         sets = target_sets.setdefault(mask.tobytes(), _cold_target_sets(data, mask, cfg))
         scorer = models[name]["sampled"]
         stats = {
-            split: M.rank_stats(scorer.score_candidates(sub, cand), np.zeros(len(cand), int))
+            split: metrics.rank_stats(scorer.score_candidates(sub, cand), np.zeros(len(cand), int))
             for split, (sub, cand) in sets.items()
         }
         row: dict[str, Any] = {
@@ -440,17 +434,17 @@ def cold_start(
         vt = [stats[s] for s in ("valid", "test") if s in stats]
         if vt:
             merged = concat_stats(vt)
-            per_user["valid_test"][name] = M.ndcg(merged, k)
+            per_user["valid_test"][name] = metrics.ndcg(merged, k)
             row.update(
                 {
-                    f"hr@{k}": M.mean_defined(M.hit_rate(merged, k)),
-                    f"ndcg@{k}": M.mean_defined(per_user["valid_test"][name]),
+                    f"hr@{k}": metrics.mean_defined(metrics.hit_rate(merged, k)),
+                    f"ndcg@{k}": metrics.mean_defined(per_user["valid_test"][name]),
                     "users": len(merged),
                 }
             )
         users = np.concatenate([sub.user_ids for sub, _ in sets.values()])
-        ndcg = np.concatenate([M.ndcg(s, k) for s in stats.values()])
-        hits = np.concatenate([M.hit_rate(s, k) for s in stats.values()])
+        ndcg = np.concatenate([metrics.ndcg(s, k) for s in stats.values()])
+        hits = np.concatenate([metrics.hit_rate(s, k) for s in stats.values()])
         per_user["all_events"][name] = _per_user_mean(users, ndcg)
         row["all_events"] = {
             f"hr@{k}": float(_per_user_mean(users, hits).mean()),
@@ -464,7 +458,7 @@ def cold_start(
 
 def paired(
     pairs: list[tuple[str, str]],
-    test: dict[str, dict[str, M.RankStats]],
+    test: dict[str, dict[str, metrics.RankStats]],
     cold: dict[str, dict[str, np.ndarray]],
     held: dict[str, np.ndarray],
     k: int,
@@ -478,13 +472,15 @@ def paired(
         if missing:
             raise ValueError(f"paired: {missing} not among the scored methods {sorted(test)}")
         row = {
-            f"test_{p}": M.paired_difference(M.ndcg(test[a][p], k), M.ndcg(test[b][p], k))
+            f"test_{p}": metrics.paired_difference(
+                metrics.ndcg(test[a][p], k), metrics.ndcg(test[b][p], k)
+            )
             for p in PROTOCOLS
         }
         if a in held and b in held and np.array_equal(held[a], held[b]):
             for key, label in (("valid_test", "cold_start"), ("all_events", "cold_start_all")):
                 if a in cold[key] and b in cold[key]:
-                    row[label] = M.paired_difference(cold[key][a], cold[key][b])
+                    row[label] = metrics.paired_difference(cold[key][a], cold[key][b])
         out[f"{a} - {b}"] = row
     return out
 
@@ -526,7 +522,7 @@ def moment_table(
                 cell[proto] = col.summary(hit, k)
                 if name in groups:
                     member_means = [
-                        M.mean_defined(columns[m][column_name(proto, moment)].ndcg)
+                        metrics.mean_defined(columns[m][column_name(proto, moment)].ndcg)
                         for m in groups[name]
                     ]
                     sd = np.std(member_means, ddof=1) if len(member_means) > 1 else 0.0
@@ -549,13 +545,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     deltas = cfg.delta_seconds
     moments = [TARGET_TIME, *deltas]
     with StagedOutput(cfg.output) as stage:
-        cands = {}
+        candidates = {}
         for split in ("valid", "test"):
-            cands[split] = sampled_candidates(data, split, cfg.num_negatives, cfg.seed)
+            candidates[split] = sampled_candidates(data, split, cfg.num_negatives, cfg.seed)
             write_candidates(
-                stage.path("candidates", f"{split}.parquet"), data.splits[split], cands[split]
+                stage.path("candidates", f"{split}.parquet"), data.splits[split], candidates[split]
             )
-        models, info = fit_baselines(cfg, data, cands, bags)
+        models, info = fit_baselines(cfg, data, candidates, bags)
         baseline_names = list(models)
         # What the backtest shows users with an empty history, for every baseline.
         popularity = models.get("popularity", {}).get("full") or Popularity().fit(
@@ -565,8 +561,8 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         models.update(trained)
         results: dict[str, Any] = {"valid": {}, "test": {}}
         details: dict[str, Any] = {}
-        test_stats: dict[str, dict[str, M.RankStats]] = {}
-        sampled_stats: dict[str, dict[str, M.RankStats]] = {}
+        test_stats: dict[str, dict[str, metrics.RankStats]] = {}
+        sampled_stats: dict[str, dict[str, metrics.RankStats]] = {}
         # split -> method -> column ("<protocol>@<moment>" or "backtest") -> per-user values
         columns: dict[str, dict[str, dict[str, Column]]] = {"valid": {}, "test": {}}
         backtests: dict[str, Any] = {"valid": {}, "test": {}}
@@ -579,11 +575,11 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     if proto == "full" and model is chosen["sampled"]:
                         per_proto["full"] = per_proto["sampled"]
                         continue
-                    res = score_split(model, targets, cands[split], k)
+                    res = score_split(model, targets, candidates[split], k)
                     per_proto[proto] = (res, summarize(res, data, k, bags))
                 results[split][name] = {
                     **{p: per_proto[p][1][p] for p in PROTOCOLS},
-                    "users": len(cands[split]),
+                    "users": len(candidates[split]),
                 }
                 merged = {p: per_proto[p][0][p] for p in PROTOCOLS}
                 sampled_stats.setdefault(name, {})[split] = merged["sampled"]
@@ -596,7 +592,12 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     raise ValueError(f"{name}: a time-aware method must be one model")
                 returning = split in cfg.returning_splits
                 cols = at_moments(
-                    chosen["full"], targets, cands[split], k, deltas if returning else {}, merged
+                    chosen["full"],
+                    targets,
+                    candidates[split],
+                    k,
+                    deltas if returning else {},
+                    merged,
                 )
                 if cfg.backtest and returning:
                     cols["backtest"] = backtest(chosen["full"], targets, k, popularity)
@@ -618,7 +619,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     if "backtest" in cols
                 }
         others = [n for n in columns["test"] if n not in baseline_names]
-        metrics = {
+        results = {
             "k": k,
             "protocols": {
                 "sampled": f"held-out item + {cfg.num_negatives} never-touched items, "
@@ -657,14 +658,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             "num_negatives": cfg.num_negatives,
             "max_users": cfg.max_users,
         }
-        manifest = {
-            "stage": "evaluate",
-            "run_id": stage.run_id,
-            "code_version": code_version(),
-            "config": dump_config(cfg),
-            "timings": {"total_s": round(time.time() - t0, 2)},
-        }
-        write_report(stage.staging, metrics)
-        write_json(stage.path("metrics.json"), metrics)
-        stage.publish(manifest)
-    return metrics
+        write_report(stage.staging, results)
+        write_json(stage.path("metrics.json"), results)
+        stage.publish(stage.manifest("evaluate", cfg, t0))
+    return results

@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.protocol.scorer import Scorer
 
 logger = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class SASRec(Scorer):
         torch.manual_seed(cfg.seed)
         rng = np.random.default_rng(cfg.seed)
         self.num_items = num_items
-        seqs = [g.to_numpy() for _, g in train.groupby(S.USER_ID, sort=True)[S.ITEM_IDX]]
+        seqs = [g.to_numpy() for _, g in train.groupby(schema.USER_ID, sort=True)[schema.ITEM_IDX]]
         seqs = [s for s in seqs if len(s) >= 2]
         full = _left_pad(seqs, cfg.max_len + 1)
         inp, pos = full[:, :-1], full[:, 1:]

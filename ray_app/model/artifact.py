@@ -30,10 +30,10 @@ import pandas as pd
 import torch
 from safetensors.torch import load_file, save_file
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, from_saved
-from ray_app.model.reranker import Reranker
+from ray_app.model.net import RerankerNet
 from ray_app.storage import local_copy, require_complete
 
 logger = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ FORMAT_VERSION = 1
 
 @dataclass
 class Artifact:
-    model: Reranker
+    model: RerankerNet
     config: dict[str, Any]
     item_vectors: torch.Tensor  # (items + 1, dim), row 0 = padding
     items: pd.DataFrame  # by item_idx (row 0 = padding)
@@ -69,7 +69,7 @@ class Artifact:
 
 def save_artifact(
     folder: Path,
-    model: Reranker,
+    model: RerankerNet,
     tokenizer: Any,
     items: pd.DataFrame,
     metrics: dict[str, Any],
@@ -102,10 +102,10 @@ def save_artifact(
     }
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     known = model.items.known.cpu().numpy()
-    out = items[[S.ITEM_IDX, S.ITEM_ID, S.TITLE, S.TEXT]].copy()
-    out["known"] = known[out[S.ITEM_IDX].to_numpy()]
+    out = items[[schema.ITEM_IDX, schema.ITEM_ID, schema.TITLE, schema.TEXT]].copy()
+    out["known"] = known[out[schema.ITEM_IDX].to_numpy()]
     # Items removed from training on purpose (cold-start measurement).
-    out["held_out"] = False if held_out is None else held_out[out[S.ITEM_IDX].to_numpy()]
+    out["held_out"] = False if held_out is None else held_out[out[schema.ITEM_IDX].to_numpy()]
     out.to_parquet(folder / ITEMS, index=False)
     (folder / METRICS).write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
@@ -151,25 +151,24 @@ def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:
     if mcfg.use_text:
         bert, tokenizer = from_saved(local / ENCODER)
         text = TextEncoder(bert, 0, mcfg.pooling)
-    model = Reranker(mcfg, config["num_items"], text)
+    model = RerankerNet(mcfg, config["num_items"], text)
     model.load_state_dict(load_file(str(local / WEIGHTS)))
     tables = load_file(str(local / EMBEDDINGS))
     if text is not None:
         model.set_text_table(tables["text"])
     model.to(device).eval()
-    items = pd.read_parquet(local / ITEMS).sort_values(S.ITEM_IDX).reset_index(drop=True)
-    pad = pd.DataFrame({S.ITEM_IDX: [0], S.ITEM_ID: [""], S.TITLE: [""], S.TEXT: [""]})
-    items = pd.concat([pad, items], ignore_index=True)
-    index = dict(
-        zip(items[S.ITEM_ID].iloc[1:], items[S.ITEM_IDX].iloc[1:].astype(int), strict=True)
+    items = pd.read_parquet(local / ITEMS).sort_values(schema.ITEM_IDX).reset_index(drop=True)
+    pad = pd.DataFrame(
+        {schema.ITEM_IDX: [0], schema.ITEM_ID: [""], schema.TITLE: [""], schema.TEXT: [""]}
     )
+    items = pd.concat([pad, items], ignore_index=True)
     metrics = json.loads((local / METRICS).read_text())
     return Artifact(
         model=model,
         config=config,
         item_vectors=tables["item_vectors"].to(device),
         items=items,
-        item_index=index,
+        item_index=schema.item_index(items),
         tokenizer=tokenizer,
         metrics=metrics,
     )

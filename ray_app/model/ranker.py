@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.model.artifact import Artifact, load_artifact
 from ray_app.model.history import History, make_history
 
@@ -93,7 +93,7 @@ class Ranker:
         self.model = artifact.model.to(self.device).eval()
         self.vectors = artifact.item_vectors.to(self.device)
         self.index = artifact.item_index
-        self.item_ids = artifact.items[S.ITEM_ID].to_numpy()  # by item_idx
+        self.item_ids = artifact.items[schema.ITEM_ID].to_numpy()  # by item_idx
         self.events = artifact.event_index
         self.default_event = next(iter(self.events.values()), 1)
         self.max_length = int(artifact.config.get("text_max_length", 32))
@@ -169,7 +169,9 @@ class Ranker:
                 self.cold_encoded += len(missing)
         return found
 
-    def _history(self, q: Query, strict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def _query_events(
+        self, q: Query, strict: bool
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         events = sorted(q.history, key=lambda e: e.timestamp)
         items, kinds, times, dropped = [], [], [], 0
         for e in events:
@@ -188,7 +190,7 @@ class Ranker:
             dropped,
         )
 
-    def history(
+    def history_input(
         self,
         items: Sequence[np.ndarray],
         events: Sequence[np.ndarray],
@@ -255,7 +257,7 @@ class Ranker:
         if not queries:
             return []
         clock = int(time.time())
-        hists = [self._history(q, strict_events) for q in queries]
+        hists = [self._query_events(q, strict_events) for q in queries]
         cold_keys: dict[tuple[str, str], None] = {}
         for q in queries:
             for c in q.candidates:
@@ -284,7 +286,7 @@ class Ranker:
                 cols.append(j)
                 ids.append(c.item_id)
             plans.append((cols, ids, errors))
-        hist = self.history(
+        hist = self.history_input(
             [h[0] for h in hists],
             [h[1] for h in hists],
             [h[2] for h in hists],

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.data.sequences import SORT_KEYS
 from ray_app.storage import join, read_parquet, require_complete
 from ray_app.times import day_start
@@ -106,7 +106,7 @@ class EvalData:
 
     @property
     def train_counts(self) -> np.ndarray:
-        return np.bincount(self.train[S.ITEM_IDX].to_numpy(), minlength=self.num_items + 1)
+        return np.bincount(self.train[schema.ITEM_IDX].to_numpy(), minlength=self.num_items + 1)
 
 
 def sample_users(data: EvalData, max_users: int | None, seed: int) -> EvalData:
@@ -129,41 +129,43 @@ def sample_users(data: EvalData, max_users: int | None, seed: int) -> EvalData:
 def load_prepared(path: str) -> EvalData:
     """Read a complete prepare output (fails clearly on a half-written one)."""
     manifest = require_complete(path)
-    items = read_parquet(join(path, "items")).sort_values(S.ITEM_IDX).reset_index(drop=True)
-    num_items = int(items[S.ITEM_IDX].max())
+    items = read_parquet(join(path, "items")).sort_values(schema.ITEM_IDX).reset_index(drop=True)
+    num_items = int(items[schema.ITEM_IDX].max())
     pad = pd.DataFrame(
         {
-            S.ITEM_IDX: [0],
-            S.ITEM_ID: [""],
-            S.TITLE: [""],
-            S.TEXT: [""],
-            S.INPUT_IDS: [np.zeros(0, dtype=np.int32)],
+            schema.ITEM_IDX: [0],
+            schema.ITEM_ID: [""],
+            schema.TITLE: [""],
+            schema.TEXT: [""],
+            schema.INPUT_IDS: [np.zeros(0, dtype=np.int32)],
         }
     )
     items = pd.concat([pad, items], ignore_index=True)
     ev = read_parquet(join(path, "interactions")).sort_values(SORT_KEYS, kind="stable")
-    user_items = {u: g.to_numpy() for u, g in ev.groupby(S.USER_ID, sort=False)[S.ITEM_IDX]}
-    groups = dict(tuple(ev.groupby(S.USER_ID, sort=False)))
+    user_items = {
+        u: g.to_numpy() for u, g in ev.groupby(schema.USER_ID, sort=False)[schema.ITEM_IDX]
+    }
+    groups = dict(tuple(ev.groupby(schema.USER_ID, sort=False)))
     splits = {}
     for split in ("valid", "test"):
         ex = (
             read_parquet(join(path, "examples", split))
-            .sort_values(S.USER_ID)
+            .sort_values(schema.USER_ID)
             .reset_index(drop=True)
         )
         hist, hist_ev, hist_t = [], [], []
-        for u, pos in zip(ex[S.USER_ID], ex[S.TARGET_POS], strict=True):
+        for u, pos in zip(ex[schema.USER_ID], ex[schema.TARGET_POS], strict=True):
             g = groups[u]
-            hist.append(g[S.ITEM_IDX].to_numpy()[:pos])
-            hist_ev.append(g[S.EVENT_IDX].to_numpy()[:pos])
-            hist_t.append(g[S.TIMESTAMP].to_numpy()[:pos])
+            hist.append(g[schema.ITEM_IDX].to_numpy()[:pos])
+            hist_ev.append(g[schema.EVENT_IDX].to_numpy()[:pos])
+            hist_t.append(g[schema.TIMESTAMP].to_numpy()[:pos])
         splits[split] = SplitTargets(
-            user_ids=ex[S.USER_ID].to_numpy(),
+            user_ids=ex[schema.USER_ID].to_numpy(),
             histories=hist,
-            targets=ex[S.TARGET_ITEM_IDX].to_numpy(np.int64),
+            targets=ex[schema.TARGET_ITEM_IDX].to_numpy(np.int64),
             history_events=hist_ev,
             history_times=hist_t,
-            target_times=ex[S.TARGET_TIMESTAMP].to_numpy(np.int64),
+            target_times=ex[schema.TARGET_TIMESTAMP].to_numpy(np.int64),
         )
-    train = ev[ev[S.SPLIT] == "train"].reset_index(drop=True)
+    train = ev[ev[schema.SPLIT] == "train"].reset_index(drop=True)
     return EvalData(manifest, items, train, num_items, splits, user_items)

@@ -149,20 +149,25 @@ def long_tail_share(
     return float((~head[slots]).mean()) if len(slots) else float("nan")
 
 
-def intra_list_diversity(topk: list[np.ndarray], embeddings: np.ndarray, k: int) -> float:
+def intra_list_diversity(topk: list[np.ndarray], vectors: Any, k: int) -> float:
     """Mean pairwise cosine distance inside each top-k list, averaged over lists.
 
-    `embeddings` rows are item vectors by item index (e.g. item-tower output, or
-    multi-hot genres).
+    `vectors` rows describe items by item index, dense (item-tower output, multi-hot
+    genres) or a scipy sparse matrix (bags of text tokens); rows need not be normalised.
     """
-    e = np.asarray(embeddings, dtype=np.float64)
-    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    if hasattr(vectors, "multiply"):  # sparse: scale the rows without densifying them
+        norms = np.sqrt(np.asarray(vectors.multiply(vectors).sum(axis=1)).ravel())
+        e = vectors.multiply(1.0 / np.maximum(norms, 1e-12)[:, None]).tocsr()
+    else:
+        e = np.asarray(vectors, dtype=np.float64)
+        e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
     vals = []
     for t in topk:
         t = np.asarray(t[:k])
         if len(t) < 2:
             continue
         sim = e[t] @ e[t].T
+        sim = sim.toarray() if hasattr(sim, "toarray") else sim
         m = len(t)
         vals.append(1.0 - (sim.sum() - np.trace(sim)) / (m * (m - 1)))
     return float(np.mean(vals)) if vals else float("nan")

@@ -7,7 +7,7 @@ import pandas as pd
 import torch
 
 from ray_app.model.history import make_history
-from ray_app.model.reranker import Reranker
+from ray_app.model.net import RerankerNet
 from ray_app.protocol.data import SplitTargets
 
 
@@ -45,7 +45,7 @@ class Scorer:
         return np.take_along_axis(full, candidates, axis=1)
 
 
-class RerankerScorer(Scorer):
+class NetScorer(Scorer):
     """Scores every catalogue item with the full model (user tower + scorer).
 
     Histories carry event types and time gaps to each target's moment of
@@ -58,7 +58,7 @@ class RerankerScorer(Scorer):
 
     def __init__(
         self,
-        model: Reranker,
+        model: RerankerNet,
         item_vectors: torch.Tensor,
         name: str = "reranker",
         params: dict | None = None,

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ray_app.protocol import metrics as M
+from ray_app.protocol import metrics
 from ray_app.protocol.data import EvalData, SplitTargets
 from ray_app.protocol.scorer import Scorer
 
@@ -69,8 +69,8 @@ def sampled_candidates(
     return out
 
 
-def concat_stats(stats: list[M.RankStats]) -> M.RankStats:
-    return M.RankStats(
+def concat_stats(stats: list[metrics.RankStats]) -> metrics.RankStats:
+    return metrics.RankStats(
         *(np.concatenate([getattr(s, f) for s in stats]) for f in ("greater", "ties", "less"))
     )
 
@@ -97,10 +97,10 @@ def score_split(
         competing[:, 0] = False
         for i, h in enumerate(chunk.histories):
             competing[i, h] = False
-        full.append(M.rank_stats(scores, chunk.targets, competing))
+        full.append(metrics.rank_stats(scores, chunk.targets, competing))
         if cand is not None:
             c = cand[lo : lo + CHUNK]
-            samp.append(M.rank_stats(np.take_along_axis(scores, c, 1), np.zeros(len(c), int)))
+            samp.append(metrics.rank_stats(np.take_along_axis(scores, c, 1), np.zeros(len(c), int)))
         if lists:
             # Top-k lists break ties at random (seeded), like the expected-rank metrics.
             finite = np.abs(scores[np.isfinite(scores)])
@@ -126,11 +126,14 @@ class Column:
     hit: np.ndarray
 
     @classmethod
-    def of(cls, stats: M.RankStats, k: int) -> Column:
-        return cls(M.ndcg(stats, k), M.hit_rate(stats, k))
+    def of(cls, stats: metrics.RankStats, k: int) -> Column:
+        return cls(metrics.ndcg(stats, k), metrics.hit_rate(stats, k))
 
     def summary(self, hit_name: str, k: int) -> dict[str, float]:
-        return {f"ndcg@{k}": M.mean_defined(self.ndcg), f"{hit_name}@{k}": M.mean_defined(self.hit)}
+        return {
+            f"ndcg@{k}": metrics.mean_defined(self.ndcg),
+            f"{hit_name}@{k}": metrics.mean_defined(self.hit),
+        }
 
     def where(self, mask: np.ndarray) -> Column:
         return Column(self.ndcg[mask], self.hit[mask])
@@ -146,7 +149,7 @@ def at_moments(
     cand: np.ndarray,
     k: int,
     deltas: dict[str, int],
-    at_target: dict[str, M.RankStats],
+    at_target: dict[str, metrics.RankStats],
 ) -> dict[str, Column]:
     """Both protocols at the target's time (`at_target`, already scored) and at the
     history's last event + each Δ. A method without a time input scores the same at
@@ -245,11 +248,11 @@ def versus_best(
         have = [b for b in baselines if col in columns.get(b, {})]
         if not have:
             continue
-        best = max(have, key=lambda b: M.mean_defined(columns[b][col].ndcg))
+        best = max(have, key=lambda b: metrics.mean_defined(columns[b][col].ndcg))
         for name in others:
             if col not in columns.get(name, {}):
                 continue
-            d = M.paired_difference(columns[name][col].ndcg, columns[best][col].ndcg)
+            d = metrics.paired_difference(columns[name][col].ndcg, columns[best][col].ndcg)
             out.setdefault(name, {})[col] = {"baseline": best, **d}
     return out
 
@@ -266,6 +269,6 @@ def versus_pairs(
             raise ValueError(f"compare: {missing} not among the scored methods {sorted(columns)}")
         shared = [c for c in columns[a] if c in columns[b]]
         out[f"{a} - {b}"] = {
-            c: M.paired_difference(columns[a][c].ndcg, columns[b][c].ndcg) for c in shared
+            c: metrics.paired_difference(columns[a][c].ndcg, columns[b][c].ndcg) for c in shared
         }
     return out

@@ -210,18 +210,21 @@ def make_store(cfg: EventStoreConfig) -> EventStore:
 
 def histories_from_prepared(prepared: str, max_events: int) -> dict[str, list[Event]]:
     """Every user's events from a prepare output (all splits), newest `max_events` kept."""
-    from ray_app.data import schema as S
+    from ray_app.data import schema
     from ray_app.storage import join, read_parquet
 
     df = read_parquet(
-        join(prepared, "interactions"), columns=[S.USER_ID, S.ITEM_ID, S.TIMESTAMP, S.EVENT_TYPE]
-    ).sort_values([S.USER_ID, S.TIMESTAMP], kind="stable")
+        join(prepared, "interactions"),
+        columns=[schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP, schema.EVENT_TYPE],
+    ).sort_values([schema.USER_ID, schema.TIMESTAMP], kind="stable")
     out: dict[str, list[Event]] = {}
-    for user, g in df.groupby(S.USER_ID, sort=False):
+    for user, g in df.groupby(schema.USER_ID, sort=False):
         g = g.tail(max_events)
         out[str(user)] = [
             Event(str(i), int(t), str(k))
-            for i, t, k in zip(g[S.ITEM_ID], g[S.TIMESTAMP], g[S.EVENT_TYPE], strict=True)
+            for i, t, k in zip(
+                g[schema.ITEM_ID], g[schema.TIMESTAMP], g[schema.EVENT_TYPE], strict=True
+            )
         ]
     return out
 

@@ -8,7 +8,7 @@ import threading
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.storage import exists, join, parquet_dataset, read_text
 
 logger = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ class TopKReader:
     def _dataset(self) -> tuple[str, pads.Dataset]:
         if not self.root:
             raise NoRecommendations("this deployment has no nightly top-K configured (topk)")
-        latest = join(self.root, S.TOPK_LATEST)
+        latest = join(self.root, schema.TOPK_LATEST)
         if not exists(latest):
             raise NoRecommendations(f"no nightly top-K has been published under {self.root} yet")
         partition = read_text(latest).strip()
@@ -45,18 +45,18 @@ class TopKReader:
 
     def get(self, user_id: str, k: int | None = None) -> dict:
         partition, ds = self._dataset()
-        table = ds.to_table(filter=pc.field(S.USER_ID) == user_id)
+        table = ds.to_table(filter=pc.field(schema.USER_ID) == user_id)
         if table.num_rows == 0:
             raise NoRecommendations(
                 f"user {user_id!r} has no list in the latest nightly top-K ({partition})"
             )
-        table = table.sort_by(S.RANK)
+        table = table.sort_by(schema.RANK)
         if k is not None:
             table = table.slice(0, k)
         rows = table.to_pylist()
         return {
             "user_id": user_id,
             "partition": partition,
-            "model_version": rows[0][S.MODEL_VERSION],
-            "items": [{"item_id": r[S.ITEM_ID], "score": r[S.SCORE]} for r in rows],
+            "model_version": rows[0][schema.MODEL_VERSION],
+            "items": [{"item_id": r[schema.ITEM_ID], "score": r[schema.SCORE]} for r in rows],
         }

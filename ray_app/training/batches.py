@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.model.encoder import TextBatch, TextEncoder
 from ray_app.model.history import History, left_pad
 from ray_app.times import day_start
@@ -43,15 +43,15 @@ def to_examples(
     per row) are cut as the nightly run of the day before their target sees them."""
     if nightly is not None and nightly.any():
         batch = as_of_previous_day(batch, nightly)
-    items = left_pad(batch.column(S.HIST_ITEM_IDX), max_history)
-    events = left_pad(batch.column(S.HIST_EVENT_IDX), max_history)
-    gaps = left_pad(batch.column(S.HIST_GAP), max_history)
+    items = left_pad(batch.column(schema.HIST_ITEM_IDX), max_history)
+    events = left_pad(batch.column(schema.HIST_EVENT_IDX), max_history)
+    gaps = left_pad(batch.column(schema.HIST_GAP), max_history)
     if hidden is not None:
         items = np.where(hidden[items], 0, items)
-    negs = left_pad(batch.column(S.NEGATIVES), negatives)
+    negs = left_pad(batch.column(schema.NEGATIVES), negatives)
     return ExampleBatch(
         hist=History(torch.from_numpy(items), torch.from_numpy(events), torch.from_numpy(gaps)),
-        targets=torch.from_numpy(batch.column(S.TARGET_ITEM_IDX).to_numpy().astype(np.int64)),
+        targets=torch.from_numpy(batch.column(schema.TARGET_ITEM_IDX).to_numpy().astype(np.int64)),
         negatives=torch.from_numpy(negs),
     )
 
@@ -62,9 +62,9 @@ def as_of_previous_day(batch: pa.Table, rows: np.ndarray) -> pa.Table:
     `SplitTargets.as_of_previous_day`): events on the target's day dropped, every gap
     measured to the end of the day before. A history may become empty, the case of a
     user whose first day it is, which the model otherwise never trains on."""
-    target = batch.column(S.TARGET_TIMESTAMP).to_numpy().astype(np.int64)
+    target = batch.column(schema.TARGET_TIMESTAMP).to_numpy().astype(np.int64)
     offset = np.where(rows, target - (day_start(target) - 1), 0)
-    gaps = batch.column(S.HIST_GAP).combine_chunks()
+    gaps = batch.column(schema.HIST_GAP).combine_chunks()
     lens = np.diff(gaps.offsets.to_numpy())
     owner = np.repeat(np.arange(len(lens)), lens)
     values = gaps.flatten().to_numpy().astype(np.int64)
@@ -80,13 +80,13 @@ def as_of_previous_day(batch: pa.Table, rows: np.ndarray) -> pa.Table:
 
     out = batch
     for name, vals in (
-        (S.HIST_ITEM_IDX, None),
-        (S.HIST_EVENT_IDX, None),
-        (S.HIST_GAP, values - shift),
+        (schema.HIST_ITEM_IDX, None),
+        (schema.HIST_EVENT_IDX, None),
+        (schema.HIST_GAP, values - shift),
     ):
         i = out.schema.get_field_index(name)
         out = out.set_column(i, out.schema.field(i), cut(batch.column(name), vals))
-    i = out.schema.get_field_index(S.HIST_LEN)
+    i = out.schema.get_field_index(schema.HIST_LEN)
     if i < 0:
         return out
     new_lens = pa.array(np.diff(new_offsets.to_numpy()), out.schema.field(i).type)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.data.negatives import NegativeSampler, user_hash
 from ray_app.model.encoder import tokenizer_source
 from ray_app.model.history import time_resolution
@@ -94,7 +94,7 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         neg_prob=torch.from_numpy(neg / neg.sum()).float(),
         known=torch.from_numpy((counts > 0) & ~hidden),
         hidden=hidden if hidden.any() else None,
-        time_resolution_s=time_resolution(data.train[S.TIMESTAMP].to_numpy()),
+        time_resolution_s=time_resolution(data.train[schema.TIMESTAMP].to_numpy()),
         valid=valid,
         valid_cands=sampled_candidates(data, "valid", cfg.valid_negatives, 0, valid),
     )

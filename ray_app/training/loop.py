@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ray_app.model.config import ModelConfig
-from ray_app.model.reranker import Reranker
+from ray_app.model.net import RerankerNet
 from ray_app.protocol.data import SplitTargets
 from ray_app.times import parse_duration
 from ray_app.training.batches import ItemText, redraw_since_last, to_examples
@@ -70,7 +70,7 @@ class Worker:
     device: torch.device
     precision: Precision
     data: TrainData
-    model: Reranker
+    model: RerankerNet
     ddp: torch.nn.Module
     opt: torch.optim.Optimizer
     text: ItemText | None

@@ -15,10 +15,10 @@ import torch
 
 from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, load_pretrained
-from ray_app.model.reranker import Reranker
-from ray_app.protocol import metrics as M
+from ray_app.model.net import RerankerNet
+from ray_app.protocol import metrics
 from ray_app.protocol.data import SplitTargets
-from ray_app.protocol.scorer import RerankerScorer
+from ray_app.protocol.scorer import NetScorer
 from ray_app.protocol.scoring import score_split
 from ray_app.training.batches import ExampleBatch, ItemText, step_candidates
 from ray_app.training.config import TrainConfig
@@ -27,17 +27,17 @@ from ray_app.training.inputs import RETURNING, TrainData
 VALID_PROBE = 128  # valid users timed before training to foresee a validation's cost
 
 
-def build_model(cfg: ModelConfig, num_items: int, seed: int) -> tuple[Reranker, Any]:
+def build_model(cfg: ModelConfig, num_items: int, seed: int) -> tuple[RerankerNet, Any]:
     """A fresh re-ranker (pretrained encoder weights, random heads) and its tokenizer."""
     text, tokenizer = None, None
     if cfg.use_text:
         bert, tokenizer = load_pretrained(cfg.encoder, seed)
         text = TextEncoder(bert, cfg.trainable_layers, cfg.pooling, cfg.lora_rank, cfg.lora_alpha)
     torch.manual_seed(seed)
-    return Reranker(cfg, num_items, text), tokenizer
+    return RerankerNet(cfg, num_items, text), tokenizer
 
 
-def make_optimizer(model: Reranker, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: RerankerNet, cfg: TrainConfig) -> torch.optim.AdamW:
     """AdamW; the encoder gets its own (small) learning rate, no decay on biases/norms."""
     groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -102,7 +102,7 @@ class Precision:
         return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
 
-def unwrap(model: torch.nn.Module) -> Reranker:
+def unwrap(model: torch.nn.Module) -> RerankerNet:
     return model.module if hasattr(model, "module") else model
 
 
@@ -119,19 +119,19 @@ def train_step(
     """One optimizer step on a batch; returns the loss. `text` (item text inputs)
     is given while the encoder is being fine-tuned, else the text table serves."""
     core = unwrap(model)
-    cands = step_candidates(ex, data.pos_prob, data.neg_prob)
+    shared = step_candidates(ex, data.pos_prob, data.neg_prob)
     cand_text = None
     if text is not None:
-        cand_text = text.chunked_inputs(cands.items, device, cfg.text_chunks)
+        cand_text = text.chunked_inputs(shared.items, device, cfg.text_chunks)
     with precision.autocast():
         _, loss = model(
             ex.hist.to(device),
-            cands.items.to(device),
-            cands.labels.to(device),
-            cands.logq.to(device),
+            shared.items.to(device),
+            shared.labels.to(device),
+            shared.logq.to(device),
             cand_text,
             cfg.loss,
-            cands.negatives.to(device),
+            shared.negatives.to(device),
         )
     opt.zero_grad(set_to_none=True)
     if precision.scaler is not None:
@@ -147,13 +147,13 @@ def train_step(
     return float(loss.detach())
 
 
-def refresh_text(model: Reranker, text: ItemText | None, device: torch.device) -> None:
+def refresh_text(model: RerankerNet, text: ItemText | None, device: torch.device) -> None:
     if model.text is not None and text is not None:
         model.set_text_table(text.pooled(model.text, device))
 
 
 def prepare_text(
-    model: Reranker, item_ids: list[np.ndarray], device: torch.device
+    model: RerankerNet, item_ids: list[np.ndarray], device: torch.device
 ) -> ItemText | None:
     """The item text inputs (None for a model without text), the frozen lower encoder
     layers' output cached when only the top ones train, and the model's text table
@@ -167,30 +167,32 @@ def prepare_text(
 
 @torch.no_grad()
 def validate(
-    model: Reranker,
+    model: RerankerNet,
     targets: SplitTargets,
-    cands: np.ndarray,
+    candidates: np.ndarray,
     k: int,
 ) -> dict[str, float]:
     """Sums (not means) of NDCG@k / HR@k under both protocols, so ranks can add them."""
     model.eval()
-    scorer = RerankerScorer(model, model.item_table())
-    res = score_split(scorer, targets, cands, k, lists=False)
+    scorer = NetScorer(model, model.item_table())
+    res = score_split(scorer, targets, candidates, k, lists=False)
     model.train()
     suffix = RETURNING if targets.scored_at is not None else ""
     return {
         "users": float(len(targets)),
-        f"ndcg_full{suffix}": float(M.ndcg(res["full"], k).sum()),
-        f"ndcg_sampled{suffix}": float(M.ndcg(res["sampled"], k).sum()),
-        f"hr_sampled{suffix}": float(M.hit_rate(res["sampled"], k).sum()),
+        f"ndcg_full{suffix}": float(metrics.ndcg(res["full"], k).sum()),
+        f"ndcg_sampled{suffix}": float(metrics.ndcg(res["sampled"], k).sum()),
+        f"hr_sampled{suffix}": float(metrics.hit_rate(res["sampled"], k).sum()),
     }
 
 
-def probe_validation_s(model: Reranker, targets: SplitTargets, cands: np.ndarray, k: int) -> float:
+def probe_validation_s(
+    model: RerankerNet, targets: SplitTargets, candidates: np.ndarray, k: int
+) -> float:
     """Seconds a whole validation should take, from timing it on a few users."""
     n = min(len(targets), VALID_PROBE)
     if n == 0:
         return 0.0
     t0 = time.time()
-    validate(model, targets.subset(slice(0, n)), cands[:n], k)
+    validate(model, targets.subset(slice(0, n)), candidates[:n], k)
     return (time.time() - t0) * len(targets) / n

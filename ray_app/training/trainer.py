@@ -15,13 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ray_app.config import dump_config
-from ray_app.data import schema as S
+from ray_app.data import schema
 from ray_app.runtime import ensure_ray, use_gpus
 from ray_app.storage import (
     StagedOutput,
     absolute,
-    code_version,
     expand_paths,
     join,
     require_complete,
@@ -79,15 +77,21 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
 
     examples = join(cfg.prepared, "examples", "train")
     fs, files = expand_paths(examples)
-    cols = [S.HIST_ITEM_IDX, S.HIST_EVENT_IDX, S.HIST_GAP, S.TARGET_ITEM_IDX, S.NEGATIVES]
+    cols = [
+        schema.HIST_ITEM_IDX,
+        schema.HIST_EVENT_IDX,
+        schema.HIST_GAP,
+        schema.TARGET_ITEM_IDX,
+        schema.NEGATIVES,
+    ]
     if cfg.nightly_fraction > 0:
-        cols.append(S.TARGET_TIMESTAMP)
+        cols.append(schema.TARGET_TIMESTAMP)
     ds = ray.data.read_parquet([f.path for f in files], filesystem=fs).select_columns(cols)
     if hidden is not None:
         held = pa.array(np.flatnonzero(hidden).astype(np.int32))
 
         def drop_held_out(batch: pa.Table) -> pa.Table:
-            return batch.filter(pc.invert(pc.is_in(batch[S.TARGET_ITEM_IDX], value_set=held)))
+            return batch.filter(pc.invert(pc.is_in(batch[schema.TARGET_ITEM_IDX], value_set=held)))
 
         ds = ds.map_batches(drop_held_out, batch_format="pyarrow")
     if _fits_object_store(cfg, sum(f.size for f in files)):
@@ -153,7 +157,9 @@ def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[
         logger.info("resume=false: removing the previous run in %s", run_dir)
         shutil.rmtree(run_dir)
     data = load_prepared(cfg.prepared)
-    hidden = cold_start_items(data.items[S.ITEM_ID].to_numpy(), cfg.cold_start_fraction, cfg.seed)
+    hidden = cold_start_items(
+        data.items[schema.ITEM_ID].to_numpy(), cfg.cold_start_fraction, cfg.seed
+    )
     ds, rows = train_dataset(cfg, hidden if hidden.any() else None)
     steps = rows // (cfg.batch_size * cfg.num_workers)
     if steps == 0:
@@ -214,17 +220,15 @@ def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[
                 )
             upload_dir(tmp, stage.staging)
         stage.publish(
-            {
-                "stage": "train",
-                "run_id": stage.run_id,
-                "code_version": code_version(),
-                "config": dump_config(resolved_cfg),
-                "prepared": cfg.prepared,
-                "prepared_run_id": prep_manifest.get("run_id"),
-                "checkpoints": run_dir,
-                "timings": {"total_s": round(time.time() - t0, 2)},
-                "metrics": {k: v for k, v in metrics.items() if k != "history"},
-            }
+            stage.manifest(
+                "train",
+                resolved_cfg,
+                t0,
+                prepared=cfg.prepared,
+                prepared_run_id=prep_manifest.get("run_id"),
+                checkpoints=run_dir,
+                metrics={k: v for k, v in metrics.items() if k != "history"},
+            )
         )
     logger.info("published model %s to %s", stage.run_id, cfg.output)
     return metrics

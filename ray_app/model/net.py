@@ -159,11 +159,16 @@ class Scorer(nn.Module):
         self.scale = 1.0 / math.sqrt(d)
 
     def forward(
-        self, user: torch.Tensor, states: torch.Tensor, valid: torch.Tensor, cands: torch.Tensor
+        self,
+        user: torch.Tensor,
+        states: torch.Tensor,
+        valid: torch.Tensor,
+        cand_vectors: torch.Tensor,
     ) -> torch.Tensor:
-        """user (B, d), states (B, L, d), valid (B, L), cands (C, d) shared or (B, C, d)."""
-        shared = cands.dim() == 2
-        q = self.query(cands)
+        """user (B, d), states (B, L, d), valid (B, L), cand_vectors (C, d) shared or
+        (B, C, d)."""
+        shared = cand_vectors.dim() == 2
+        q = self.query(cand_vectors)
         att = (
             torch.einsum("cd,bld->bcl", q, states)
             if shared
@@ -173,13 +178,13 @@ class Scorer(nn.Module):
             -1, keepdim=True
         )
         ctx = torch.einsum("bcl,bld->bcd", att, states)
-        c = cands.unsqueeze(0) if shared else cands
+        c = cand_vectors.unsqueeze(0) if shared else cand_vectors
         dot = (user.unsqueeze(1) * c).sum(-1)
         feats = torch.cat([user.unsqueeze(1) * c, ctx * c], -1)
         return dot + self.mlp(feats).squeeze(-1)
 
 
-class Reranker(nn.Module):
+class RerankerNet(nn.Module):
     """Item tower (text encoder + IDs), user tower, scorer."""
 
     def __init__(self, cfg: ModelConfig, num_items: int, text: TextEncoder | None) -> None:
@@ -212,7 +217,7 @@ class Reranker(nn.Module):
     def forward(
         self,
         hist: History,
-        cands: torch.Tensor,
+        cand_items: torch.Tensor,
         labels: torch.Tensor,
         cand_logq: torch.Tensor,
         cand_text: TextBatch | None = None,
@@ -221,10 +226,10 @@ class Reranker(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of every example against the shared candidates, and the loss.
 
-        cands (C,) item_idx shared by the batch; labels (B,) index of each
-        example's target in `cands`; cand_logq (C,) log of each candidate's
+        cand_items (C,) item_idx shared by the batch; labels (B,) index of each
+        example's target in `cand_items`; cand_logq (C,) log of each candidate's
         chance to be in the set (popularity correction for `softmax`);
-        negatives (B, n) indices into `cands` of each example's own sampled
+        negatives (B, n) indices into `cand_items` of each example's own sampled
         negatives (for `bce`); cand_text the text encoder's inputs for every
         candidate when it is being fine-tuned (else the text table serves).
         All candidates must go through the same path: a model that sees some
@@ -234,10 +239,10 @@ class Reranker(nn.Module):
         """
         user, states = self.encode_user(hist)
         text = cand_text.encode(self.text) if cand_text is not None else None
-        vecs = self.item_vectors(cands, text)
+        vecs = self.item_vectors(cand_items, text)
         scores = self.scorer(user, states, hist.items > 0, vecs)
-        seen = (hist.items.unsqueeze(-1) == cands.view(1, 1, -1)).any(1)
-        target = F.one_hot(labels, len(cands)).bool()
+        seen = (hist.items.unsqueeze(-1) == cand_items.view(1, 1, -1)).any(1)
+        target = F.one_hot(labels, len(cand_items)).bool()
         seen = seen & ~target
         if loss == "softmax":
             logits = (scores - cand_logq).masked_fill(seen, NEG_INF)
