@@ -12,24 +12,19 @@ names one (`reconfigure`), so a new model goes live without dropping requests.
 import asyncio
 import ctypes
 import ctypes.util
-import hmac
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi import HTTPException
 from ray import serve
 from ray.serve import Application
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ray_app.model.ranker import Candidate, Event, Ranked, Ranker
 from ray_app.model.ranker import Query as RankQuery
 from ray_app.serving.api import (
-    ErrorResponse,
     EventIn,
     EventsRequest,
     EventsResponse,
@@ -39,123 +34,12 @@ from ray_app.serving.api import (
 )
 from ray_app.serving.config import AppArgs
 from ray_app.serving.events import StoreUnavailable, make_store, merge
+from ray_app.serving.http import error, error_detail, make_api
 from ray_app.serving.recommendations import NoRecommendations, TopKReader
 from ray_app.storage import absolute
 from ray_app.times import parse_time
 
 logger = logging.getLogger(__name__)
-
-api = FastAPI(
-    title="rerank",
-    version="1",
-    description="Re-rank a user's candidates with a fine-tuned language-model re-ranker; "
-    "post events; read the nightly top-K.",
-)
-
-
-_KINDS = {401: "unauthorized", 404: "not_found", 413: "too_large", 503: "unavailable"}
-
-
-def _text(value: Any) -> str:
-    """`value` as text any JSON encoder accepts: a lone surrogate from the request
-    becomes its escape, so an error that quotes the input can always be sent."""
-    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _detail(loc: list[Any], msg: str, kind: str) -> dict[str, Any]:
-    return {
-        "loc": [p if isinstance(p, int) and not isinstance(p, bool) else _text(p) for p in loc],
-        "msg": _text(msg),
-        "type": kind,
-    }
-
-
-def _error_response(
-    status: int, details: list[dict[str, Any]], headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse({"detail": details}, status_code=status, headers=headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """The one place a malformed request becomes an answer: 422, the field and the
-    reason, never the input itself (it may be NaN, 1e400 or a lone surrogate, which
-    JSON cannot carry back)."""
-    return _error_response(
-        422,
-        [
-            _detail(list(e.get("loc", [])), e.get("msg", ""), e.get("type", ""))
-            for e in exc.errors()
-        ],
-    )
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Raised errors (413, 422 from the service's own checks, 404, 405 ...) in the same
-    shape as validation errors."""
-    detail = exc.detail
-    if exc.status_code == 400:  # FastAPI: a body it could not parse (e.g. nested too deep)
-        return _error_response(422, [_detail(["body"], str(detail), "json_invalid")])
-    kind = _KINDS.get(exc.status_code, "invalid" if exc.status_code == 422 else "error")
-    if isinstance(detail, list):
-        details = [_detail(d.get("loc", []), d.get("msg", ""), d.get("type", kind)) for d in detail]
-    else:
-        details = [_detail([], str(detail), kind)]
-    return _error_response(exc.status_code, details, getattr(exc, "headers", None))
-
-
-def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` of an endpoint: each status it can answer, one error model."""
-    why = {
-        401: "Missing or wrong bearer token (when the deployment has one).",
-        404: "Nothing published for this user.",
-        413: "Body, candidates, history, events or a text over the deployment's limits.",
-        422: "A field is malformed or outside the deployment's bounds: `loc` names it.",
-        503: "The event store did not confirm the write in time: post the events again "
-        "after `Retry-After` seconds.",
-    }
-    return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
-
-
-@api.middleware("http")
-async def _guard(request: Request, call_next):
-    """Body size (413) and bearer token (401) before any body is parsed."""
-    state = request.app.state
-    limit = getattr(state, "max_body_bytes", None)
-    if limit is not None and request.method in ("POST", "PUT"):
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return _too_large("body", f"request body of {declared} bytes > {limit}")
-        body = await request.body()  # cached by Starlette for the endpoint
-        if len(body) > limit:
-            return _too_large("body", f"request body of {len(body)} bytes > {limit}")
-    token = getattr(state, "token", None)
-    if token and request.url.path.startswith("/v1/"):
-        sent = request.headers.get("authorization", "")
-        scheme, _, value = sent.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            value.encode("utf-8", "backslashreplace"), token.encode()
-        ):
-            return _error_response(
-                401,
-                [
-                    _detail(
-                        ["header", "authorization"], "missing or wrong bearer token", "unauthorized"
-                    )
-                ],
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-    return await call_next(request)
-
-
-def _too_large(field: str, msg: str) -> JSONResponse:
-    return _error_response(413, [_detail([field], msg, "too_large")])
-
-
-def _error(status: int, loc: list[Any], msg: str) -> HTTPException:
-    kind = _KINDS.get(status, "invalid")
-    return HTTPException(status_code=status, detail=[_detail(["body", *loc], msg, kind)])
 
 
 def _malloc_trim() -> Any:
@@ -167,8 +51,11 @@ def _malloc_trim() -> Any:
 
 
 @serve.deployment(name="RerankService", health_check_period_s=10)
-@serve.ingress(api)
+@serve.ingress()
 class RerankService:
+    """One replica: the model (swappable), the event store, the nightly lists, and the
+    request handlers its HTTP app (`http.make_api`) routes to."""
+
     def __init__(self, args: dict[str, Any]) -> None:
         import torch
 
@@ -180,10 +67,9 @@ class RerankService:
         self.store = make_store(self.args.events)
         self.topk = TopKReader(self.args.topk)
         self.limits = self.args.limits
-        api.state.max_body_bytes = self.limits.max_body_bytes
         env = self.args.auth_token_env
-        api.state.token = os.environ.get(env) if env else None
-        if env and not api.state.token:
+        self.token = os.environ.get(env) if env else None
+        if env and not self.token:
             logger.warning("auth_token_env=%s is not set: /v1/* is open", env)
         # One scoring thread: the model's allocations stay in one malloc arena
         # (a pool of threads spreads them over several, each fragmenting apart).
@@ -193,6 +79,10 @@ class RerankService:
         self._score.set_max_batch_size(self.args.max_batch_size)
         self._score.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
         logger.info("serving model %s from %s", self.ranker.version, self.model_path)
+
+    def __serve_build_asgi_app__(self) -> Any:
+        """Serve asks each replica for its app once the replica is constructed."""
+        return make_api(self)
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """`user_config: {model: <artifact>}` swaps the model; requests keep being served
@@ -259,7 +149,7 @@ class RerankService:
             return int(time.time())
         lo, hi = self._bounds()
         if not lo <= scored_at <= hi:
-            raise _error(422, ["scored_at"], f"{scored_at} is outside {lo} .. {hi} (epoch seconds)")
+            raise error(422, ["scored_at"], f"{scored_at} is outside {lo} .. {hi} (epoch seconds)")
         return scored_at
 
     def _events(self, events: list[EventIn], field: str, now: int) -> list[Event]:
@@ -269,9 +159,9 @@ class RerankService:
             try:
                 self.ranker.event_idx(e.event_type)
             except ValueError as err:
-                raise _error(422, [field, i, "event_type"], str(err)) from None
+                raise error(422, [field, i, "event_type"], str(err)) from None
             if e.timestamp is not None and not lo <= e.timestamp <= hi:
-                raise _error(
+                raise error(
                     422,
                     [field, i, "timestamp"],
                     f"{e.timestamp} is outside {lo} .. {hi} (epoch seconds)",
@@ -281,36 +171,22 @@ class RerankService:
             )
         return out
 
-    @api.get("/healthz", summary="Liveness")
-    async def healthz(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/readyz", summary="Ready once the model is loaded")
-    async def readyz(self) -> dict[str, str]:
-        return {"status": "ready", "model_version": self.ranker.version}
-
-    @api.post(
-        "/v1/rerank",
-        response_model=RerankResponse,
-        summary="Re-rank candidates",
-        responses=_responses(401, 413, 422),
-    )
     async def rerank(self, req: RerankRequest) -> RerankResponse:
         lim = self.limits
         if len(req.candidates) > lim.max_candidates:
-            raise _error(413, ["candidates"], f"{len(req.candidates)} > {lim.max_candidates}")
+            raise error(413, ["candidates"], f"{len(req.candidates)} > {lim.max_candidates}")
         if len(req.history) > lim.max_history:
-            raise _error(413, ["history"], f"{len(req.history)} events > {lim.max_history}")
+            raise error(413, ["history"], f"{len(req.history)} events > {lim.max_history}")
         if req.k is not None and req.k > lim.max_k:
-            raise _error(422, ["k"], f"k={req.k} > {lim.max_k}")
+            raise error(422, ["k"], f"k={req.k} > {lim.max_k}")
         seen: set[str] = set()
         for i, c in enumerate(req.candidates):
             if c.text is not None and len(c.text) > lim.max_text_chars:
-                raise _error(
+                raise error(
                     413, ["candidates", i, "text"], f"{len(c.text)} chars > {lim.max_text_chars}"
                 )
             if c.item_id in seen:
-                raise _error(422, ["candidates", i, "item_id"], f"duplicate {c.item_id!r}")
+                raise error(422, ["candidates", i, "item_id"], f"duplicate {c.item_id!r}")
             seen.add(c.item_id)
         now = self._moment(req.scored_at)
         sent = self._events(req.history, "history", now)
@@ -335,17 +211,9 @@ class RerankService:
             stored_history=stored_history,
         )
 
-    @api.post(
-        "/v1/events",
-        response_model=EventsResponse,
-        summary="Append a user's events",
-        responses=_responses(401, 413, 422, 503),
-    )
     async def events(self, req: EventsRequest) -> EventsResponse:
-        """200 only once the events are stored. A 503 means they may not be: post them
-        again after `Retry-After` seconds (the history counts an exact duplicate once)."""
         if len(req.events) > self.limits.max_events:
-            raise _error(413, ["events"], f"{len(req.events)} > {self.limits.max_events}")
+            raise error(413, ["events"], f"{len(req.events)} > {self.limits.max_events}")
         events = self._events(req.events, "events", int(time.time()))
         try:
             appender = getattr(self.store, "append_async", None)
@@ -357,29 +225,21 @@ class RerankService:
             logger.warning("events of a request not stored: %s", e)
             raise HTTPException(
                 503,
-                detail=[_detail(["store"], f"event store unavailable: {e}", "unavailable")],
+                detail=[error_detail(["store"], f"event store unavailable: {e}", "unavailable")],
                 headers={"Retry-After": str(self.args.events.retry_after_s)},
             ) from None
         return EventsResponse(user_id=req.user_id, stored=len(events), history_length=n)
 
-    @api.get(
-        "/v1/users/{user_id}/recommendations",
-        response_model=RecommendationsResponse,
-        summary="The latest nightly top-K of a user",
-        responses=_responses(401, 404, 422),
-    )
-    async def recommendations(
-        self, user_id: str, k: int | None = Query(default=None, ge=1)
-    ) -> RecommendationsResponse:
+    async def recommendations(self, user_id: str, k: int | None) -> RecommendationsResponse:
         if k is not None and k > self.limits.max_k:
             raise HTTPException(
-                422, detail=[_detail(["query", "k"], f"k > {self.limits.max_k}", "invalid")]
+                422, detail=[error_detail(["query", "k"], f"k > {self.limits.max_k}", "invalid")]
             )
         try:
             found = await asyncio.to_thread(self.topk.get, user_id, k)
         except NoRecommendations as e:
             raise HTTPException(
-                404, detail=[_detail(["path", "user_id"], str(e), "not_found")]
+                404, detail=[error_detail(["path", "user_id"], str(e), "not_found")]
             ) from None
         return RecommendationsResponse(**found)
 
@@ -406,6 +266,3 @@ def build_app(args: AppArgs) -> Application:
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         user_config={"model": model},
     ).bind(resolved.model_dump(mode="json"))
-
-
-app = build_app(AppArgs())

@@ -1,0 +1,186 @@
+"""The service's HTTP face: the FastAPI app each replica builds for itself.
+
+`make_api(service)` registers the routes (each calls the replica's own method),
+the guard that checks body size and bearer token before any body is parsed,
+and the one error model: every 4xx and 503 is an `ErrorResponse` that names
+the field and never echoes the input. Built per replica (Serve calls
+`__serve_build_asgi_app__`), so no state lives in a module.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ray_app.serving.api import (
+    ErrorResponse,
+    EventsRequest,
+    EventsResponse,
+    RecommendationsResponse,
+    RerankRequest,
+    RerankResponse,
+)
+
+if TYPE_CHECKING:
+    from ray_app.serving.app import RerankService
+
+_KINDS = {401: "unauthorized", 404: "not_found", 413: "too_large", 503: "unavailable"}
+
+
+def _text(value: Any) -> str:
+    """`value` as text any JSON encoder accepts: a lone surrogate from the request
+    becomes its escape, so an error that quotes the input can always be sent."""
+    return str(value).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def error_detail(loc: list[Any], msg: str, kind: str) -> dict[str, Any]:
+    return {
+        "loc": [p if isinstance(p, int) and not isinstance(p, bool) else _text(p) for p in loc],
+        "msg": _text(msg),
+        "type": kind,
+    }
+
+
+def _error_response(
+    status: int, details: list[dict[str, Any]], headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse({"detail": details}, status_code=status, headers=headers)
+
+
+async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """The one place a malformed request becomes an answer: 422, the field and the
+    reason, never the input itself (it may be NaN, 1e400 or a lone surrogate, which
+    JSON cannot carry back)."""
+    return _error_response(
+        422,
+        [
+            error_detail(list(e.get("loc", [])), e.get("msg", ""), e.get("type", ""))
+            for e in exc.errors()
+        ],
+    )
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Raised errors (413, 422 from the service's own checks, 404, 405 ...) in the same
+    shape as validation errors."""
+    detail = exc.detail
+    if exc.status_code == 400:  # FastAPI: a body it could not parse (e.g. nested too deep)
+        return _error_response(422, [error_detail(["body"], str(detail), "json_invalid")])
+    kind = _KINDS.get(exc.status_code, "invalid" if exc.status_code == 422 else "error")
+    if isinstance(detail, list):
+        details = [
+            error_detail(d.get("loc", []), d.get("msg", ""), d.get("type", kind)) for d in detail
+        ]
+    else:
+        details = [error_detail([], str(detail), kind)]
+    return _error_response(exc.status_code, details, getattr(exc, "headers", None))
+
+
+def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` of an endpoint: each status it can answer, one error model."""
+    why = {
+        401: "Missing or wrong bearer token (when the deployment has one).",
+        404: "Nothing published for this user.",
+        413: "Body, candidates, history, events or a text over the deployment's limits.",
+        422: "A field is malformed or outside the deployment's bounds: `loc` names it.",
+        503: "The event store did not confirm the write in time: post the events again "
+        "after `Retry-After` seconds.",
+    }
+    return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
+
+
+def _too_large(field: str, msg: str) -> JSONResponse:
+    return _error_response(413, [error_detail([field], msg, "too_large")])
+
+
+def error(status: int, loc: list[Any], msg: str) -> HTTPException:
+    kind = _KINDS.get(status, "invalid")
+    return HTTPException(status_code=status, detail=[error_detail(["body", *loc], msg, kind)])
+
+
+def make_api(service: RerankService) -> FastAPI:
+    """The replica's FastAPI app: routes to `service`, its limits and token."""
+    api = FastAPI(
+        title="rerank",
+        version="1",
+        description="Re-rank a user's candidates with a fine-tuned language-model re-ranker; "
+        "post events; read the nightly top-K.",
+    )
+    api.add_exception_handler(RequestValidationError, _invalid)
+    api.add_exception_handler(StarletteHTTPException, _http_error)
+    limit, token = service.limits.max_body_bytes, service.token
+
+    @api.middleware("http")
+    async def guard(request: Request, call_next):
+        """Body size (413) and bearer token (401) before any body is parsed."""
+        if limit is not None and request.method in ("POST", "PUT"):
+            declared = request.headers.get("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limit:
+                return _too_large("body", f"request body of {declared} bytes > {limit}")
+            body = await request.body()  # cached by Starlette for the endpoint
+            if len(body) > limit:
+                return _too_large("body", f"request body of {len(body)} bytes > {limit}")
+        if token and request.url.path.startswith("/v1/"):
+            sent = request.headers.get("authorization", "")
+            scheme, _, value = sent.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                value.encode("utf-8", "backslashreplace"), token.encode()
+            ):
+                return _error_response(
+                    401,
+                    [
+                        error_detail(
+                            ["header", "authorization"],
+                            "missing or wrong bearer token",
+                            "unauthorized",
+                        )
+                    ],
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        return await call_next(request)
+
+    @api.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @api.get("/readyz", summary="Ready once the model is loaded")
+    async def readyz() -> dict[str, str]:
+        return {"status": "ready", "model_version": service.ranker.version}
+
+    @api.post(
+        "/v1/rerank",
+        response_model=RerankResponse,
+        summary="Re-rank candidates",
+        responses=_responses(401, 413, 422),
+    )
+    async def rerank(req: RerankRequest) -> RerankResponse:
+        return await service.rerank(req)
+
+    @api.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        summary="Append a user's events",
+        responses=_responses(401, 413, 422, 503),
+    )
+    async def events(req: EventsRequest) -> EventsResponse:
+        """200 only once the events are stored. A 503 means they may not be: post them
+        again after `Retry-After` seconds (the history counts an exact duplicate once)."""
+        return await service.events(req)
+
+    @api.get(
+        "/v1/users/{user_id}/recommendations",
+        response_model=RecommendationsResponse,
+        summary="The latest nightly top-K of a user",
+        responses=_responses(401, 404, 422),
+    )
+    async def recommendations(
+        user_id: str, k: int | None = Query(default=None, ge=1)
+    ) -> RecommendationsResponse:
+        return await service.recommendations(user_id, k)
+
+    return api
