@@ -285,8 +285,8 @@ def read_latest(root: str) -> str | None:
 
 def _partitions(fs: Any, path: str) -> int:
     """Groups of users for the shuffle: about 64 MB of Parquet events each, at least one
-    per CPU. Ray Data's default (200) gave a small data set 200 tiny blocks, and the
-    actors spent their time on per-task overhead (95 s for 15k events vs 19 s)."""
+    per CPU. Ray Data's default (200) gives a small data set 200 tiny blocks, and the
+    actors then spend their time on per-task overhead."""
     import pyarrow.fs as pafs
 
     infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))

@@ -40,8 +40,8 @@ def demo_config(
         "workdir": workdir,
         "generate": {"num_events": events},
         "train": {
-            # A frozen encoder: on CPUs its steps are 2-3x cheaper, and in a budget of
-            # minutes more epochs beat fine-tuning its top layer (see the README).
+            # A frozen encoder: on CPUs its steps are cheaper, and in a budget of minutes
+            # more epochs beat fine-tuning its top layer (the README has the figures).
             "model": {"encoder": encoder, "trainable_layers": 0},
             "epochs": 2,
             "max_minutes": train_minutes,

@@ -149,8 +149,8 @@ class ItemText:
     """Every item's token ids, and the encoder's frozen lower output once computed.
 
     `cache` holds the lower layers' output of every item in float16 (about
-    items x tokens x hidden x 2 bytes: 240 MB for MovieLens' 9.7k items with
-    MiniLM), so each step runs only the trained top layers.
+    items x tokens x hidden x 2 bytes), so each step runs only the trained top
+    layers.
     """
 
     def __init__(self, input_ids: list[np.ndarray]) -> None:

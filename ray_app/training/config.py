@@ -48,7 +48,7 @@ class TrainConfig(StrictModel):
     encoder_frozen_epochs: int = Field(default=1, ge=0)
     """Epochs that train the heads on the frozen encoder before its trainable layers are updated
     (linear probing, then fine-tuning): fine-tuning from the first step, while the heads are
-    random, distorted the pretrained text features and lost to a frozen encoder on MovieLens.
+    random, distorts the pretrained text features (see the README's MovieLens ablations).
     """
     weight_decay: float = Field(default=0.01, ge=0)
     """AdamW weight decay."""
@@ -104,8 +104,8 @@ class TrainConfig(StrictModel):
     them: that day's events dropped from the history, every gap measured to the end of the
     day before (the moment the nightly lists are scored at). It is also the only way the
     model sees an empty history, a user whose first day it is. These rows keep their
-    time since the last event (no `returning_fraction` redraw). Off by default: on MovieLens
-    0.25 fixed the empty histories but lost more on the others (see the README).
+    time since the last event (no `returning_fraction` redraw). Off by default: the README
+    says what it fixed and what it cost.
     """
     k: int = Field(default=10, ge=1)
     """Cut-off of the validation metrics."""

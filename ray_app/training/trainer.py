@@ -67,11 +67,10 @@ def _fits_object_store(cfg: TrainConfig, parquet_bytes: int) -> bool:
 def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
     """Training examples as a Ray Dataset shuffled anew each epoch, and their count.
 
-    Cold-start targets are removed. A set that fits the object store (all of
-    MovieLens: 13 MB of Parquet) is read once and kept there, so an epoch
-    starts with an in-memory reshuffle (0.5 s on 2 cores) instead of reading
-    and shuffling from storage again (3 s on a quiet machine, 13 s beside a
-    starting trainer), time in which the workers wait for their first batch.
+    Cold-start targets are removed. A set that fits the object store is read once
+    and kept there, so an epoch starts with an in-memory reshuffle instead of
+    reading and shuffling from storage again, time in which the workers wait for
+    their first batch (the README's training benchmark has the figures).
     """
     import ray.data
 
