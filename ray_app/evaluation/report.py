@@ -8,6 +8,7 @@ from ray_app.storage import join, write_bytes, write_text
 
 
 def markdown(metrics: dict[str, Any]) -> str:
+    """The report: one table per section, each left out when there is nothing for it."""
     k = metrics["k"]
     lines = [f"# Evaluation (k={k})", ""]
     if metrics.get("max_users"):
@@ -16,6 +17,30 @@ def markdown(metrics: dict[str, Any]) -> str:
             "users for every method); baselines fit on every training event.",
             "",
         ]
+    lines += _split_tables(metrics, k)
+    lines += returning_users_tables(metrics)
+    for section in (
+        _baselines_table,
+        _models_table,
+        _cold_start_table,
+        _lists_table,
+        _new_vs_repeat_table,
+    ):
+        lines += section(metrics, k)
+    if metrics.get("paired"):
+        lines += ["", "## Paired comparisons", "", *paired_table(metrics)]
+    lines += [
+        "",
+        f"Protocols: sampled = {metrics['protocols']['sampled']}; "
+        f"full = {metrics['protocols']['full']}.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _split_tables(metrics: dict[str, Any], k: int) -> list[str]:
+    """Both protocols' metrics of every method on test, then valid."""
+    lines: list[str] = []
     for split in ("test", "valid"):
         res = metrics["results"][split]
         lines += [
@@ -34,8 +59,12 @@ def markdown(metrics: dict[str, Any]) -> str:
                 f"| {f[f'diversity@{k}']:.3f} | {r['users']} |"
             )
         lines.append("")
-    lines += returning_users_tables(metrics)
-    lines += [
+    return lines
+
+
+def _baselines_table(metrics: dict[str, Any], k: int) -> list[str]:
+    """The baselines' chosen hyper-parameters and their search on valid."""
+    lines = [
         "## Baselines",
         "",
         "Hyper-parameters chosen on valid NDCG@k, separately for each protocol.",
@@ -50,107 +79,121 @@ def markdown(metrics: dict[str, Any]) -> str:
             for key, v in b["valid_ndcg_search"].items()
         )
         lines.append(f"| {name} | {b['fit_seconds']} | {chosen[0]} | {chosen[1]} | {search} |")
-    if metrics.get("models"):
-        lines += [
-            "",
-            "## Trained models",
-            "",
-            "| name | version | artifact | best epoch | trainable encoder layers | text | IDs |",
-            "|---|---|---|---:|---:|---|---|",
-        ]
-        for name, m in metrics["models"].items():
-            lines.append(
-                f"| {name} | {m['version']} | {m['artifact']} | {m['best_epoch']} "
-                f"| {m['trainable_layers']} | {m['use_text']} | {m['use_ids']} |"
-            )
-    if metrics.get("cold_start"):
-        lines += [
-            "",
-            "## Cold start (items held out of training)",
-            "",
-            f"Targets that are held-out items, ranked against {metrics['num_negatives']} "
-            "other held-out items the user never touched: the valid and test targets, and "
-            "every event on a held-out item (train-split ones too, which the model never "
-            "trained on), averaged per user. Warm: the same model on the other valid and "
-            f"test targets, each against {metrics['num_negatives']} never-touched items "
-            "(the sampled protocol); held-out / warm compares the valid + test NDCG.",
-            "",
-            f"| model | valid + test HR@{k} | NDCG@{k} | users | every event HR@{k} "
-            f"| NDCG@{k} | users | events | held-out items | warm NDCG@{k} | users "
-            "| held-out / warm |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, r in metrics["cold_start"].items():
-            a = r["all_events"]
-            vt = (
-                f"{r[f'hr@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']}"
-                if "users" in r
-                else "- | - | 0"
-            )
-            w = r["warm"]
-            ratio = (
-                f"{r[f'ndcg@{k}'] / w[f'ndcg@{k}']:.2f}"
-                if "users" in r and w[f"ndcg@{k}"] > 0
-                else "-"
-            )
-            lines.append(
-                f"| {name} | {vt} | {a[f'hr@{k}']:.4f} | {a[f'ndcg@{k}']:.4f} | {a['users']} "
-                f"| {a['events']} | {r['held_out_items']} | {w[f'ndcg@{k}']:.4f} "
-                f"| {w['users']} | {ratio} |"
-            )
-    if metrics.get("lists"):
-        lines += [
-            "",
-            "## Precomputed top-K lists (nightly, as of a split)",
-            "",
-            "Lists a `nightly` run made as of a split: each user as the night before their "
-            "target. Their target in the top k or not (the nightly backtest table above holds "
-            "their NDCG beside every method's), and what the lists look like. A list holds "
-            "only items new to the user, so a repeat target is never in it; 'new targets' "
-            "leaves those out.",
-            "",
-            f"| lists | split | full Recall@{k} | full NDCG@{k} | new targets NDCG@{k} "
-            f"| coverage@{k} "
-            f"| long-tail@{k} | diversity@{k} | candidates | diversity w | tail boost "
-            "| users with a list |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name, r in metrics["lists"].items():
-            f, c = r["full"], r["config"]
-            lines.append(
-                f"| {name} | {r['split']} | {f[f'recall@{k}']:.4f} | {f[f'ndcg@{k}']:.4f} "
-                f"| {r['new_targets'][f'ndcg@{k}']:.4f} ({r['new_targets']['users']}) "
-                f"| {f[f'coverage@{k}']:.3f} | {f[f'long_tail_share@{k}']:.3f} "
-                f"| {f[f'diversity@{k}']:.3f} | {c['num_candidates'] or 'all'} "
-                f"| {c['diversity']} | {c['long_tail_boost']} "
-                f"| {r['users_with_list']} / {r['users']} |"
-            )
-    by_target = {n: d["full_by_target"] for n, d in metrics.get("breakdowns_test", {}).items()}
-    if any(b["repeat"]["users"] for b in by_target.values()):
-        lines += [
-            "",
-            "## Test, full ranking: targets new to the user vs repeats",
-            "",
-            f"| method | new Recall@{k} | new NDCG@{k} | repeat Recall@{k} "
-            f"| repeat NDCG@{k} | new / repeat users |",
-            "|---|---:|---:|---:|---:|---:|",
-        ]
-        for name, b in by_target.items():
-            new, rep = b["new"], b["repeat"]
-            lines.append(
-                f"| {name} | {new[f'recall@{k}']:.4f} | {new[f'ndcg@{k}']:.4f} "
-                f"| {rep[f'recall@{k}']:.4f} | {rep[f'ndcg@{k}']:.4f} "
-                f"| {new['users']} / {rep['users']} |"
-            )
-    if metrics.get("paired"):
-        lines += ["", "## Paired comparisons", "", *paired_table(metrics)]
-    lines += [
+    return lines
+
+
+def _models_table(metrics: dict[str, Any], k: int) -> list[str]:
+    """The trained models scored, and what each is."""
+    if not metrics.get("models"):
+        return []
+    lines = [
         "",
-        f"Protocols: sampled = {metrics['protocols']['sampled']}; "
-        f"full = {metrics['protocols']['full']}.",
+        "## Trained models",
         "",
+        "| name | version | artifact | best epoch | trainable encoder layers | text | IDs |",
+        "|---|---|---|---:|---:|---|---|",
     ]
-    return "\n".join(lines)
+    for name, m in metrics["models"].items():
+        lines.append(
+            f"| {name} | {m['version']} | {m['artifact']} | {m['best_epoch']} "
+            f"| {m['trainable_layers']} | {m['use_text']} | {m['use_ids']} |"
+        )
+    return lines
+
+
+def _cold_start_table(metrics: dict[str, Any], k: int) -> list[str]:
+    """Held-out items: ranked among each other, beside the warm targets."""
+    if not metrics.get("cold_start"):
+        return []
+    lines = [
+        "",
+        "## Cold start (items held out of training)",
+        "",
+        f"Targets that are held-out items, ranked against {metrics['num_negatives']} "
+        "other held-out items the user never touched: the valid and test targets, and "
+        "every event on a held-out item (train-split ones too, which the model never "
+        "trained on), averaged per user. Warm: the same model on the other valid and "
+        f"test targets, each against {metrics['num_negatives']} never-touched items "
+        "(the sampled protocol); held-out / warm compares the valid + test NDCG.",
+        "",
+        f"| model | valid + test HR@{k} | NDCG@{k} | users | every event HR@{k} "
+        f"| NDCG@{k} | users | events | held-out items | warm NDCG@{k} | users "
+        "| held-out / warm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in metrics["cold_start"].items():
+        a = r["all_events"]
+        vt = (
+            f"{r[f'hr@{k}']:.4f} | {r[f'ndcg@{k}']:.4f} | {r['users']}"
+            if "users" in r
+            else "- | - | 0"
+        )
+        w = r["warm"]
+        ratio = (
+            f"{r[f'ndcg@{k}'] / w[f'ndcg@{k}']:.2f}" if "users" in r and w[f"ndcg@{k}"] > 0 else "-"
+        )
+        lines.append(
+            f"| {name} | {vt} | {a[f'hr@{k}']:.4f} | {a[f'ndcg@{k}']:.4f} | {a['users']} "
+            f"| {a['events']} | {r['held_out_items']} | {w[f'ndcg@{k}']:.4f} "
+            f"| {w['users']} | {ratio} |"
+        )
+    return lines
+
+
+def _lists_table(metrics: dict[str, Any], k: int) -> list[str]:
+    """Precomputed nightly lists scored as of a split."""
+    if not metrics.get("lists"):
+        return []
+    lines = [
+        "",
+        "## Precomputed top-K lists (nightly, as of a split)",
+        "",
+        "Lists a `nightly` run made as of a split: each user as the night before their "
+        "target. Their target in the top k or not (the nightly backtest table above holds "
+        "their NDCG beside every method's), and what the lists look like. A list holds "
+        "only items new to the user, so a repeat target is never in it; 'new targets' "
+        "leaves those out.",
+        "",
+        f"| lists | split | full Recall@{k} | full NDCG@{k} | new targets NDCG@{k} "
+        f"| coverage@{k} "
+        f"| long-tail@{k} | diversity@{k} | candidates | diversity w | tail boost "
+        "| users with a list |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in metrics["lists"].items():
+        f, c = r["full"], r["config"]
+        lines.append(
+            f"| {name} | {r['split']} | {f[f'recall@{k}']:.4f} | {f[f'ndcg@{k}']:.4f} "
+            f"| {r['new_targets'][f'ndcg@{k}']:.4f} ({r['new_targets']['users']}) "
+            f"| {f[f'coverage@{k}']:.3f} | {f[f'long_tail_share@{k}']:.3f} "
+            f"| {f[f'diversity@{k}']:.3f} | {c['num_candidates'] or 'all'} "
+            f"| {c['diversity']} | {c['long_tail_boost']} "
+            f"| {r['users_with_list']} / {r['users']} |"
+        )
+    return lines
+
+
+def _new_vs_repeat_table(metrics: dict[str, Any], k: int) -> list[str]:
+    """Full ranking on test, targets new to the user apart from repeats."""
+    by_target = {n: d["full_by_target"] for n, d in metrics.get("breakdowns_test", {}).items()}
+    if not any(b["repeat"]["users"] for b in by_target.values()):
+        return []
+    lines = [
+        "",
+        "## Test, full ranking: targets new to the user vs repeats",
+        "",
+        f"| method | new Recall@{k} | new NDCG@{k} | repeat Recall@{k} "
+        f"| repeat NDCG@{k} | new / repeat users |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, b in by_target.items():
+        new, rep = b["new"], b["repeat"]
+        lines.append(
+            f"| {name} | {new[f'recall@{k}']:.4f} | {new[f'ndcg@{k}']:.4f} "
+            f"| {rep[f'recall@{k}']:.4f} | {rep[f'ndcg@{k}']:.4f} "
+            f"| {new['users']} / {rep['users']} |"
+        )
+    return lines
 
 
 def _ndcg_cell(cell: dict[str, Any] | None, k: int) -> str:
@@ -172,8 +215,17 @@ def returning_users_tables(metrics: dict[str, Any]) -> list[str]:
     mom = metrics.get("moments")
     if not mom:
         return []
-    test = mom["results"]["test"]
     moments = ["target", *mom["deltas_s"]]
+    return [
+        *_moments_table(mom, moments, k),
+        *_gaps_table(metrics.get("breakdowns_test", {}), k),
+        *_backtest_table(metrics.get("backtest", {}).get("test"), k),
+        *_versus_best_table(metrics.get("versus_best_baseline", {}), moments, k),
+    ]
+
+
+def _moments_table(mom: dict[str, Any], moments: list[str], k: int) -> list[str]:
+    test = mom["results"]["test"]
     head = " | ".join(moments)
     lines = [
         f"## Returning users: test NDCG@{k} by the moment of scoring",
@@ -197,70 +249,81 @@ def returning_users_tables(metrics: dict[str, Any]) -> list[str]:
             cells = [_ndcg_cell(row.get(m, {}).get(proto), k) for m in moments]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines.append("")
-    details = metrics.get("breakdowns_test", {})
+    return lines
+
+
+def _gaps_table(details: dict[str, Any], k: int) -> list[str]:
     gaps = {n: d.get("full_ndcg_by_gap", {}) for n, d in details.items()}
     labels = list(next(iter(gaps.values()), {}))
-    if labels:
-        counts = next(iter(gaps.values()))
-        lines += [
-            f"## Test NDCG@{k} at the target's time, by the real gap to the target",
-            "",
-            "The gap from the history's last event to the target: the real returning users. "
-            "Cells: full / sampled.",
-            "",
-            "| method | " + " | ".join(f"{g} ({counts[g]['users']})" for g in labels) + " |",
-            "|---|" + "---:|" * len(labels),
+    if not labels:
+        return []
+    counts = next(iter(gaps.values()))
+    lines = [
+        f"## Test NDCG@{k} at the target's time, by the real gap to the target",
+        "",
+        "The gap from the history's last event to the target: the real returning users. "
+        "Cells: full / sampled.",
+        "",
+        "| method | " + " | ".join(f"{g} ({counts[g]['users']})" for g in labels) + " |",
+        "|---|" + "---:|" * len(labels),
+    ]
+    for name, d in details.items():
+        full, samp = d["full_ndcg_by_gap"], d["sampled_ndcg_by_gap"]
+        cells = [
+            f"{full[g]['ndcg']:.4f} / {samp[g]['ndcg']:.4f}" if g in full else "-" for g in labels
         ]
-        for name, d in details.items():
-            full, samp = d["full_ndcg_by_gap"], d["sampled_ndcg_by_gap"]
-            cells = [
-                f"{full[g]['ndcg']:.4f} / {samp[g]['ndcg']:.4f}" if g in full else "-"
-                for g in labels
-            ]
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
-    bt = metrics.get("backtest", {}).get("test")
-    if bt:
-        first = next(iter(bt.values()))
-        lines += [
-            "## Nightly backtest (test)",
-            "",
-            "Each target against the list the nightly run of the UTC day before it made: "
-            "events before the target's day, recency to the end of the day before, the whole "
-            "catalogue minus those events' items (a repeat target is a miss). Baselines give "
-            "users with an empty history the popularity list.",
-            "",
-            f"| method | Recall@{k} | NDCG@{k} | with history NDCG@{k} "
-            f"({first['with_history']['users']}) | empty history NDCG@{k} "
-            f"({first['empty_history']['users']}) |",
-            "|---|---:|---:|---:|---:|",
-        ]
-        for name, r in bt.items():
-            a, w, e = r["all"], r["with_history"], r["empty_history"]
-            lines.append(
-                f"| {name} | {a[f'recall@{k}']:.4f} | {a[f'ndcg@{k}']:.4f} "
-                f"| {w[f'ndcg@{k}']:.4f} | {e[f'ndcg@{k}']:.4f} |"
-            )
-        lines.append("")
-    vs = metrics.get("versus_best_baseline", {})
-    if vs:
-        cols = [f"{p}@{m}" for p in ("full", "sampled") for m in moments] + ["backtest"]
-        cols = [c for c in cols if any(c in r for r in vs.values())]
-        names = list(vs)
-        lines += [
-            f"## Against the best baseline of each column (test NDCG@{k})",
-            "",
-            "Each model minus the baseline with the highest test value in that column, user "
-            "by user: mean [95% interval]. An interval that holds 0 is no difference.",
-            "",
-            "| column | best baseline | " + " | ".join(names) + " |",
-            "|---|---|" + "---|" * len(names),
-        ]
-        for c in cols:
-            best = next(r[c]["baseline"] for r in vs.values() if c in r)
-            cells = [_interval(vs[n][c]) if c in vs[n] else "-" for n in names]
-            lines.append(f"| {c} | {best} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _backtest_table(bt: dict[str, Any] | None, k: int) -> list[str]:
+    if not bt:
+        return []
+    first = next(iter(bt.values()))
+    lines = [
+        "## Nightly backtest (test)",
+        "",
+        "Each target against the list the nightly run of the UTC day before it made: "
+        "events before the target's day, recency to the end of the day before, the whole "
+        "catalogue minus those events' items (a repeat target is a miss). Baselines give "
+        "users with an empty history the popularity list.",
+        "",
+        f"| method | Recall@{k} | NDCG@{k} | with history NDCG@{k} "
+        f"({first['with_history']['users']}) | empty history NDCG@{k} "
+        f"({first['empty_history']['users']}) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in bt.items():
+        a, w, e = r["all"], r["with_history"], r["empty_history"]
+        lines.append(
+            f"| {name} | {a[f'recall@{k}']:.4f} | {a[f'ndcg@{k}']:.4f} "
+            f"| {w[f'ndcg@{k}']:.4f} | {e[f'ndcg@{k}']:.4f} |"
+        )
+    lines.append("")
+    return lines
+
+
+def _versus_best_table(vs: dict[str, Any], moments: list[str], k: int) -> list[str]:
+    if not vs:
+        return []
+    cols = [f"{p}@{m}" for p in ("full", "sampled") for m in moments] + ["backtest"]
+    cols = [c for c in cols if any(c in r for r in vs.values())]
+    names = list(vs)
+    lines = [
+        f"## Against the best baseline of each column (test NDCG@{k})",
+        "",
+        "Each model minus the baseline with the highest test value in that column, user "
+        "by user: mean [95% interval]. An interval that holds 0 is no difference.",
+        "",
+        "| column | best baseline | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
+    for c in cols:
+        best = next(r[c]["baseline"] for r in vs.values() if c in r)
+        cells = [_interval(vs[n][c]) if c in vs[n] else "-" for n in names]
+        lines.append(f"| {c} | {best} | " + " | ".join(cells) + " |")
+    lines.append("")
     return lines
 
 
