@@ -19,6 +19,7 @@ import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -141,12 +142,9 @@ def _with_provenance(
     return table.append_column(REASON, reason_arr)
 
 
-def read_csv_stream(
-    f: pa.NativeFile, path: str, file_idx: int, spec: ReadSpec, delimiter: str
-) -> Iterator[pa.Table]:
-    """Stream a delimited file as string columns with per-record rejection."""
-    from pyarrow import csv as pacsv
-
+def _first_line(f: pa.NativeFile, path: str) -> bytes:
+    """Bytes read from the start of `f` up to and including its first newline (or all of
+    a file without one)."""
     try:
         head = b""
         while b"\n" not in head:
@@ -156,20 +154,73 @@ def read_csv_stream(
             head += chunk
     except OSError as e:
         raise InputError(f"{path}: cannot read (corrupt or truncated?): {e}") from e
+    return head
+
+
+def _header_names(head: bytes, path: str, spec: ReadSpec, delimiter: str) -> list[str]:
+    if spec.column_names is not None:
+        return list(spec.column_names)
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
+    try:
+        text = line.decode(spec.encoding)
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: header line is not valid {spec.encoding}: {e}") from e
+    names = [n.strip() for n in next(csv.reader([text], delimiter=delimiter))]
+    if len(set(names)) != len(names) or any(not n for n in names):
+        raise InputError(f"{path}: header has empty or repeated column names: {names}")
+    return names
+
+
+def _open_csv(
+    stream: Any, names: list[str], spec: ReadSpec, delimiter: str, on_invalid: Any
+) -> Any:
+    """Arrow's streaming CSV reader, every column as raw bytes (decoded by us, so that a
+    bad byte rejects one row, not the file)."""
+    from pyarrow import csv as pacsv
+
+    return pacsv.open_csv(
+        stream,
+        read_options=pacsv.ReadOptions(
+            column_names=names,
+            skip_rows=1 if spec.header else 0,
+            block_size=1 << 24,
+            use_threads=False,
+        ),
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter,
+            quote_char='"' if spec.quoting else False,
+            newlines_in_values=False,
+            invalid_row_handler=on_invalid,
+        ),
+        convert_options=pacsv.ConvertOptions(
+            column_types={n: pa.binary() for n in names},
+            strings_can_be_null=False,
+            quoted_strings_can_be_null=False,
+            null_values=[],
+        ),
+    )
+
+
+def _decoded(batch: pa.RecordBatch, names: list[str], encoding: str) -> tuple[pa.Table, pa.Array]:
+    """A batch of raw columns as text, and per row the first column that did not decode."""
+    table = pa.Table.from_batches([batch])
+    reasons = np.full(table.num_rows, None, dtype=object)
+    cols = []
+    for name in names:
+        col, bad = _decode_column(table.column(name).combine_chunks(), encoding)
+        reasons[bad & (reasons == None)] = f"{INVALID_UTF8}:{name}"  # noqa: E711
+        cols.append(col)
+    return pa.table(dict(zip(names, cols, strict=True))), pa.array(reasons, type=pa.string())
+
+
+def read_csv_stream(
+    f: pa.NativeFile, path: str, file_idx: int, spec: ReadSpec, delimiter: str
+) -> Iterator[pa.Table]:
+    """Stream a delimited file as string columns with per-record rejection."""
+    head = _first_line(f, path)
     if not head.strip():
         return
-    if spec.column_names is not None:
-        names = list(spec.column_names)
-    else:
-        line = head.split(b"\n", 1)[0].rstrip(b"\r")
-        try:
-            text = line.decode(spec.encoding)
-        except UnicodeDecodeError as e:
-            raise InputError(f"{path}: header line is not valid {spec.encoding}: {e}") from e
-        names = next(csv.reader([text], delimiter=delimiter))
-        names = [n.strip() for n in names]
-        if len(set(names)) != len(names) or any(not n for n in names):
-            raise InputError(f"{path}: header has empty or repeated column names: {names}")
+    names = _header_names(head, path, spec, delimiter)
     bad_rows: list[str] = []
     last_bad: str | None = None
 
@@ -180,37 +231,9 @@ def read_csv_stream(
     stream = _Prefixed(head, f)
     row = 0
     try:
-        reader = pacsv.open_csv(
-            stream,
-            read_options=pacsv.ReadOptions(
-                column_names=names,
-                skip_rows=1 if spec.header else 0,
-                block_size=1 << 24,
-                use_threads=False,
-            ),
-            parse_options=pacsv.ParseOptions(
-                delimiter=delimiter,
-                quote_char='"' if spec.quoting else False,
-                newlines_in_values=False,
-                invalid_row_handler=on_invalid,
-            ),
-            convert_options=pacsv.ConvertOptions(
-                column_types={n: pa.binary() for n in names},
-                strings_can_be_null=False,
-                quoted_strings_can_be_null=False,
-                null_values=[],
-            ),
-        )
-        for batch in reader:
-            table = pa.Table.from_batches([batch])
-            reasons = np.full(table.num_rows, None, dtype=object)
-            cols = []
-            for name in names:
-                col, bad = _decode_column(table.column(name).combine_chunks(), spec.encoding)
-                reasons[bad & (reasons == None)] = f"{INVALID_UTF8}:{name}"  # noqa: E711
-                cols.append(col)
-            table = pa.table(dict(zip(names, cols, strict=True)))
-            yield _with_provenance(table, file_idx, row, pa.array(reasons, type=pa.string()))
+        for batch in _open_csv(stream, names, spec, delimiter, on_invalid):
+            table, reasons = _decoded(batch, names, spec.encoding)
+            yield _with_provenance(table, file_idx, row, reasons)
             row += table.num_rows
             if bad_rows:
                 last_bad = bad_rows[-1]
@@ -224,9 +247,14 @@ def read_csv_stream(
     if bad_rows:
         last_bad = bad_rows[-1]
         yield _malformed_block(bad_rows, names, file_idx, row, MALFORMED_ROW)
-    tail = stream.last_chunk
+    _check_not_truncated(stream.last_chunk, last_bad, path, spec.encoding)
+
+
+def _check_not_truncated(tail: bytes, last_bad: str | None, path: str, encoding: str) -> None:
+    """A file whose last line was rejected and has no newline was cut off mid-write: an
+    error for the whole file, not one more bad row."""
     if last_bad is not None and tail and not tail.endswith(b"\n"):
-        last_line = tail.rsplit(b"\n", 1)[-1].decode(spec.encoding, errors="backslashreplace")
+        last_line = tail.rsplit(b"\n", 1)[-1].decode(encoding, errors="backslashreplace")
         if last_line.rstrip("\r") == last_bad.rstrip("\r"):
             raise InputError(
                 f"{path}: file is truncated (last line incomplete: {last_line[:80]!r})"

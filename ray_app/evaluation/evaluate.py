@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -534,6 +535,91 @@ def moment_table(
     return out
 
 
+@dataclass
+class Scores:
+    """Every method scored on valid and test: what the report is made of."""
+
+    results: dict[str, dict[str, Any]] = field(default_factory=lambda: {"valid": {}, "test": {}})
+    breakdowns: dict[str, Any] = field(default_factory=dict)  # test, by method
+    test_stats: dict[str, dict[str, metrics.RankStats]] = field(default_factory=dict)
+    sampled_stats: dict[str, dict[str, metrics.RankStats]] = field(default_factory=dict)
+    # split -> method -> column ("<protocol>@<moment>" or "backtest") -> per-user values
+    columns: dict[str, dict[str, dict[str, Column]]] = field(
+        default_factory=lambda: {"valid": {}, "test": {}}
+    )
+
+
+def _score(
+    scores: Scores,
+    name: str,
+    chosen: dict[str, Scorer],
+    split: str,
+    cfg: EvaluateConfig,
+    data: EvalData,
+    candidates: np.ndarray,
+    bags: sp.csr_matrix,
+    popularity: Scorer,
+) -> None:
+    """One method (its choice per protocol) on one split: both protocols at the target's
+    time, then every moment of a returning user and the backtest."""
+    k, targets = cfg.k, data.splits[split]
+    per_proto = {}
+    for proto in PROTOCOLS:
+        model = chosen[proto]
+        if proto == "full" and model is chosen["sampled"]:
+            per_proto["full"] = per_proto["sampled"]
+            continue
+        res = score_split(model, targets, candidates, k)
+        per_proto[proto] = (res, summarize(res, data, k, bags))
+    scores.results[split][name] = {
+        **{p: per_proto[p][1][p] for p in PROTOCOLS},
+        "users": len(candidates),
+    }
+    merged = {p: per_proto[p][0][p] for p in PROTOCOLS}
+    scores.sampled_stats.setdefault(name, {})[split] = merged["sampled"]
+    if split == "test":
+        scores.test_stats[name] = merged
+        scores.breakdowns[name] = breakdowns(merged, data, split, k)
+    # Per-protocol choices exist only for time-free baselines, which at_moments
+    # does not score again; a model with a time input is one model.
+    if chosen["full"].uses_time and chosen["full"] is not chosen["sampled"]:
+        raise ValueError(f"{name}: a time-aware method must be one model")
+    returning = split in cfg.returning_splits
+    deltas = cfg.delta_seconds if returning else {}
+    cols = at_moments(chosen["full"], targets, candidates, k, deltas, merged)
+    if cfg.backtest and returning:
+        cols["backtest"] = backtest(chosen["full"], targets, k, popularity)
+    scores.columns[split][name] = cols
+
+
+def _backtest_summaries(
+    cfg: EvaluateConfig, data: EvalData, columns: dict[str, dict[str, dict[str, Column]]]
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"valid": {}, "test": {}}
+    for split in ("valid", "test"):
+        if cfg.backtest or cfg.lists:
+            has = data.splits[split].as_of_previous_day().has_history
+            out[split] = {
+                name: backtest_rows(cols["backtest"], has, cfg.k)
+                for name, cols in columns[split].items()
+                if "backtest" in cols
+            }
+    return out
+
+
+def _protocols(cfg: EvaluateConfig) -> dict[str, str]:
+    return {
+        "sampled": f"held-out item + {cfg.num_negatives} never-touched items, seed {cfg.seed}",
+        "full": "held-out item against all items minus the user's earlier items",
+        "returning": "the same targets, histories and candidates, scored at the "
+        "history's last event + Δ",
+        "backtest": "what the nightly run of the UTC day before each target knew: "
+        "events before the target's day, recency to the end of the day before, all "
+        "items minus those events' items; a repeat target is a miss; baselines give "
+        "users with an empty history the popularity list",
+    }
+
+
 def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     """Score every configured method on valid and test; write metrics, report, plots."""
     from ray_app.evaluation.report import write_report
@@ -542,8 +628,6 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     data = sample_users(load_prepared(cfg.prepared), cfg.max_users, cfg.seed)
     bags = _token_bags(data)
     k = cfg.k
-    deltas = cfg.delta_seconds
-    moments = [TARGET_TIME, *deltas]
     with StagedOutput(cfg.output) as stage:
         candidates = {}
         for split in ("valid", "test"):
@@ -559,51 +643,13 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         )
         trained, model_info, held = load_models(cfg, data)
         models.update(trained)
-        results: dict[str, Any] = {"valid": {}, "test": {}}
-        details: dict[str, Any] = {}
-        test_stats: dict[str, dict[str, metrics.RankStats]] = {}
-        sampled_stats: dict[str, dict[str, metrics.RankStats]] = {}
-        # split -> method -> column ("<protocol>@<moment>" or "backtest") -> per-user values
-        columns: dict[str, dict[str, dict[str, Column]]] = {"valid": {}, "test": {}}
-        backtests: dict[str, Any] = {"valid": {}, "test": {}}
+        scores = Scores()
         for name, chosen in models.items():
             for split in ("valid", "test"):
-                targets = data.splits[split]
-                per_proto = {}
-                for proto in PROTOCOLS:
-                    model = chosen[proto]
-                    if proto == "full" and model is chosen["sampled"]:
-                        per_proto["full"] = per_proto["sampled"]
-                        continue
-                    res = score_split(model, targets, candidates[split], k)
-                    per_proto[proto] = (res, summarize(res, data, k, bags))
-                results[split][name] = {
-                    **{p: per_proto[p][1][p] for p in PROTOCOLS},
-                    "users": len(candidates[split]),
-                }
-                merged = {p: per_proto[p][0][p] for p in PROTOCOLS}
-                sampled_stats.setdefault(name, {})[split] = merged["sampled"]
-                if split == "test":
-                    test_stats[name] = merged
-                    details[name] = breakdowns(merged, data, split, k)
-                # Per-protocol choices exist only for time-free baselines, which at_moments
-                # does not score again; a model with a time input is one model.
-                if chosen["full"].uses_time and chosen["full"] is not chosen["sampled"]:
-                    raise ValueError(f"{name}: a time-aware method must be one model")
-                returning = split in cfg.returning_splits
-                cols = at_moments(
-                    chosen["full"],
-                    targets,
-                    candidates[split],
-                    k,
-                    deltas if returning else {},
-                    merged,
-                )
-                if cfg.backtest and returning:
-                    cols["backtest"] = backtest(chosen["full"], targets, k, popularity)
-                columns[split][name] = cols
+                _score(scores, name, chosen, split, cfg, data, candidates[split], bags, popularity)
                 logger.info("scored %s on %s", name, split)
-        cold, cold_users = cold_start(models, held, data, cfg, sampled_stats)
+        cold, cold_users = cold_start(models, held, data, cfg, scores.sampled_stats)
+        columns = scores.columns
         lists = {}
         for name, path in cfg.lists.items():
             split, summary, col = score_lists(data, path, k, bags)
@@ -611,32 +657,16 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
             columns[split][name] = {"backtest": col}
         for split in ("valid", "test"):
             columns[split].update(_group_columns(cfg.groups, columns[split]))
-            if cfg.backtest or cfg.lists:
-                has = data.splits[split].as_of_previous_day().has_history
-                backtests[split] = {
-                    name: backtest_rows(cols["backtest"], has, k)
-                    for name, cols in columns[split].items()
-                    if "backtest" in cols
-                }
         others = [n for n in columns["test"] if n not in baseline_names]
-        results = {
+        moments = [TARGET_TIME, *cfg.delta_seconds]
+        report = {
             "k": k,
-            "protocols": {
-                "sampled": f"held-out item + {cfg.num_negatives} never-touched items, "
-                f"seed {cfg.seed}",
-                "full": "held-out item against all items minus the user's earlier items",
-                "returning": "the same targets, histories and candidates, scored at the "
-                "history's last event + Δ",
-                "backtest": "what the nightly run of the UTC day before each target knew: "
-                "events before the target's day, recency to the end of the day before, all "
-                "items minus those events' items; a repeat target is a miss; baselines give "
-                "users with an empty history the popularity list",
-            },
+            "protocols": _protocols(cfg),
             "prepared": cfg.prepared,
             "prepared_run_id": data.manifest.get("run_id"),
-            "results": results,
+            "results": scores.results,
             "moments": {
-                "deltas_s": deltas,
+                "deltas_s": cfg.delta_seconds,
                 "no_earlier_event": {
                     s: int((~data.splits[s].has_history).sum()) for s in ("valid", "test")
                 },
@@ -645,20 +675,20 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
                     s: moment_table(columns[s], moments, cfg.groups, k) for s in ("valid", "test")
                 },
             },
-            "backtest": backtests,
+            "backtest": _backtest_summaries(cfg, data, columns),
             "versus_best_baseline": versus_best(columns["test"], baseline_names, others),
             "compare": versus_pairs(columns["test"], cfg.compare),
             "groups": cfg.groups,
-            "breakdowns_test": details,
+            "breakdowns_test": scores.breakdowns,
             "baselines": info,
             "models": model_info,
             "cold_start": cold,
             "lists": lists,
-            "paired": paired(cfg.paired, test_stats, cold_users, held, k),
+            "paired": paired(cfg.paired, scores.test_stats, cold_users, held, k),
             "num_negatives": cfg.num_negatives,
             "max_users": cfg.max_users,
         }
-        write_report(stage.staging, results)
-        write_json(stage.path("metrics.json"), results)
+        write_report(stage.staging, report)
+        write_json(stage.path("metrics.json"), report)
         stage.publish(stage.manifest("evaluate", cfg, t0))
-    return results
+    return report

@@ -135,30 +135,11 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[
     )
 
 
-def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
-    """Fine-tune with Ray Train, then build and publish the model artifact. `callbacks`
-    (picklable) are called by every worker after each step."""
-    import torch
-
-    from ray_app import plots
-    from ray_app.model.artifact import from_prepare_manifest, save_artifact
-    from ray_app.protocol.data import load_prepared
-    from ray_app.training.batches import ItemText
-    from ray_app.training.checkpoint import BEST, load_weights, read_state
-    from ray_app.training.inputs import cold_start_items, item_token_ids
-    from ray_app.training.steps import build_model
-
-    t0 = time.time()
-    prep_manifest = require_complete(cfg.prepared)
-    ensure_ray(cfg.ray)
-    run_dir = join(storage_uri(cfg), cfg.run_name)
-    if not cfg.resume and "://" not in run_dir and os.path.isdir(run_dir):
-        logger.info("resume=false: removing the previous run in %s", run_dir)
-        shutil.rmtree(run_dir)
-    data = load_prepared(cfg.prepared)
-    hidden = cold_start_items(
-        data.items[schema.ITEM_ID].to_numpy(), cfg.cold_start_fraction, cfg.seed
-    )
+def _fit(
+    cfg: TrainConfig, hidden: np.ndarray, callbacks: Sequence[StepCallback]
+) -> tuple[Any, int]:
+    """Ray Train's run over the training examples (cold-start items removed); returns its
+    result and how many examples an epoch had."""
     ds, rows = train_dataset(cfg, hidden if hidden.any() else None)
     steps = rows // (cfg.batch_size * cfg.num_workers)
     if steps == 0:
@@ -176,21 +157,59 @@ def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[
             "callbacks": list(callbacks),
         },
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint (see {run_dir})")
-    with result.checkpoint.as_directory() as d:
+    return trainer.fit(), rows
+
+
+def _best_model(checkpoint: Any, data: Any, prep_manifest: dict[str, Any], seed: int):
+    """The best epoch's network from the last checkpoint, LoRA merged and its item text
+    table computed: what the artifact holds. Returns (model, tokenizer, progress, the
+    resolved config)."""
+    import torch
+
+    from ray_app.training.batches import ItemText
+    from ray_app.training.checkpoint import BEST, load_weights, read_state
+    from ray_app.training.inputs import item_token_ids
+    from ray_app.training.steps import build_model
+
+    with checkpoint.as_directory() as d:
         progress, resolved = read_state(Path(d))
         best = load_weights(Path(d) / BEST)
     resolved_cfg = TrainConfig.model_validate(resolved)
-    model, tokenizer = build_model(resolved_cfg.model, data.num_items, cfg.seed)
+    model, tokenizer = build_model(resolved_cfg.model, data.num_items, seed)
     model.load_state_dict(best)
     if model.text is not None:
         if resolved_cfg.model.lora_rank:
             model.text.merge_lora()
-        device = torch.device("cpu")
         text = ItemText(item_token_ids(data, prep_manifest, resolved_cfg.model.encoder))
-        model.set_text_table(text.pooled(model.text, device))
+        model.set_text_table(text.pooled(model.text, torch.device("cpu")))
+    return model, tokenizer, progress, resolved_cfg
+
+
+def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[str, Any]:
+    """Fine-tune with Ray Train, then build and publish the model artifact. `callbacks`
+    (picklable) are called by every worker after each step."""
+    from ray_app import plots
+    from ray_app.model.artifact import from_prepare_manifest, save_artifact
+    from ray_app.protocol.data import load_prepared
+    from ray_app.training.inputs import cold_start_items
+
+    t0 = time.time()
+    prep_manifest = require_complete(cfg.prepared)
+    ensure_ray(cfg.ray)
+    run_dir = join(storage_uri(cfg), cfg.run_name)
+    if not cfg.resume and "://" not in run_dir and os.path.isdir(run_dir):
+        logger.info("resume=false: removing the previous run in %s", run_dir)
+        shutil.rmtree(run_dir)
+    data = load_prepared(cfg.prepared)
+    hidden = cold_start_items(
+        data.items[schema.ITEM_ID].to_numpy(), cfg.cold_start_fraction, cfg.seed
+    )
+    result, rows = _fit(cfg, hidden, callbacks)
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint (see {run_dir})")
+    model, tokenizer, progress, resolved_cfg = _best_model(
+        result.checkpoint, data, prep_manifest, cfg.seed
+    )
     metrics = {
         "history": progress.history,
         "best_epoch": progress.best_epoch,
