@@ -33,9 +33,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q --durations=20
 
+# ruff; the layering contract in pyproject.toml (import-linter); copied blocks in
+# ray_app/ (pylint's duplicate-code check, nothing else of pylint).
 lint: install
 	$(BIN)/ruff check ray_app jobs tests
 	$(BIN)/ruff format --check ray_app jobs tests
+	$(BIN)/lint-imports
+	$(BIN)/pylint --disable=all --enable=duplicate-code --score=n ray_app
 
 # A notebook run headless: a copy under runs/notebooks (the committed notebook
 # keeps no outputs); open the result in Jupyter or VS Code to see the plots.
