@@ -140,7 +140,13 @@ class TrainConfig(StrictModel):
     measure cold start; 0 = none.
     """
     seed: int = 0
-    """Seed of initialisation, shuffling and dropout."""
+    """Seed of initialisation, dropout and the draws of returning and nightly moments."""
+    shuffle_seed: int | None = None
+    """Seed of the examples' shuffle; null draws a new order every run and every epoch. With a
+    seed, every epoch sees the same order and the order examples reach the workers is kept,
+    so two runs on the same data and cluster shape train the same model (a reproducible run,
+    e.g. to check that a change to the code changed nothing).
+    """
     ray: RayConfig = Field(default_factory=RayConfig)
     """Which Ray to run on."""
 

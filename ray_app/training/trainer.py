@@ -95,7 +95,19 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
         ds = ds.map_batches(drop_held_out, batch_format="pyarrow")
     if _fits_object_store(cfg, sum(f.size for f in files)):
         ds = ds.materialize()
-    return ds.random_shuffle(seed=None), ds.count()
+    return ds.random_shuffle(seed=cfg.shuffle_seed), ds.count()
+
+
+def _data_config(cfg: TrainConfig) -> Any:
+    """Ray Train's ingest options: Ray Data's defaults, and the order kept when the shuffle
+    is seeded (otherwise blocks reach a worker in the order they finish)."""
+    from ray.train import DataConfig
+
+    if cfg.shuffle_seed is None:
+        return DataConfig()
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[str, Any]):
@@ -132,6 +144,7 @@ def build_trainer(cfg: TrainConfig, datasets: dict[str, Any], loop_config: dict[
         ),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         datasets=datasets,
+        dataset_config=_data_config(cfg),
     )
 
 
