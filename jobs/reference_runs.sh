@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The reference runs for a change that must not change behaviour: the demo, the
 # MovieLens commands and a `ray job submit` pipeline, each bounded by epochs (no
-# time budget cuts a run short on a busy machine) and with fixed nightly dates,
-# written under OUT. Run it on the code before and after the change (and twice
+# time budget cuts a run short on a busy machine), with a seeded shuffle
+# (train.shuffle_seed) and fixed nightly dates, written under OUT. Run it on the code before and after the change (and twice
 # before, to see what two runs of the same code give), then compare:
 #
 #   bash jobs/reference_runs.sh runs/ref-a        # on the old code
@@ -31,7 +31,7 @@ if [[ " $PARTS " == *" ml "* ]]; then
   "$R" train --config cluster/configs/train-movielens.yaml \
     --set prepared="$ML/prepared" --set output="$ML/model" \
     --set epochs=2 --set encoder_frozen_epochs=1 --set max_minutes=null \
-    --set patience=5 >"$OUT/ml-train.log" 2>&1
+    --set patience=5 --set shuffle_seed=1 >"$OUT/ml-train.log" 2>&1
   log "MovieLens nightly"
   "$R" nightly --set model="$ML/model" --set prepared="$ML/prepared" \
     --set output="$ML/topk" --date 2018-09-30 >"$OUT/ml-nightly.log" 2>&1
@@ -45,15 +45,15 @@ fi
 if [[ " $PARTS " == *" demo "* ]]; then
   log "demo (50,000 events)"
   "$R" demo --workdir "$OUT/demo" --events 50000 --sasrec-epochs 5 \
-    --set train.max_minutes=null --set evaluate.sasrec_max_minutes=null \
-    --set nightly.date=2024-07-01 >"$OUT/demo.log" 2>&1
+    --set train.max_minutes=null --set train.shuffle_seed=1 \
+    --set evaluate.sasrec_max_minutes=null --set nightly.date=2024-07-01 >"$OUT/demo.log" 2>&1
 fi
 
 if [[ " $PARTS " == *" job "* ]]; then
   log "pipeline through ray job submit (30,000 events)"
   VENV="$VENV" bash cluster/local-cluster.sh --config cluster/configs/pipeline-demo.yaml \
     --set workdir="$OUT/job" --set generate.num_events=30000 --set train.epochs=1 \
-    --set train.max_minutes=null --set evaluate.sasrec_epochs=5 \
+    --set train.max_minutes=null --set train.shuffle_seed=1 --set evaluate.sasrec_epochs=5 \
     --set evaluate.sasrec_max_minutes=null --set nightly.date=2024-07-01 >"$OUT/job.log" 2>&1
 fi
 log "done: $OUT"
