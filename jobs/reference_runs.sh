@@ -2,8 +2,9 @@
 # The reference runs for a change that must not change behaviour: the demo, the
 # MovieLens commands and a `ray job submit` pipeline, each bounded by epochs (no
 # time budget cuts a run short on a busy machine), with a seeded shuffle
-# (train.shuffle_seed) and fixed nightly dates, written under OUT. Run it on the code before and after the change (and twice
-# before, to see what two runs of the same code give), then compare:
+# (train.shuffle_seed) and fixed nightly dates, written under OUT. Run it on the
+# code before and after the change (and twice before, to see what two runs of the
+# same code give), then compare:
 #
 #   bash jobs/reference_runs.sh runs/ref-a        # on the old code
 #   bash jobs/reference_runs.sh runs/ref-b        # on the new code
