@@ -1,1 +1,1 @@
-"""Batch jobs over the model artifact: the nightly top-K lists."""
+"""The nightly stage: every user's top-K lists, precomputed with Ray Data."""

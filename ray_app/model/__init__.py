@@ -1,1 +1,1 @@
-"""Re-ranker model: item text tower, user tower, scorer, artifact save/load."""
+"""The network (`RerankerNet`), its artifact, and the `Ranker` that scores with one."""

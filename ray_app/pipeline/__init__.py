@@ -1,0 +1,1 @@
+"""The pipeline: every stage in one driver (`rerank pipeline`, `rerank demo`)."""

@@ -1,0 +1,1 @@
+"""The serve command: the re-ranker as a Ray Serve application."""

@@ -10,7 +10,7 @@ the field and never echoes the input. Built per replica (Serve calls
 from __future__ import annotations
 
 import hmac
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -26,8 +26,20 @@ from ray_app.serving.api import (
     RerankResponse,
 )
 
-if TYPE_CHECKING:
-    from ray_app.serving.app import RerankService
+
+class Service(Protocol):
+    """What the routes call: the replica (`serving.app.RerankService`)."""
+
+    ranker: Any
+    limits: Any
+    token: str | None
+
+    async def rerank(self, req: RerankRequest) -> RerankResponse: ...
+
+    async def events(self, req: EventsRequest) -> EventsResponse: ...
+
+    async def recommendations(self, user_id: str, k: int | None) -> RecommendationsResponse: ...
+
 
 _KINDS = {401: "unauthorized", 404: "not_found", 413: "too_large", 503: "unavailable"}
 
@@ -103,7 +115,7 @@ def error(status: int, loc: list[Any], msg: str) -> HTTPException:
     return HTTPException(status_code=status, detail=[error_detail(["body", *loc], msg, kind)])
 
 
-def make_api(service: RerankService) -> FastAPI:
+def make_api(service: Service) -> FastAPI:
     """The replica's FastAPI app: routes to `service`, its limits and token."""
     api = FastAPI(
         title="rerank",

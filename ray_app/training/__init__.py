@@ -1,1 +1,1 @@
-"""Distributed fine-tuning with Ray Train."""
+"""The train stage: Ray Train fine-tuning, from the driver (trainer) to each worker (loop)."""
