@@ -1,11 +1,18 @@
 """Paths, filesystems and atomic publication of stage outputs.
 
-Every stage writes into a staging directory next to its output and publishes
-it with a rename once `manifest.json` and `_SUCCESS` are in place, so a run
-killed half-way never leaves an output that looks complete. Local paths and
-any URI pyarrow understands (s3://, gs://, hdfs://, ...) go through the same
-code; on object stores, where a rename is not atomic, `_SUCCESS` is the mark
-readers check.
+A stage output is published whole or not at all, and its address is the URI the
+user gave. On a local disk a run writes a staging directory beside the output and
+renames it into place once `manifest.json` and `_SUCCESS` are in it. Object
+stores (s3://, gs://, ...) have no rename, atomic or not: there a run writes
+under `<output>/_runs/<run_id>/`, and one small object written last,
+`<output>/_LIVE`, names the live run; a single PUT is atomic, so a reader that
+resolves the pointer (`live`) sees the previous run or the new one, whole.
+Superseded runs are deleted by a later publication once `PUBLISH_GRACE_S` has
+passed, so a reader that resolved the old pointer can finish.
+
+Filesystems come from pyarrow (`FileSystem.from_uri`), as Ray Data's and Ray
+Train's do, so the same settings reach all three: credentials and
+`AWS_ENDPOINT_URL` (an S3-compatible store) from the environment.
 """
 
 from __future__ import annotations
@@ -28,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
+LIVE = "_LIVE"  # on object stores: which run under RUNS is the output
+RUNS = "_runs"
+PUBLISH_GRACE_S = float(os.environ.get("RERANK_PUBLISH_GRACE_S", 3600))
 _GLOB_CHARS = "*?["
 
 
@@ -237,11 +247,13 @@ def local_copy(uri: str, cache_dir: str) -> str:
 
 
 class StagedOutput:
-    """A stage's output directory, written in staging and published at the end.
+    """A stage's output, written in staging and published at the end.
 
     ``with StagedOutput(out) as stage: ... stage.publish(manifest)``. Leaving the
     block without `publish` (an exception, a kill) leaves the previous output
-    untouched and the staging directory behind for inspection.
+    untouched and the staging directory behind for inspection. On a local disk the
+    staging directory is `.<name>.staging-<run_id>` beside the output; on an object
+    store it is `<output>/_runs/<run_id>` (see the module docstring).
     """
 
     def __init__(self, output: str, overwrite: bool = True) -> None:
@@ -250,7 +262,10 @@ class StagedOutput:
         self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
         parent, name = posixpath.split(self._out_path)
         self._parent, self._name = parent, name
-        self._staging_path = posixpath.join(parent, f".{name}.staging-{self.run_id}")
+        if is_object_store(self.fs):
+            self._staging_path = posixpath.join(self._out_path, RUNS, self.run_id)
+        else:
+            self._staging_path = posixpath.join(parent, f".{name}.staging-{self.run_id}")
         self.staging = self._uri(self._staging_path)
         self.overwrite = overwrite
         self.published = False
@@ -291,9 +306,17 @@ class StagedOutput:
         }
 
     def publish(self, manifest: dict[str, Any]) -> None:
-        """Write manifest and `_SUCCESS`, then swap the staging directory into place."""
+        """Write manifest and `_SUCCESS`, then make the staged output the live one."""
         write_json(self.path(MANIFEST), manifest)
         write_text(self.path(SUCCESS), self.run_id + "\n")
+        if is_object_store(self.fs):
+            self._point_to_run()
+        else:
+            self._swap_into_place()
+        self.published = True
+        logger.info("published %s", self.output)
+
+    def _swap_into_place(self) -> None:
         old = posixpath.join(self._parent, f".{self._name}.old-{self.run_id}")
         had_old = self.fs.get_file_info(self._out_path).type != pafs.FileType.NotFound
         if had_old:
@@ -301,11 +324,6 @@ class StagedOutput:
         self.fs.move(self._staging_path, self._out_path)
         if had_old:
             self.fs.delete_dir(old)
-        self.published = True
-        self._remove_stale()
-        logger.info("published %s", self.output)
-
-    def _remove_stale(self) -> None:
         sel = pafs.FileSelector(self._parent, recursive=False, allow_not_found=True)
         prefix = f".{self._name}.staging-"
         for info in self.fs.get_file_info(sel):
@@ -313,18 +331,79 @@ class StagedOutput:
                 logger.info("removing stale staging directory %s", info.path)
                 self.fs.delete_dir(info.path)
 
+    def _point_to_run(self, now: float | None = None) -> None:
+        """Write `_LIVE` naming this run (the publication), then delete the runs that were
+        superseded more than PUBLISH_GRACE_S ago and unfinished runs idle that long."""
+        now = time.time() if now is None else now
+        previous = _read_pointer(self.fs, self._out_path) or {"superseded": {}}
+        superseded = dict(previous.get("superseded", {}))
+        if previous.get("run_id"):
+            superseded[previous["run_id"]] = now
+        keep = {r: t for r, t in superseded.items() if now - t < PUBLISH_GRACE_S}
+        pointer = {"run_id": self.run_id, "published_at": now, "superseded": keep}
+        with self.fs.open_output_stream(posixpath.join(self._out_path, LIVE)) as f:
+            f.write(json.dumps(pointer).encode())
+        runs = posixpath.join(self._out_path, RUNS)
+        for info in self.fs.get_file_info(pafs.FileSelector(runs, allow_not_found=True)):
+            run = posixpath.basename(info.path)
+            if run == self.run_id or run in keep or info.type != pafs.FileType.Directory:
+                continue
+            if run not in superseded and now - _newest_mtime(self.fs, info.path) < PUBLISH_GRACE_S:
+                continue  # another run may still be writing here
+            logger.info("removing superseded or abandoned run %s", info.path)
+            self.fs.delete_dir(info.path)
+
+
+def _newest_mtime(fs: pafs.FileSystem, path: str) -> float:
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    times = [i.mtime.timestamp() for i in infos if i.mtime is not None]
+    return max(times, default=0.0)
+
+
+def is_object_store(fs: pafs.FileSystem) -> bool:
+    """No directory rename: publication goes through the `_LIVE` pointer."""
+    return not isinstance(fs, pafs.LocalFileSystem)
+
+
+def _read_pointer(fs: pafs.FileSystem, out_path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open_input_stream(posixpath.join(out_path, LIVE)) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        return None
+
+
+def live(uri: str) -> str:
+    """Where a published output's files are: `uri` itself on a local disk (or an object
+    store output written without a pointer), else the run `<uri>/_LIVE` names. Every
+    reader of a stage output goes through here."""
+    uri = uri.rstrip("/")
+    fs, path = resolve(uri)
+    if not is_object_store(fs):
+        return uri
+    pointer = _read_pointer(fs, path)
+    return join(uri, RUNS, pointer["run_id"]) if pointer else uri
+
 
 def is_complete(uri: str) -> bool:
-    return exists(join(uri, SUCCESS))
+    return exists(join(live(uri), SUCCESS))
 
 
 def require_complete(uri: str) -> dict[str, Any]:
     """The manifest of a published output; an error if its run never finished."""
-    if not is_complete(uri):
+    root = live(uri)
+    if not exists(join(root, SUCCESS)):
         raise IncompleteOutputError(
             f"{uri} is not a complete stage output (no {SUCCESS}); re-run the stage that writes it"
         )
-    return read_json(join(uri, MANIFEST))
+    return read_json(join(root, MANIFEST))
+
+
+def remove(uri: str) -> None:
+    """Delete a directory (local or URI) and everything under it, if it exists."""
+    fs, path = resolve(uri)
+    if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        fs.delete_dir(path)
 
 
 def code_version() -> dict[str, str]:

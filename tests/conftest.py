@@ -14,6 +14,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TEST_TOKEN_ENV = "RERANK_TEST_TOKEN"
 os.environ[TEST_TOKEN_ENV] = "s3cret-test-token"
 
+
+# The session's S3-compatible server (moto, started by the `s3` fixture) is named
+# before Ray starts, so every Ray worker inherits the endpoint and the dummy keys,
+# as it would inherit a cluster's real settings.
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+S3_PORT = free_port()
+os.environ["AWS_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
+os.environ["AWS_ACCESS_KEY_ID"] = "testing"
+os.environ["AWS_SECRET_ACCESS_KEY"] = "testing"
+os.environ["AWS_DEFAULT_REGION"] = "us-east-1"
+os.environ.pop("AWS_PROFILE", None)
+
 SHARED_MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 
 
@@ -142,12 +161,49 @@ def trained(prepared, tmp_path_factory):
     return cfg, run_train(cfg)
 
 
-def free_port() -> int:
-    import socket
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's S3 server on 127.0.0.1 (the port AWS_ENDPOINT_URL names), for the session."""
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    exe = Path(sys.executable).with_name("moto_server")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [str(exe), "-H", "127.0.0.1", "-p", str(S3_PORT)], stdout=out, stderr=out
+        )
+    url = os.environ["AWS_ENDPOINT_URL"]
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(url + "/", timeout=1).close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    else:
+        proc.kill()
+        pytest.fail(f"moto_server did not start on {url}: {log.read_text()[-2000:]}")
+    if proc.poll() is not None:
+        pytest.fail(f"moto_server exited: {log.read_text()[-2000:]}")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_bucket(s3_server) -> str:
+    """A new bucket on the session's S3 server: `s3://<bucket>`."""
+    import uuid
+
+    import boto3
+
+    name = f"rerank-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    return f"s3://{name}"
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,7 @@ from ray_app.storage import (
     absolute,
     exists,
     join,
+    live,
     parquet_dataset,
     read_text,
     require_complete,
@@ -405,10 +406,11 @@ def run_nightly(
     `on_batch` goes to every ranking actor (see `TopKActor`)."""
     t0 = time.time()
     date = cfg.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
-    require_complete(cfg.model)
-    prep_manifest = require_complete(cfg.prepared)
+    # Resolved once: the driver and every actor read the same published runs.
+    model, prepared = live(absolute(cfg.model)), live(absolute(cfg.prepared))
+    require_complete(model)
+    prep_manifest = require_complete(prepared)
     ensure_ray(cfg.ray)
-    model, prepared = absolute(cfg.model), absolute(cfg.prepared)
     from ray_app.model.artifact import load_artifact
 
     art = load_artifact(model)

@@ -263,9 +263,10 @@ def score_lists(
     split, which lists each user as the run of the day before their target did): the
     split's target in the user's top k or not. Returns (split, summary, per-user column),
     comparable to every method's `backtest` column."""
-    from ray_app.storage import read_parquet, require_complete
+    from ray_app.storage import live, read_parquet, require_complete
 
-    manifest = require_complete(path)
+    root = live(path)
+    manifest = require_complete(root)
     split = manifest.get("as_of")
     if split not in ("valid", "test"):
         raise ValueError(
@@ -278,7 +279,7 @@ def score_lists(
             f"lists {path}: made by an older nightly that cut histories at the target "
             "itself, not at the day before it; re-run nightly with as_of=" + split
         )
-    table = read_parquet(path).sort_values([schema.USER_ID, schema.RANK], kind="stable")
+    table = read_parquet(root).sort_values([schema.USER_ID, schema.RANK], kind="stable")
     index = schema.item_index(data.items)
     unknown = set(table[schema.ITEM_ID]) - index.keys()
     if unknown:

@@ -34,7 +34,7 @@ from ray_app.data import schema
 from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, from_saved
 from ray_app.model.net import RerankerNet
-from ray_app.storage import local_copy, require_complete
+from ray_app.storage import live, local_copy, require_complete
 
 logger = logging.getLogger(__name__)
 
@@ -113,11 +113,9 @@ def save_artifact(
 def _from_prepared(local: Path) -> dict[str, Any]:
     """Event types and text budget of artifacts written before config.json had them,
     read from the prepare output their manifest names."""
-    from ray_app.storage import join, read_json
-
     source = json.loads((local / "manifest.json").read_text())["prepared"]
     logger.warning("artifact predates event_types in config.json: read from %s", source)
-    return from_prepare_manifest(read_json(join(source, "manifest.json")))
+    return from_prepare_manifest(require_complete(source))
 
 
 def from_prepare_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -131,9 +129,10 @@ def from_prepare_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
     """Rebuild the model from an artifact (local or URI), ready to `predict`."""
-    require_complete(path)
+    root = live(path)
+    require_complete(root)
     with tempfile.TemporaryDirectory(prefix="rerank-artifact-") as tmp:
-        return _load_local(path, Path(local_copy(path, tmp)), device)
+        return _load_local(path, Path(local_copy(root, tmp)), device)
 
 
 def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:

@@ -211,10 +211,10 @@ def make_store(cfg: EventStoreConfig) -> EventStore:
 def histories_from_prepared(prepared: str, max_events: int) -> dict[str, list[Event]]:
     """Every user's events from a prepare output (all splits), newest `max_events` kept."""
     from ray_app.data import schema
-    from ray_app.storage import join, read_parquet
+    from ray_app.storage import join, live, read_parquet
 
     df = read_parquet(
-        join(prepared, "interactions"),
+        join(live(prepared), "interactions"),
         columns=[schema.USER_ID, schema.ITEM_ID, schema.TIMESTAMP, schema.EVENT_TYPE],
     ).sort_values([schema.USER_ID, schema.TIMESTAMP], kind="stable")
     out: dict[str, list[Event]] = {}

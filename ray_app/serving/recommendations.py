@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from ray_app.data import schema
-from ray_app.storage import exists, join, parquet_dataset, read_text
+from ray_app.storage import exists, join, live, parquet_dataset, read_text
 
 logger = logging.getLogger(__name__)
 
@@ -38,10 +38,11 @@ class TopKReader:
         if not exists(latest):
             raise NoRecommendations(f"no nightly top-K has been published under {self.root} yet")
         partition = read_text(latest).strip()
+        where = live(join(self.root, partition))
         with self._lock:
-            if self._open is None or self._open[0] != partition:
-                self._open = (partition, parquet_dataset(join(self.root, partition)))
-            return self._open
+            if self._open is None or self._open[0] != where:
+                self._open = (where, parquet_dataset(where))
+            return partition, self._open[1]
 
     def get(self, user_id: str, k: int | None = None) -> dict:
         partition, ds = self._dataset()

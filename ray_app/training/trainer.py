@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -20,8 +19,11 @@ from ray_app.runtime import ensure_ray, use_gpus
 from ray_app.storage import (
     StagedOutput,
     absolute,
+    exists,
     expand_paths,
     join,
+    live,
+    remove,
     require_complete,
     upload_dir,
 )
@@ -74,7 +76,7 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
     """
     import ray.data
 
-    examples = join(cfg.prepared, "examples", "train")
+    examples = join(live(cfg.prepared), "examples", "train")
     fs, files = expand_paths(examples)
     cols = [
         schema.HIST_ITEM_IDX,
@@ -210,9 +212,9 @@ def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[
     prep_manifest = require_complete(cfg.prepared)
     ensure_ray(cfg.ray)
     run_dir = join(storage_uri(cfg), cfg.run_name)
-    if not cfg.resume and "://" not in run_dir and os.path.isdir(run_dir):
+    if not cfg.resume and exists(run_dir):
         logger.info("resume=false: removing the previous run in %s", run_dir)
-        shutil.rmtree(run_dir)
+        remove(run_dir)
     data = load_prepared(cfg.prepared)
     hidden = cold_start_items(
         data.items[schema.ITEM_ID].to_numpy(), cfg.cold_start_fraction, cfg.seed
