@@ -60,7 +60,9 @@ strip-notebooks: install
 	$(BIN)/nbstripout notebooks/*.ipynb
 
 # Local cluster parity: a Ray head on 127.0.0.1, the pipeline submitted with
-# `ray job submit`, the head stopped. ARGS go to jobs/pipeline.py.
+# `ray job submit`, the head stopped. ARGS go to cluster/local-cluster.sh:
+# `--two-nodes --s3` for a head without CPUs, a worker node and every path on a
+# local S3 server; the rest to jobs/pipeline.py.
 cluster-local: install
 	VENV=$(VENV) bash cluster/local-cluster.sh $(ARGS)
 

@@ -161,6 +161,35 @@ def trained(prepared, tmp_path_factory):
     return cfg, run_train(cfg)
 
 
+def _port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def cluster_ports() -> dict[str, str]:
+    """GCS, dashboard (each with the port after it) and a PORT_BASE block for the nodes,
+    below the kernel's ephemeral range so no outgoing connection holds one."""
+    import random
+
+    for _ in range(200):
+        base = random.randrange(20000, 32000, 10)
+        wanted = [*range(base, base + 20), base + 600, base + 601, base + 602, base + 603]
+        if all(_port_free(p) for p in wanted):
+            return {
+                "PORT_BASE": str(base),
+                "GCS_PORT": str(base + 600),
+                "DASHBOARD_PORT": str(base + 602),
+                "S3_PORT": str(base + 5),
+            }
+    raise RuntimeError("no free block of ports")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's S3 server on 127.0.0.1 (the port AWS_ENDPOINT_URL names), for the session."""
