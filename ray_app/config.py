@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 
 class ConfigError(ValueError):
@@ -30,10 +30,30 @@ class StrictModel(BaseModel):
     )
 
 
-PathLike = Annotated[str, Field(min_length=1)]
+def no_credentials(path: str) -> str:
+    """A URI with a key in it (`s3://KEY:SECRET@bucket/...`, which pyarrow accepts) is
+    refused: manifests record each run's resolved config, so the key would be published
+    with the outputs. Keys come from the environment or the cloud's own mechanisms."""
+    scheme, sep, rest = path.partition("://")
+    if sep and "@" in rest.split("/", 1)[0]:
+        raise ValueError(
+            f"{scheme}://...@...: credentials do not go in paths (manifests publish them); "
+            "set them in the environment (AWS_ACCESS_KEY_ID, ...) or use the cloud's "
+            "instance/pod identity"
+        )
+    return path
 
 
-Paths = str | list[str]
+PathLike = Annotated[str, Field(min_length=1), AfterValidator(no_credentials)]
+
+
+def _no_credentials_in(paths: str | list[str]) -> str | list[str]:
+    for p in [paths] if isinstance(paths, str) else paths:
+        no_credentials(p)
+    return paths
+
+
+Paths = Annotated[str | list[str], AfterValidator(_no_credentials_in)]
 
 
 ConfigT = TypeVar("ConfigT", bound=BaseModel)

@@ -125,3 +125,34 @@ def test_nightly_date_from_cli_yaml_or_quoted(tmp_path):
     for bad in ("date=2026-02-30", "date=20261124", "date=yesterday"):
         with pytest.raises(ConfigError, match="date"):
             load_config(NightlyConfig, None, [*base, bad])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("input.interactions=s3://AKIAX:s3cr3t@bucket/logs/*.parquet", "input.interactions"),
+        ("input.items=[gs://bucket/a.jsonl, s3://k:s@bucket/b.jsonl]", "input.items"),
+        ("output=s3://k:s@bucket/prepared", "output"),
+    ],
+)
+def test_a_key_in_a_path_is_refused_before_it_reaches_a_manifest(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(
+            PrepareConfig,
+            None,
+            ["input.interactions=/logs", "input.items=/items", "output=/o", override],
+        )
+    assert key in str(e.value) and "credentials do not go in paths" in str(e.value)
+
+
+def test_object_store_paths_without_keys_are_accepted():
+    cfg = load_config(
+        PrepareConfig,
+        None,
+        [
+            "input.interactions=s3://bucket/logs?endpoint_override=127.0.0.1:9000",
+            "input.items=s3://bucket/items.jsonl",
+            "output=gs://b/p",
+        ],
+    )
+    assert cfg.output == "gs://b/p"
