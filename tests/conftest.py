@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,6 +190,45 @@ def cluster_ports() -> dict[str, str]:
                 "S3_PORT": str(base + 5),
             }
     raise RuntimeError("no free block of ports")
+
+
+def swap_under_load(
+    send: Callable[[], tuple[int, str | None]],
+    swap: Callable[[], Any],
+    version: str,
+    clients: int = 4,
+    timeout_s: float = 180,
+) -> tuple[list[tuple[int, str | None]], Any]:
+    """`clients` threads call `send` (-> status, model_version) in a loop while `swap()`
+    rolls a new model out, until `version` answers; a dropped connection is (0, error).
+    Returns every answer in order, and what `swap` returned."""
+    import threading
+    import time
+
+    import requests
+
+    stop, results = threading.Event(), []
+
+    def load() -> None:
+        while not stop.is_set():
+            try:
+                results.append(send())
+            except requests.RequestException as e:
+                results.append((0, str(e)))
+
+    threads = [threading.Thread(target=load) for _ in range(clients)]
+    for th in threads:
+        th.start()
+    time.sleep(2)
+    swapped = swap()
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and not any(v == version for _, v in results[-5:]):
+        time.sleep(0.5)
+    time.sleep(1)
+    stop.set()
+    for th in threads:
+        th.join()
+    return results, swapped
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 import requests
 
 from ray_app import storage
-from tests.conftest import cluster_ports
+from tests.conftest import cluster_ports, swap_under_load
 
 pytestmark = [pytest.mark.slow]
 
@@ -260,35 +259,22 @@ def test_serve_reads_the_model_and_latest_lists_from_s3_and_swaps_models_without
 
     # A new artifact on S3 goes live through user_config; requests meanwhile all succeed.
     _copy_model(f"{wd}/model", f"{wd}/model-v2", "v2-swapped")
-    stop, results = threading.Event(), []
 
-    def load() -> None:
-        while not stop.is_set():
-            try:
-                resp = requests.post(
-                    f"{url}/v1/rerank",
-                    json={"user_id": user, "candidates": [{"item_id": want[0]}]},
-                    timeout=30,
-                )
-                results.append((resp.status_code, resp.json().get("model_version")))
-            except requests.RequestException as e:
-                results.append((0, str(e)))
+    def send() -> tuple[int, str | None]:
+        resp = requests.post(
+            f"{url}/v1/rerank",
+            json={"user_id": user, "candidates": [{"item_id": want[0]}]},
+            timeout=30,
+        )
+        return resp.status_code, resp.json().get("model_version")
 
-    threads = [threading.Thread(target=load) for _ in range(3)]
-    for t in threads:
-        t.start()
-    time.sleep(2)
-    swap = cluster.run(
-        "serve", "deploy", "--address", dashboard,
-        str(_serve_config(cluster, f"{wd}/model-v2", f"{wd}/topk", port)),
-    )  # fmt: skip
-    deadline = time.time() + 180
-    while time.time() < deadline and not any(v == "v2-swapped" for _, v in results[-5:]):
-        time.sleep(0.5)
-    time.sleep(1)
-    stop.set()
-    for t in threads:
-        t.join()
+    v2 = str(_serve_config(cluster, f"{wd}/model-v2", f"{wd}/topk", port))
+    results, swap = swap_under_load(
+        send,
+        lambda: cluster.run("serve", "deploy", "--address", dashboard, v2),
+        "v2-swapped",
+        clients=3,
+    )
     assert swap.returncode == 0, swap.stderr[-3000:]
     failures = [x for x in results if x[0] != 200]
     assert not failures, failures[:5]

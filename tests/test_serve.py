@@ -28,7 +28,7 @@ from ray_app.model.artifact import load_artifact
 from ray_app.model.history import make_history
 from ray_app.protocol.data import load_prepared
 from ray_app.serving.config import ServeConfig
-from tests.conftest import TEST_TOKEN_ENV, free_port
+from tests.conftest import TEST_TOKEN_ENV, free_port, swap_under_load
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -513,29 +513,16 @@ def test_model_swap_under_load_drops_no_request(service, trained, tmp_path):
     url, sc = service
     cfg, _ = trained
     new = _copy_with_version(cfg.output, tmp_path / "v2", "v2-swapped")
-    stop, results = threading.Event(), []
     ids = [{"item_id": "x", "text": "some text"}]
 
-    def load() -> None:
-        while not stop.is_set():
-            try:
-                r = post(url, "/v1/rerank", {"candidates": ids})
-                results.append((r.status_code, r.json().get("model_version")))
-            except requests.RequestException as e:  # a dropped connection counts as a failure
-                results.append((0, str(e)))
+    def send() -> tuple[int, str | None]:
+        r = post(url, "/v1/rerank", {"candidates": ids})
+        return r.status_code, r.json().get("model_version")
 
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for th in threads:
-        th.start()
-    time.sleep(2)
-    serve.run(build_app(sc.app_args().model_copy(update={"model": new})), name=sc.app_name)
-    deadline = time.time() + 120
-    while time.time() < deadline and not any(v == "v2-swapped" for _, v in results[-5:]):
-        time.sleep(0.5)
-    time.sleep(1)
-    stop.set()
-    for th in threads:
-        th.join()
+    def swap() -> None:
+        serve.run(build_app(sc.app_args().model_copy(update={"model": new})), name=sc.app_name)
+
+    results, _ = swap_under_load(send, swap, "v2-swapped", clients=4, timeout_s=120)
     failures = [r for r in results if r[0] != 200]
     versions = [v for _, v in results]
     assert not failures, failures[:5]
