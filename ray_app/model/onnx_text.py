@@ -1,0 +1,103 @@
+"""The text tower (encoder, pooling and projection) as an ONNX graph for CPUs.
+
+Encoding a new item's text is the one model call whose cost grows with the
+catalogue's churn, and PyTorch's eager BERT on a CPU thread spends much of its time
+outside the matrix products. ONNX Runtime runs the same graph fused, and dynamic
+int8 quantisation of its linear layers cuts the remaining time again; PyTorch stays
+the reference, the fallback and the GPU path (`jobs/bench_encode.py` has the figures
+and the parity of the vectors).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+Backend = Literal["torch", "onnx", "onnx-int8"]
+INPUTS = ("input_ids", "attention_mask")
+
+
+class TextTower(nn.Module):
+    """(input_ids, attention_mask) -> item vectors of items known by their text alone:
+    the encoder, its pooling and the item tower's projection (`RerankerNet.text` and
+    `RerankerNet.items.from_text`)."""
+
+    def __init__(self, text: nn.Module, items: nn.Module) -> None:
+        super().__init__()
+        self.text, self.items = text, items
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.items.from_text(self.text(input_ids, attention_mask))
+
+
+def export(tower: TextTower, path: str | os.PathLike[str], max_length: int) -> Path:
+    """Write the tower as ONNX (batch and length dynamic) to `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ids = torch.ones(2, min(8, max_length), dtype=torch.long)
+    n, t = torch.export.Dim("n"), torch.export.Dim("t", max=max(max_length, 8))
+    with torch.no_grad():
+        torch.onnx.export(
+            tower.eval(),
+            (ids, torch.ones_like(ids)),
+            str(path),
+            input_names=list(INPUTS),
+            output_names=["vectors"],
+            dynamic_shapes=({0: n, 1: t}, {0: n, 1: t}),
+            dynamo=True,
+            verbose=False,
+        )
+    return path
+
+
+def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
+    """Dynamic int8 quantisation of the graph's matrix products (weights int8 with a scale
+    per output channel, activations quantised per batch at run time): no calibration data
+    needed. One scale per tensor loses far more of MiniLM's vectors (bench_encode.py)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True)
+    return Path(dst)
+
+
+class OnnxTextTower:
+    """The exported tower in ONNX Runtime, on `threads` intra-op threads."""
+
+    def __init__(self, path: str | os.PathLike[str], threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feed = {
+            "input_ids": np.asarray(input_ids, dtype=np.int64),
+            "attention_mask": np.asarray(attention_mask, dtype=np.int64),
+        }
+        return self.session.run(None, feed)[0]
+
+
+def build(
+    tower: TextTower,
+    backend: Backend,
+    folder: str | os.PathLike[str],
+    max_length: int,
+    threads: int,
+) -> OnnxTextTower:
+    """The ONNX tower of `backend` (exported, and quantised for int8, into `folder`)."""
+    folder = Path(folder)
+    fp32 = export(tower, folder / "text_tower.onnx", max_length)
+    if backend == "onnx-int8":
+        return OnnxTextTower(quantize_int8(fp32, folder / "text_tower.int8.onnx"), threads)
+    return OnnxTextTower(fp32, threads)
