@@ -389,14 +389,21 @@ def is_complete(uri: str) -> bool:
     return exists(join(live(uri), SUCCESS))
 
 
-def require_complete(uri: str) -> dict[str, Any]:
-    """The manifest of a published output; an error if its run never finished."""
+def published(uri: str) -> tuple[str, dict[str, Any]]:
+    """Where a published output's files are (`live`, resolved once) and its manifest; an
+    error if its run never finished. Readers take both from here, so the files they read
+    are those of the run whose manifest they checked."""
     root = live(uri)
     if not exists(join(root, SUCCESS)):
         raise IncompleteOutputError(
             f"{uri} is not a complete stage output (no {SUCCESS}); re-run the stage that writes it"
         )
-    return read_json(join(root, MANIFEST))
+    return root, read_json(join(root, MANIFEST))
+
+
+def require_complete(uri: str) -> dict[str, Any]:
+    """The manifest of a published output; an error if its run never finished."""
+    return published(uri)[1]
 
 
 def remove(uri: str) -> None:

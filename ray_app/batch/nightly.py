@@ -40,10 +40,9 @@ from ray_app.storage import (
     absolute,
     exists,
     join,
-    live,
     parquet_dataset,
+    published,
     read_text,
-    require_complete,
     resolve,
     write_text_atomic,
 )
@@ -407,9 +406,8 @@ def run_nightly(
     t0 = time.time()
     date = cfg.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     # Resolved once: the driver and every actor read the same published runs.
-    model, prepared = live(absolute(cfg.model)), live(absolute(cfg.prepared))
-    require_complete(model)
-    prep_manifest = require_complete(prepared)
+    model, _ = published(absolute(cfg.model))
+    prepared, prep_manifest = published(absolute(cfg.prepared))
     ensure_ray(cfg.ray)
     from ray_app.model.artifact import load_artifact
 

@@ -263,10 +263,9 @@ def score_lists(
     split, which lists each user as the run of the day before their target did): the
     split's target in the user's top k or not. Returns (split, summary, per-user column),
     comparable to every method's `backtest` column."""
-    from ray_app.storage import live, read_parquet, require_complete
+    from ray_app.storage import published, read_parquet
 
-    root = live(path)
-    manifest = require_complete(root)
+    root, manifest = published(path)
     split = manifest.get("as_of")
     if split not in ("valid", "test"):
         raise ValueError(

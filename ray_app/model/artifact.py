@@ -34,7 +34,7 @@ from ray_app.data import schema
 from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, from_saved
 from ray_app.model.net import RerankerNet
-from ray_app.storage import live, local_copy, require_complete
+from ray_app.storage import local_copy, published, require_complete
 
 logger = logging.getLogger(__name__)
 
@@ -129,8 +129,7 @@ def from_prepare_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
     """Rebuild the model from an artifact (local or URI), ready to `predict`."""
-    root = live(path)
-    require_complete(root)
+    root, _ = published(path)
     with tempfile.TemporaryDirectory(prefix="rerank-artifact-") as tmp:
         return _load_local(path, Path(local_copy(root, tmp)), device)
 

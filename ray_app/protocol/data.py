@@ -14,7 +14,7 @@ import pandas as pd
 
 from ray_app.data import schema
 from ray_app.data.sequences import SORT_KEYS
-from ray_app.storage import join, live, read_parquet, require_complete
+from ray_app.storage import join, published, read_parquet
 from ray_app.times import day_start
 
 
@@ -128,8 +128,7 @@ def sample_users(data: EvalData, max_users: int | None, seed: int) -> EvalData:
 
 def load_prepared(path: str) -> EvalData:
     """Read a complete prepare output (fails clearly on a half-written one)."""
-    path = live(path)
-    manifest = require_complete(path)
+    path, manifest = published(path)
     items = read_parquet(join(path, "items")).sort_values(schema.ITEM_IDX).reset_index(drop=True)
     num_items = int(items[schema.ITEM_IDX].max())
     pad = pd.DataFrame(
