@@ -56,19 +56,14 @@ def _tower(model: str | None, seed: int = 0):
             art.tokenizer,
             int(art.config.get("text_max_length", 32)),
         )
+    from ray_app.model.config import ModelConfig
+    from ray_app.model.net import ItemTower
+
     bert, tokenizer = load_pretrained("default")
     torch.manual_seed(seed)
-
-    class Items(torch.nn.Module):
-        def __init__(self, dim: int) -> None:
-            super().__init__()
-            self.proj = torch.nn.Linear(dim, 64)
-
-        def from_text(self, x: torch.Tensor) -> torch.Tensor:
-            return self.proj(x)
-
     text = TextEncoder(bert, trainable_layers=0)
-    return TextTower(text, Items(text.out_dim)).eval(), tokenizer, 32
+    items = ItemTower(ModelConfig(use_ids=False, dim=64), 0, text.out_dim)
+    return TextTower(text, items).eval(), tokenizer, 32
 
 
 def _batches(tokenizer, texts: list[str], batch: int, max_length: int) -> list[tuple]:

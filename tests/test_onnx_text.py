@@ -5,17 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, load_pretrained
+from ray_app.model.net import ItemTower
 from ray_app.model.onnx_text import OnnxTextTower, TextTower, export, quantize_int8
-
-
-class _Items(torch.nn.Module):
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.proj = torch.nn.Linear(dim, 16)
-
-    def from_text(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x)
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -26,7 +19,8 @@ def test_onnx_vectors_match_pytorch_for_any_batch_and_length(tmp_path):
     bert, tokenizer = load_pretrained("tiny", seed=1)
     torch.manual_seed(1)
     text = TextEncoder(bert, trainable_layers=0)
-    tower = TextTower(text, _Items(text.out_dim)).eval()
+    items = ItemTower(ModelConfig(use_ids=False, dim=16), 0, text.out_dim)
+    tower = TextTower(text, items).eval()
     fp32 = export(tower, tmp_path / "tower.onnx", max_length=32)
     int8 = quantize_int8(fp32, tmp_path / "tower.int8.onnx")
     # Batch sizes and lengths other than the export's example: the axes are dynamic.
