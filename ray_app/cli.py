@@ -105,6 +105,19 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_items(args: argparse.Namespace) -> int:
+    import json
+
+    from ray_app.serving.client import add_items
+
+    token = os.environ.get(args.token_env) if args.token_env else None
+    if args.token_env and not token:
+        raise ConfigError(f"--token-env {args.token_env}: the variable is not set")
+    summary = add_items(args.file, args.url, token, args.replace, args.batch_size, args.rejects)
+    print(json.dumps(summary))
+    return 0 if summary["rejected"] == 0 else 3
+
+
 # Commands of the CLI alone, beside one per stage: (help, description, examples).
 DEMO = (
     "the whole pipeline on generated sample data, local Ray (what `make demo` runs)",
@@ -125,10 +138,24 @@ CONFIG = (
 )
 
 
+ITEMS = (
+    "register catalogue items with a running service (PUT /v1/items)",
+    "`rerank items add FILE --url URL`: every row of a CSV, Parquet or JSON-lines file "
+    "(item_id, and text or title/genres/description/...) is registered in batches; each "
+    "item is encoded once and every replica scores it from then on. Rows the service "
+    "refuses go to the rejects file with its reason (exit status 3).",
+    (
+        "rerank items add new_items.csv --url http://127.0.0.1:8000",
+        "rerank items add catalogue.parquet --url http://rerank:8000 --token-env RERANK_TOKEN "
+        "--replace",
+    ),
+)
+
+
 def documented_commands() -> dict[str, tuple[str, str, tuple[str, ...]]]:
     """Every command's (one-line help, description, examples), in `--help` order."""
     docs = {s.name: (s.help, s.description, s.examples) for s in COMMANDS.values()}
-    return {**docs, "demo": DEMO, "config": CONFIG}
+    return {**docs, "demo": DEMO, "config": CONFIG, "items": ITEMS}
 
 
 def _subparser(
@@ -179,6 +206,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_config)
     p.add_argument("stage", nargs="?", choices=list(COMMANDS), help="default: all")
     p.add_argument("--write", metavar="README", help="rewrite the reference section there")
+    p = _subparser(sub, "items", *ITEMS)
+    items = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    p = items.add_parser("add", help="register the rows of a file")
+    p.set_defaults(func=_cmd_items)
+    p.add_argument("file", help="CSV, Parquet or JSON lines: item_id, text or text fields")
+    p.add_argument("--url", required=True, help="the service, e.g. http://127.0.0.1:8000")
+    p.add_argument(
+        "--token-env", default=None, help="environment variable holding the bearer token"
+    )
+    p.add_argument("--replace", action="store_true", help="replace the text of trained items")
+    p.add_argument("--batch-size", type=int, default=500, help="items per request")
+    p.add_argument("--rejects", default=None, help="default: FILE.rejected.jsonl")
     return parser
 
 

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from ray_app.config import PathLike, StrictModel
+from ray_app.model.catalogue import CatalogueConfig
+from ray_app.model.ranker import TextEncoderChoice
 from ray_app.runtime import RayConfig
 
 
@@ -53,6 +55,15 @@ class NightlyConfig(StrictModel):
     """`auto` puts the actors on GPUs when the cluster has them."""
     torch_threads: int = Field(default=1, ge=1)
     """PyTorch threads per actor."""
+    items: CatalogueConfig | None = None
+    """The store of items registered through the service (PUT /v1/items), to rank them with the
+    catalogue: the serving app's event store kind (`actor` when the job runs on the serving Ray
+    cluster, or `redis` with its URL). Their stored vectors of this model version are used;
+    those it has none of are encoded from their text and stored. null = the artifact's items only.
+    """
+    text_encoder: TextEncoderChoice = "auto"
+    """What encodes registered items the store has no vectors of for this model version (as the
+    serving app's `text_encoder`)."""
     ray: RayConfig = Field(default_factory=RayConfig)
     """Which Ray to run on."""
 

@@ -247,10 +247,16 @@ class TopKActor:
         torch_threads: int = 1,
         device: str = "cpu",
         on_batch: Callable[[int], None] | None = None,
+        registered: dict[str, np.ndarray] | None = None,
     ) -> None:
         torch.set_num_threads(torch_threads)
         self.ranker = Ranker.from_path(model, device=device)
+        self.ranker.extend(registered or {})
         self.opts = opts
+        if boost is not None and len(boost) < len(self.ranker.vectors):
+            # A registered item has no events yet: the long tail's full boost.
+            top = float(boost.max()) if len(boost) else 0.0
+            boost = np.concatenate([boost, np.full(len(self.ranker.vectors) - len(boost), top)])
         self.boost = None if boost is None else torch.from_numpy(boost).float()
         self.on_batch = on_batch
         self.batches = 0
@@ -327,6 +333,7 @@ def _write_lists(
     actors: Any,
     gpu: bool,
     on_batch: Callable[[int], None] | None,
+    registered: dict[str, np.ndarray] | None = None,
 ) -> str | None:
     """The Ray Data pipeline, written to `staging`: None, or what went wrong.
 
@@ -366,6 +373,7 @@ def _write_lists(
             "torch_threads": cfg.torch_threads,
             "device": "cuda" if gpu else "cpu",
             "on_batch": on_batch,
+            "registered": registered,
         },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
@@ -415,10 +423,20 @@ def run_nightly(
     gpu = use_gpus(cfg.use_gpu)
     opts = ListOptions.from_config(cfg, end_of_day(date))
     actors = _actors(cfg, gpu)
+    registered = _registered(cfg, art)
     name = partition_name(date)
     with StagedOutput(join(cfg.output, name)) as stage:
         error = _write_lists(
-            cfg, stage.staging, model, prepared, art.model.num_items, opts, actors, gpu, on_batch
+            cfg,
+            stage.staging,
+            model,
+            prepared,
+            art.model.num_items,
+            opts,
+            actors,
+            gpu,
+            on_batch,
+            registered,
         )
         if error is None:
             counts = _count(stage.staging)
@@ -440,6 +458,7 @@ def run_nightly(
             prepared_run_id=prep_manifest.get("run_id"),
             counts=counts,
             actors={"min": actors.min_size, "max": actors.max_size},
+            registered_items=len(registered),
             device="cuda" if gpu else "cpu",
         )
         stage.publish(manifest)
@@ -452,6 +471,22 @@ def run_nightly(
         "; LATEST points to it" if moved else "",
     )
     return {**manifest, "latest": read_latest(cfg.output), "output": join(cfg.output, name)}
+
+
+def _registered(cfg: NightlyConfig, art: Any) -> dict[str, np.ndarray]:
+    """The registered items' vectors for this model version (new items, and trained ones
+    registered with `replace`), read once here for every actor."""
+    if cfg.items is None:
+        return {}
+    from ray_app.model.catalogue import Catalogue, make_item_store
+
+    ranker = Ranker(art, text_encoder=cfg.text_encoder)
+    catalogue = Catalogue(make_item_store(cfg.items))
+    encoded = catalogue.load(ranker)
+    logger.info(
+        "%d registered items (%d encoded now for %s)", len(catalogue.vectors), encoded, ranker.space
+    )
+    return dict(catalogue.vectors)
 
 
 def _count(uri: str) -> dict[str, int]:

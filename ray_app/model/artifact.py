@@ -4,11 +4,15 @@ Layout (all plain files, nothing pickled):
 
 - `config.json`: the model config, catalogue size, version id, encoder name,
   event types (position + 1 = the event_idx the model was trained with),
-  the token budget item text was truncated to;
+  the token budget item text was truncated to, how item text was rendered
+  (`text`: prepare's template), which backend computed the item table
+  (`item_vectors`) and which ONNX text towers the folder holds;
 - `model.safetensors`: weights (LoRA merged into the encoder);
 - `encoder/`: the encoder's transformers config and tokenizer files;
 - `item_embeddings.safetensors`: `item_vectors` (items x dim, the item
   tower's output, row = item_idx) and `text` (pooled text per item);
+- `text_tower.onnx`, `text_tower.int8.onnx`: the text tower (encoder, pooling,
+  projection) for ONNX Runtime, when the model reads text (`onnx_text.FILES`);
 - `items.parquet`: item_idx, item_id, title, text, known (seen in training);
 - `metrics.json`: training history and the chosen epoch;
 - `manifest.json`, `_SUCCESS`: written by the staged, atomic publication.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +60,7 @@ class Artifact:
     item_index: dict[str, int]  # item_id -> item_idx
     tokenizer: Any
     metrics: dict[str, Any]
+    onnx: dict[str, bytes] = field(default_factory=dict)  # backend -> the graph's bytes
 
     @property
     def version(self) -> str:
@@ -78,6 +83,8 @@ def save_artifact(
     held_out: np.ndarray | None = None,
     event_types: list[str] | None = None,
     text_max_length: int = 32,
+    text: dict[str, Any] | None = None,
+    export_onnx: bool = False,
 ) -> None:
     """Write an artifact into a local folder (the caller publishes it)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -97,9 +104,17 @@ def save_artifact(
         "encoder": encoder_name,
         "event_types": list(event_types or []),
         "text_max_length": text_max_length,
+        "text": text or {},
+        "item_vectors": "torch",
+        "text_towers": {},
         "num_items": model.num_items,
         "model": model.cfg.model_dump(mode="json"),
     }
+    if export_onnx and model.text is not None:
+        from ray_app.model.onnx_text import TextTower, export_all
+
+        files = export_all(TextTower(model.text, model.items), folder, text_max_length)
+        config["text_towers"] = {backend: path.name for backend, path in files.items()}
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     known = model.items.known.cpu().numpy()
     out = items[[schema.ITEM_IDX, schema.ITEM_ID, schema.TITLE, schema.TEXT]].copy()
@@ -121,9 +136,11 @@ def _from_prepared(local: Path) -> dict[str, Any]:
 def from_prepare_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     """What an artifact takes from the prepare run it was trained on (the
     `event_types` and `text_max_length` arguments of `save_artifact`)."""
+    text = manifest["config"]["text"]
     return {
         "event_types": manifest["resolved"]["event_types"],
-        "text_max_length": manifest["config"]["text"]["max_length"],
+        "text_max_length": text["max_length"],
+        "text": {k: text[k] for k in ("template", "separator", "list_delimiter") if k in text},
     }
 
 
@@ -161,6 +178,11 @@ def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:
     )
     items = pd.concat([pad, items], ignore_index=True)
     metrics = json.loads((local / METRICS).read_text())
+    onnx = {
+        backend: (local / name).read_bytes()
+        for backend, name in config.get("text_towers", {}).items()
+        if (local / name).exists()
+    }
     return Artifact(
         model=model,
         config=config,
@@ -169,4 +191,5 @@ def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:
         item_index=schema.item_index(items),
         tokenizer=tokenizer,
         metrics=metrics,
+        onnx=onnx,
     )

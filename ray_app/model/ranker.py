@@ -5,7 +5,12 @@ so an online ranking and a precomputed list for the same user and candidates
 carry the same scores. Known items read the artifact's item table; an item
 the catalogue does not know is encoded from the text the caller sends (and
 kept in a bounded LRU cache); an unknown item without text gets a per-item
-error instead of a made-up score.
+error instead of a made-up score. Items registered through the catalogue
+(`model/catalogue.py`) are an overlay of vectors on top of the item table, kept
+by the process's `Catalogue`.
+
+New items' text is encoded by PyTorch or by the ONNX export of the text tower
+(`text_encoder`); the item table itself is always PyTorch's (the artifact's).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -79,6 +85,19 @@ class UnknownEventType(ValueError):
     pass
 
 
+TextEncoderChoice = Literal["auto", "torch", "onnx", "onnx-int8"]
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """Registered items' vectors over the item table: `rows[item_id]` is a row of
+    `table`. Replaced as a whole (never changed in place), so a batch being scored
+    keeps the one it started with."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    table: torch.Tensor | None = None
+
+
 class Ranker:
     """Loaded once per process (a Serve replica, a `map_batches` actor) and reused."""
 
@@ -87,6 +106,7 @@ class Ranker:
         artifact: Artifact,
         cache_size: int = 10_000,
         device: str | torch.device = "cpu",
+        text_encoder: TextEncoderChoice = "torch",
     ) -> None:
         self.artifact = artifact
         self.device = torch.device(device)
@@ -101,10 +121,103 @@ class Ranker:
         self._cold: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
         self.cold_encoded = 0
+        self.overlay = Overlay()
+        self.text_backend = self._choose_backend(text_encoder)
+        self._onnx = self._onnx_tower() if self.text_backend != "torch" else None
 
     @classmethod
-    def from_path(cls, path: str, cache_size: int = 10_000, device: str = "cpu") -> Ranker:
-        return cls(load_artifact(path, device), cache_size, device)
+    def from_path(
+        cls,
+        path: str,
+        cache_size: int = 10_000,
+        device: str = "cpu",
+        text_encoder: TextEncoderChoice = "torch",
+    ) -> Ranker:
+        return cls(load_artifact(path, device), cache_size, device, text_encoder)
+
+    def _choose_backend(self, choice: TextEncoderChoice) -> str:
+        """`auto`: ONNX int8 on a CPU, PyTorch on a GPU (and for a model without text)."""
+        if self.model.text is None:
+            return "torch"
+        if choice == "auto":
+            return "onnx-int8" if self.device.type == "cpu" else "torch"
+        return choice
+
+    def _onnx_tower(self) -> Any:
+        """The artifact's ONNX text tower of `text_backend`, exported now if the artifact
+        was written without it (older artifacts, `train.export_onnx: false`)."""
+        import tempfile
+
+        from ray_app.model.onnx_text import OnnxTextTower, TextTower, export_all
+
+        threads = torch.get_num_threads()
+        graph = self.artifact.onnx.get(self.text_backend)
+        if graph is not None:
+            return OnnxTextTower(graph, threads)
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix="rerank-onnx-") as tmp:
+            tower = TextTower(self.model.text, self.model.items).cpu()
+            files = export_all(tower, tmp, self.max_length)
+            self.model.to(self.device)
+            out = OnnxTextTower(files[self.text_backend].read_bytes(), threads)
+        logger.warning(
+            "artifact %s has no %s text tower: exported it in %.1fs",
+            self.version,
+            self.text_backend,
+            time.time() - t0,
+        )
+        return out
+
+    @property
+    def space(self) -> str:
+        """What a new item's vector depends on: the model version and the text backend."""
+        return f"{self.version}/{self.text_backend}"
+
+    def knows(self, item_id: str) -> bool:
+        """Whether the artifact's item table has `item_id` (trained or catalogue item)."""
+        return item_id in self.index
+
+    @functools.cached_property
+    def renderer(self) -> Any:
+        """Item text from fields (title, genres, ...), as prepare rendered it for training."""
+        from ray_app.data.config import TextConfig
+        from ray_app.data.text import TextRenderer
+
+        return TextRenderer(TextConfig.model_validate(self.artifact.config.get("text") or {}))
+
+    def set_overlay(self, vectors: dict[str, np.ndarray]) -> None:
+        """Score these items from these vectors (registered items; a trained item listed
+        here is scored from its new vector instead of its table row)."""
+        if not vectors:
+            self.overlay = Overlay()
+            return
+        table = torch.from_numpy(np.stack(list(vectors.values())).astype(np.float32))
+        self.overlay = Overlay(
+            {item_id: i for i, item_id in enumerate(vectors)}, table.to(self.device)
+        )
+
+    def extend(self, vectors: dict[str, np.ndarray]) -> None:
+        """Add these items to the item table itself (a trained item's row is replaced):
+        for the nightly job, whose retrieval reads the table, not an overlay."""
+        if not vectors:
+            return
+        table = self.vectors.clone()
+        item_ids, index = list(self.item_ids), dict(self.index)
+        new = []
+        for item_id, v in vectors.items():
+            row = index.get(item_id)
+            if row is None:
+                index[item_id] = len(item_ids)
+                item_ids.append(item_id)
+                new.append(v)
+            else:
+                table[row] = torch.from_numpy(np.asarray(v, np.float32)).to(self.device)
+        if new:
+            added = torch.from_numpy(np.stack(new).astype(np.float32)).to(self.device)
+            table = torch.cat([table, added])
+        self.vectors, self.index = table, index
+        self.item_ids = np.asarray(item_ids, dtype=object)
+        self.__dict__.pop("vector_mean", None)
 
     @functools.cached_property
     def vector_mean(self) -> torch.Tensor:
@@ -137,6 +250,16 @@ class Ranker:
         """Item vectors (n, d) of new items from their text alone (their IDs never trained)."""
         if self.model.text is None:
             raise ValueError("this model has no text tower: it cannot score items it never saw")
+        if self._onnx is not None:
+            tok = self.artifact.tokenizer(
+                list(texts),
+                truncation=True,
+                max_length=self.max_length,
+                padding=True,
+                return_tensors="np",
+            )
+            out = self._onnx(tok["input_ids"], tok["attention_mask"])
+            return torch.from_numpy(out).to(self.device)
         tok = self.artifact.tokenizer(
             list(texts),
             truncation=True,
@@ -211,6 +334,18 @@ class Ranker:
         table = self.vectors if table is None else table
         return self.model.predict(hist, table[rows.to(self.device)])
 
+    def _gather(self, rows: torch.Tensor, extra: list[torch.Tensor]) -> torch.Tensor:
+        """Vectors of `rows`: the item table's rows, then those of the `extra` tables
+        after it (without copying the item table)."""
+        if not extra:
+            return self.vectors[rows]
+        n = len(self.vectors)
+        out = self.vectors[rows.clamp(max=n - 1)]
+        beyond = rows >= n
+        if beyond.any():
+            out[beyond] = torch.cat(extra)[rows[beyond] - n]
+        return out
+
     @torch.no_grad()
     def score_catalogue(self, hist: History) -> torch.Tensor:
         """(B, N + 1) scores of every item (column = item_idx; column 0 is padding): the
@@ -257,26 +392,35 @@ class Ranker:
         if not queries:
             return []
         clock = int(time.time())
+        overlay = self.overlay
+        n_table = len(self.vectors)
+        n_overlay = 0 if overlay.table is None else len(overlay.table)
         hists = [self._query_events(q, strict_events) for q in queries]
         cold_keys: dict[tuple[str, str], None] = {}
         for q in queries:
             for c in q.candidates:
-                if c.item_id not in self.index and c.text:
+                if c.item_id not in overlay.rows and c.item_id not in self.index and c.text:
                     cold_keys[(c.item_id, c.text)] = None
         cold = self._cold_vectors(cold_keys) if cold_keys else {}
-        table, cold_rows = self.vectors, {}
+        extra = [] if overlay.table is None else [overlay.table]
+        cold_rows = {}
         if cold:
             keys = list(cold)
-            table = torch.cat([self.vectors, torch.stack([cold[key] for key in keys])])
-            cold_rows = {key: len(self.vectors) + i for i, key in enumerate(keys)}
-        # Rows of `table` per query and candidate slot; 0 (the padding item) fills
-        # the slots of short queries and of candidates that cannot be scored.
+            extra.append(torch.stack([cold[key] for key in keys]))
+            cold_rows = {key: n_table + n_overlay + i for i, key in enumerate(keys)}
+        # Rows per query and candidate slot: the item table's, then the overlay's and
+        # the new items' after it; 0 (the padding item) fills the slots of short
+        # queries and of candidates that cannot be scored.
         rows = np.zeros((len(queries), max(1, max(len(q.candidates) for q in queries))), np.int64)
         plans: list[tuple[list[int], list[str], list[tuple[str, str]]]] = []
         for b, q in enumerate(queries):
             cols, ids, errors = [], [], []
             for j, c in enumerate(q.candidates):
-                idx = self.index.get(c.item_id)
+                idx = overlay.rows.get(c.item_id)
+                if idx is not None:
+                    idx += n_table
+                else:
+                    idx = self.index.get(c.item_id)
                 if idx is None and c.text:
                     idx = cold_rows[(c.item_id, c.text)]
                 elif idx is None:
@@ -292,7 +436,8 @@ class Ranker:
             [h[2] for h in hists],
             np.asarray([q.now if q.now is not None else clock for q in queries]),
         )
-        scores = self.score_rows(hist, torch.from_numpy(rows), table).float().cpu().numpy()
+        cand = self._gather(torch.from_numpy(rows).to(self.device), extra)
+        scores = self.model.predict(hist, cand).float().cpu().numpy()
         out = []
         for b, (q, (cols, ids, errors)) in enumerate(zip(queries, plans, strict=True)):
             s = scores[b, cols]

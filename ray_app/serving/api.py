@@ -114,6 +114,58 @@ class RerankResponse(BaseModel):
     )
 
 
+TextField = Annotated[str | list[str], Field(description="Text, or a list (genres, tags)")]
+
+
+class ItemIn(_Body):
+    item_id: ItemId
+    text: str | None = Field(
+        default=None,
+        min_length=1,
+        description="The item's text as the model reads it. Or give its fields (title, "
+        "genres, ...) instead: they are rendered with the template the model was "
+        "trained with.",
+    )
+    title: TextField | None = None
+    description: TextField | None = None
+    genres: TextField | None = None
+    tags: TextField | None = None
+    categories: TextField | None = None
+
+    def fields(self) -> dict[str, str | None]:
+        """The text fields, lists joined by `|` (the template's list delimiter)."""
+        out: dict[str, str | None] = {}
+        for name in ("title", "description", "genres", "tags", "categories"):
+            v = getattr(self, name)
+            out[name] = "|".join(v) if isinstance(v, list) else v
+        return out
+
+
+class ItemsRequest(_Body):
+    items: list[ItemIn] = Field(min_length=1)
+    replace: bool = Field(
+        default=False,
+        description="Items the model was trained on get 409 unless this is true; then "
+        "they are scored from the new text's vector.",
+    )
+
+
+class RegisteredItem(BaseModel):
+    item_id: str
+    replaced: bool = Field(description="A trained item, now scored from this text.")
+
+
+class ItemsResponse(BaseModel):
+    model_version: str
+    registered: int
+    items: list[RegisteredItem]
+
+
+class RetiredResponse(BaseModel):
+    item_id: str
+    retired: bool
+
+
 class EventsRequest(_Body):
     user_id: UserId
     events: list[EventIn] = Field(min_length=1)
@@ -138,7 +190,7 @@ class ErrorDetail(BaseModel):
     loc: list[str | int]
     msg: str
     # Machine-readable kind: pydantic's error type, or "too_large", "unauthorized",
-    # "not_found", "unavailable".
+    # "not_found", "conflict", "unavailable".
     type: str
 
 

@@ -7,6 +7,10 @@ Each replica loads the model artifact once (`__init__`), scores the requests
 that arrive within a few milliseconds of each other in one forward pass
 (`@serve.batch`), and swaps to a new artifact in place when `user_config`
 names one (`reconfigure`), so a new model goes live without dropping requests.
+Items registered through `PUT /v1/items` live in the item store
+(`model/catalogue.py`); each replica keeps them laid over its model, loads them
+(encoding what a new model version lacks) before a model takes traffic, and
+pulls the other replicas' changes in a background thread.
 """
 
 import asyncio
@@ -14,6 +18,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,15 +27,21 @@ from fastapi import HTTPException
 from ray import serve
 from ray.serve import Application
 
+from ray_app.model.catalogue import Catalogue, Registered, make_item_store
+from ray_app.model.catalogue import StoreUnavailable as ItemStoreUnavailable
 from ray_app.model.ranker import Candidate, Event, Ranked, Ranker
 from ray_app.model.ranker import Query as RankQuery
 from ray_app.serving.api import (
     EventIn,
     EventsRequest,
     EventsResponse,
+    ItemsRequest,
+    ItemsResponse,
     RecommendationsResponse,
+    RegisteredItem,
     RerankRequest,
     RerankResponse,
+    RetiredResponse,
 )
 from ray_app.serving.config import AppArgs
 from ray_app.serving.events import StoreUnavailable, make_store, merge
@@ -62,7 +73,7 @@ class RerankService:
         self.args = AppArgs.model_validate(args)
         torch.set_num_threads(self.args.torch_threads)
         self.device = "cuda" if self.args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
-        self.ranker = Ranker.from_path(self.args.model, self.args.cold_cache_size, self.device)
+        self.ranker = self._load(self.args.model)
         self.model_path = self.args.model
         self.store = make_store(self.args.events)
         self.topk = TopKReader(self.args.topk)
@@ -78,7 +89,57 @@ class RerankService:
         self._trimmed = time.monotonic()
         self._score.set_max_batch_size(self.args.max_batch_size)
         self._score.set_batch_wait_timeout_s(self.args.batch_wait_timeout_s)
-        logger.info("serving model %s from %s", self.ranker.version, self.model_path)
+        self.catalogue = Catalogue(make_item_store(self.args.catalogue()))
+        self._take_items(self.ranker, None)
+        self._stop = threading.Event()
+        threading.Thread(target=self._sync_items, name="rerank-items", daemon=True).start()
+        logger.info(
+            "serving model %s from %s (new items encoded by %s)",
+            self.ranker.version,
+            self.model_path,
+            self.ranker.text_backend,
+        )
+
+    def _load(self, path: str) -> Ranker:
+        return Ranker.from_path(
+            path, self.args.cold_cache_size, self.device, self.args.text_encoder
+        )
+
+    def _take_items(self, ranker: Ranker, previous: Ranker | None) -> None:
+        """Lay the registered items over `ranker` (encoding those its version has no
+        vectors for) before it takes traffic. A store that does not answer leaves the
+        items to the background sync, which loads them all once it does."""
+        t0 = time.monotonic()
+        try:
+            encoded = self.catalogue.load(ranker)
+            gone = self.catalogue.store.activate(
+                ranker.space, previous.space if previous else None, self.args.items.grace_s
+            )
+        except ItemStoreUnavailable as e:
+            logger.warning("item store unavailable, registered items come later: %s", e)
+            return
+        logger.info(
+            "%d registered items for %s (%d encoded, %.1fs); vectors deleted for %s",
+            len(self.catalogue.items),
+            ranker.space,
+            encoded,
+            time.monotonic() - t0,
+            gone or "none",
+        )
+
+    def _sync_items(self) -> None:
+        while not self._stop.wait(self.args.items.sync_s):
+            try:
+                self.catalogue.sync()
+            except ItemStoreUnavailable as e:
+                logger.debug("item sync: %s", e)
+            except Exception:  # the thread must outlive one bad sync
+                logger.exception("item sync failed")
+
+    def __del__(self) -> None:
+        stop = getattr(self, "_stop", None)
+        if stop is not None:
+            stop.set()
 
     def __serve_build_asgi_app__(self) -> Any:
         """Serve asks each replica for its app once the replica is constructed."""
@@ -90,9 +151,9 @@ class RerankService:
         path = (user_config or {}).get("model")
         if not path or path == self.model_path:
             return
-        new = await asyncio.to_thread(
-            Ranker.from_path, path, self.args.cold_cache_size, self.device
-        )
+        new = await asyncio.to_thread(self._load, path)
+        old = self.ranker
+        await asyncio.to_thread(self._take_items, new, old)
         self.ranker, self.model_path = new, path
         logger.info("swapped to model %s from %s", new.version, path)
 
@@ -190,6 +251,12 @@ class RerankService:
             seen.add(c.item_id)
         now = self._moment(req.scored_at)
         sent = self._events(req.history, "history", now)
+        ranker = self.ranker
+        if any(
+            c.item_id not in ranker.overlay.rows and not ranker.knows(c.item_id)
+            for c in req.candidates
+        ):
+            await self._catch_up()
         stored, stored_history = await self._stored(req.user_id)
         history = merge(stored, sent)
         query = RankQuery(
@@ -210,6 +277,88 @@ class RerankService:
             history_dropped=ranked.history_dropped,
             stored_history=stored_history,
         )
+
+    async def _catch_up(self) -> None:
+        """A request names an item this replica does not know: another replica may have
+        just registered it, so pull the changes now rather than at the next sync."""
+        try:
+            await asyncio.to_thread(self.catalogue.sync)
+        except ItemStoreUnavailable as e:
+            logger.warning("item store unavailable: %s", e)
+
+    def _unavailable(self, what: str, e: Exception) -> HTTPException:
+        logger.warning("%s: %s", what, e)
+        return HTTPException(
+            503,
+            detail=[error_detail(["store"], f"{what}: {e}", "unavailable")],
+            headers={"Retry-After": str(self.args.events.retry_after_s)},
+        )
+
+    def _registrations(self, req: ItemsRequest, ranker: Ranker) -> list[Registered]:
+        """The request's items as registrations, or the 4xx naming the first bad field
+        (409 naming every trained id, when `replace` is not set)."""
+        lim = self.limits
+        if len(req.items) > lim.max_items:
+            raise error(413, ["items"], f"{len(req.items)} > {lim.max_items}")
+        if ranker.model.text is None:
+            raise error(422, ["items"], "this model has no text tower: it cannot read new items")
+        out, seen = [], set()
+        for i, item in enumerate(req.items):
+            if item.item_id in seen:
+                raise error(422, ["items", i, "item_id"], f"duplicate {item.item_id!r}")
+            seen.add(item.item_id)
+            text = item.text if item.text is not None else ranker.renderer.render(item.fields())
+            if not text.strip():
+                raise error(422, ["items", i, "text"], "no text: send text or title, genres, ...")
+            if len(text) > lim.max_text_chars:
+                raise error(413, ["items", i, "text"], f"{len(text)} chars > {lim.max_text_chars}")
+            out.append(Registered(item.item_id, text, req.replace))
+        known = [i for i, r in enumerate(out) if ranker.knows(r.item_id)]
+        if known and not req.replace:
+            raise HTTPException(
+                409,
+                detail=[
+                    error_detail(
+                        ["body", "items", i, "item_id"],
+                        f"{out[i].item_id!r} is a trained item: send replace: true to score "
+                        "it from this text",
+                        "conflict",
+                    )
+                    for i in known
+                ],
+            )
+        return out
+
+    async def put_items(self, req: ItemsRequest) -> ItemsResponse:
+        ranker = self.ranker
+        items = self._registrations(req, ranker)
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._scorer, self.catalogue.register, items)
+        except ItemStoreUnavailable as e:
+            raise self._unavailable("item store unavailable", e) from None
+        return ItemsResponse(
+            model_version=ranker.version,
+            registered=len(items),
+            items=[
+                RegisteredItem(item_id=r.item_id, replaced=ranker.knows(r.item_id)) for r in items
+            ],
+        )
+
+    async def delete_item(self, item_id: str) -> RetiredResponse:
+        try:
+            retired = await asyncio.to_thread(self.catalogue.store.delete, item_id)
+            await asyncio.to_thread(self.catalogue.sync)
+        except ItemStoreUnavailable as e:
+            raise self._unavailable("item store unavailable", e) from None
+        if not retired:
+            raise HTTPException(
+                404,
+                detail=[
+                    error_detail(["path", "item_id"], f"{item_id!r} is not registered", "not_found")
+                ],
+            )
+        return RetiredResponse(item_id=item_id, retired=True)
 
     async def events(self, req: EventsRequest) -> EventsResponse:
         if len(req.events) > self.limits.max_events:

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from ray_app.config import PathLike, StrictModel
+from ray_app.model.catalogue import CatalogueConfig
+from ray_app.model.ranker import TextEncoderChoice
 from ray_app.runtime import RayConfig
 from ray_app.times import parse_time
 
@@ -25,6 +27,8 @@ class ServeLimits(StrictModel):
     """Characters of a new candidate's text."""
     max_k: int = Field(default=1000, ge=1)
     """Largest `k`."""
+    max_items: int = Field(default=1000, ge=1)
+    """Items per PUT /v1/items request."""
     max_body_bytes: int = Field(default=2_000_000, ge=1024)
     """Largest request body."""
     min_timestamp: int | str = "1990-01-01T00:00:00Z"
@@ -110,6 +114,26 @@ class EventStoreConfig(StrictModel):
         return self
 
 
+class ItemsSettings(StrictModel):
+    """Registered items (`PUT /v1/items`): kept in the event store's kind of store (the
+    named actor, or the same Redis), vectors per model version and text encoder."""
+
+    key_prefix: str = "rerank:items:"
+    """Prefix of the Redis keys."""
+    sync_s: float = Field(default=1.0, gt=0)
+    """How often a replica pulls the items other replicas registered or retired. A request
+    naming an item its replica does not know pulls them at once, so a new item is scored
+    everywhere as soon as its PUT is answered; a replaced or retired item's change reaches
+    the other replicas within this time.
+    """
+    grace_s: float = Field(default=300.0, ge=0)
+    """Vectors of a model version no replica serves any more are deleted this long after the
+    last replica swapped away from it (replicas swap one after another).
+    """
+    timeout_s: float = Field(default=5.0, gt=0, le=300)
+    """Longest wait for the store on each call (a PUT answers 503 past it)."""
+
+
 class AppArgs(StrictModel):
     """Arguments of the Serve application (`serve run/deploy ray_app.serving.app:build_app`)."""
 
@@ -137,6 +161,13 @@ class AppArgs(StrictModel):
     """PyTorch threads per replica."""
     cold_cache_size: int = Field(default=10_000, ge=0)
     """New items (sent with text) whose vectors are kept per replica."""
+    text_encoder: TextEncoderChoice = "auto"
+    """What encodes new items' text (requests with text, PUT /v1/items): `torch`, `onnx`
+    (ONNX Runtime, float32), `onnx-int8` (dynamic int8); `auto` = onnx-int8 on a CPU, torch on
+    a GPU. The artifact's item table is PyTorch's whatever this says.
+    """
+    items: ItemsSettings = Field(default_factory=ItemsSettings)
+    """Registered items (PUT /v1/items, DELETE /v1/items/{id})."""
     memory_trim_s: float = Field(default=30.0, ge=0)
     """At most this often, after a batch, the replica hands freed heap memory back to
     the OS (glibc's malloc_trim; 0 = never). Requests of varying sizes otherwise leave
@@ -145,6 +176,15 @@ class AppArgs(StrictModel):
     """Name of an environment variable holding a bearer token; when it is set, /v1/* requires
     `Authorization: Bearer <token>`.
     """
+
+    def catalogue(self) -> CatalogueConfig:
+        """The item store: the event store's kind and Redis, the items' own keys."""
+        return CatalogueConfig(
+            kind=self.events.kind,
+            redis_url=self.events.redis_url,
+            key_prefix=self.items.key_prefix,
+            timeout_s=self.items.timeout_s,
+        )
 
 
 class ServeConfig(AppArgs):

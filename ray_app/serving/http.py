@@ -21,9 +21,12 @@ from ray_app.serving.api import (
     ErrorResponse,
     EventsRequest,
     EventsResponse,
+    ItemsRequest,
+    ItemsResponse,
     RecommendationsResponse,
     RerankRequest,
     RerankResponse,
+    RetiredResponse,
 )
 
 
@@ -40,8 +43,18 @@ class Service(Protocol):
 
     async def recommendations(self, user_id: str, k: int | None) -> RecommendationsResponse: ...
 
+    async def put_items(self, req: ItemsRequest) -> ItemsResponse: ...
 
-_KINDS = {401: "unauthorized", 404: "not_found", 413: "too_large", 503: "unavailable"}
+    async def delete_item(self, item_id: str) -> RetiredResponse: ...
+
+
+_KINDS = {
+    401: "unauthorized",
+    404: "not_found",
+    409: "conflict",
+    413: "too_large",
+    503: "unavailable",
+}
 
 
 def _text(value: Any) -> str:
@@ -97,11 +110,13 @@ def _responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` of an endpoint: each status it can answer, one error model."""
     why = {
         401: "Missing or wrong bearer token (when the deployment has one).",
-        404: "Nothing published for this user.",
+        404: "Nothing published for this user; no such registered item.",
+        409: "An item_id the model was trained on: send `replace: true` to score it from "
+        "the new text.",
         413: "Body, candidates, history, events or a text over the deployment's limits.",
         422: "A field is malformed or outside the deployment's bounds: `loc` names it.",
-        503: "The event store did not confirm the write in time: post the events again "
-        "after `Retry-After` seconds.",
+        503: "The store did not confirm the write in time: send it again after "
+        "`Retry-After` seconds.",
     }
     return {s: {"model": ErrorResponse, "description": why[s]} for s in statuses}
 
@@ -194,5 +209,27 @@ def make_api(service: Service) -> FastAPI:
         user_id: str, k: int | None = Query(default=None, ge=1)
     ) -> RecommendationsResponse:
         return await service.recommendations(user_id, k)
+
+    @api.put(
+        "/v1/items",
+        response_model=ItemsResponse,
+        summary="Register new items (or new text of trained ones)",
+        responses=_responses(401, 409, 413, 422, 503),
+    )
+    async def put_items(req: ItemsRequest) -> ItemsResponse:
+        """Each item is encoded once and its vector stored: every replica then scores it
+        without its text in the request. All or nothing: a 4xx stores none of the batch."""
+        return await service.put_items(req)
+
+    @api.delete(
+        "/v1/items/{item_id}",
+        response_model=RetiredResponse,
+        summary="Retire a registered item",
+        responses=_responses(401, 404, 503),
+    )
+    async def delete_item(item_id: str) -> RetiredResponse:
+        """Sent later with text, the item is scored as a new one; without text it gets
+        the unknown-item error (a trained item goes back to its trained vector)."""
+        return await service.delete_item(item_id)
 
     return api

@@ -139,6 +139,11 @@ class TrainConfig(StrictModel):
     """Share of items held out of training entirely (their events removed from the train split) to
     measure cold start; 0 = none.
     """
+    export_onnx: bool = True
+    """Write the text tower (encoder, pooling, projection) into the artifact as ONNX, float32 and
+    int8, for serving's and nightly's `text_encoder: onnx / onnx-int8` (CPU encoding of new items);
+    without it they export it when they load the model.
+    """
     seed: int = 0
     """Seed of initialisation, dropout and the draws of returning and nightly moments."""
     shuffle_seed: int | None = None

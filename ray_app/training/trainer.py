@@ -250,6 +250,7 @@ def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[
                 stage.run_id,
                 resolved_cfg.model.encoder,
                 held_out=hidden,
+                export_onnx=cfg.export_onnx,
                 **from_prepare_manifest(prep_manifest),
             )
             if progress.history:
