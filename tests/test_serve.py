@@ -14,6 +14,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import hypothesis
 import numpy as np
@@ -34,7 +35,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 TOKEN = {"Authorization": "Bearer s3cret-test-token"}
 NOW = int(time.time())
-LIMITS = {"max_candidates": 50, "max_history": 60, "max_text_chars": 200, "max_k": 20}
+LIMITS = {
+    "max_candidates": 50,
+    "max_history": 60,
+    "max_text_chars": 200,
+    "max_k": 20,
+    "max_items": 5,
+}
 
 
 def _write_topk(root: Path, version: str) -> None:
@@ -325,6 +332,35 @@ def test_bad_payloads_get_a_4xx_that_names_the_field(service, path, body, status
     assert any(field in [str(p) for p in loc] for loc in locs), locs
 
 
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({}, 422, "items"),
+        ({"items": []}, 422, "items"),
+        ({"items": "x"}, 422, "items"),
+        ({"items": [{"item_id": ""}]}, 422, "item_id"),
+        ({"items": [{"text": "t"}]}, 422, "item_id"),
+        ({"items": [{"item_id": "x"}]}, 422, "text"),
+        ({"items": [{"item_id": "x", "text": ""}]}, 422, "text"),
+        ({"items": [{"item_id": "x", "title": "  "}]}, 422, "text"),
+        ({"items": [{"item_id": "x", "title": 5}]}, 422, "title"),
+        ({"items": [{"item_id": "x", "text": "w" * 201}]}, 413, "text"),
+        ({"items": [{"item_id": "x", "text": "t"}] * 2}, 422, "item_id"),
+        ({"items": [{"item_id": "x", "text": "t", "price": 3}]}, 422, "price"),
+        ({"items": [{"item_id": f"x{i}", "text": "t"} for i in range(6)]}, 413, "items"),
+        ({"items": [{"item_id": "x", "text": "t"}], "replace": "maybe"}, 422, "replace"),
+    ],
+)
+def test_bad_item_payloads_get_a_4xx_that_names_the_field(service, body, status, field):
+    url, _ = service
+    r = requests.put(f"{url}/v1/items", json=body, headers=TOKEN, timeout=30)
+    assert r.status_code == status, r.text
+    locs = [d["loc"] for d in r.json()["detail"]]
+    assert any(field in [str(p) for p in loc] for loc in locs), locs
+    gone = requests.delete(f"{url}/v1/items/x", headers=TOKEN, timeout=30)
+    assert gone.status_code == 404  # nothing of a refused batch was stored
+
+
 BIG = str(2**70)
 # Raw bodies that JSON parsers accept but that once answered 500: a non-finite
 # number, a lone surrogate, an integer beyond 64 bits, each in a field.
@@ -452,6 +488,14 @@ def test_generated_requests_get_no_5xx_and_match_the_documented_schema(service):
             examples(op, GenerationMode.NEGATIVE)()
         except hypothesis.errors.Unsatisfiable:  # nothing to break: no parameters, no body
             assert not op.body and not list(op.iter_parameters()), op.path
+    # The items generated requests registered go, so later tests see the catalogue as it was.
+    from ray_app.model.catalogue import ActorItemStore
+
+    _, registered = ActorItemStore().changes(0)
+    for item_id, item in registered.items():
+        if item is not None:
+            gone = requests.delete(f"{url}/v1/items/{quote(item_id, safe='')}", headers=TOKEN)
+            assert gone.status_code == 200, gone.text
 
 
 def test_bad_json_and_oversized_bodies(service):

@@ -157,6 +157,14 @@ class RerankService:
         self.ranker, self.model_path = new, path
         logger.info("swapped to model %s from %s", new.version, path)
 
+    def status(self) -> dict[str, Any]:
+        return {
+            "model_version": self.ranker.version,
+            "text_encoder": self.ranker.text_backend,
+            "registered_items": len(self.catalogue.items),
+            "items_encoded": self.catalogue.encoded,
+        }
+
     def check_health(self) -> None:
         if self.ranker is None:
             raise RuntimeError("no model loaded")

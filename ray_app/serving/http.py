@@ -12,7 +12,7 @@ from __future__ import annotations
 import hmac
 from typing import Any, Protocol
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -44,6 +44,8 @@ class Service(Protocol):
     async def recommendations(self, user_id: str, k: int | None) -> RecommendationsResponse: ...
 
     async def put_items(self, req: ItemsRequest) -> ItemsResponse: ...
+
+    def status(self) -> dict[str, Any]: ...
 
     async def delete_item(self, item_id: str) -> RetiredResponse: ...
 
@@ -176,8 +178,10 @@ def make_api(service: Service) -> FastAPI:
         return {"status": "ok"}
 
     @api.get("/readyz", summary="Ready once the model is loaded")
-    async def readyz() -> dict[str, str]:
-        return {"status": "ready", "model_version": service.ranker.version}
+    async def readyz() -> dict[str, Any]:
+        """The live model, what encodes new items, and the registered items this replica
+        holds (`items_encoded`: how many it encoded itself rather than read)."""
+        return {"status": "ready", **service.status()}
 
     @api.post(
         "/v1/rerank",
@@ -227,7 +231,9 @@ def make_api(service: Service) -> FastAPI:
         summary="Retire a registered item",
         responses=_responses(401, 404, 503),
     )
-    async def delete_item(item_id: str) -> RetiredResponse:
+    async def delete_item(
+        item_id: str = Path(min_length=1, max_length=512),
+    ) -> RetiredResponse:
         """Sent later with text, the item is scored as a new one; without text it gets
         the unknown-item error (a trained item goes back to its trained vector)."""
         return await service.delete_item(item_id)
