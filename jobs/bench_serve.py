@@ -8,6 +8,8 @@ returns the candidates in the order given. The clients (threads of this
 process) send `POST /v1/rerank`:
 
 - known: 100 candidates the model knows and a 50-event history;
+- registered: the same, with 100 items the model never saw, registered
+  beforehand through `PUT /v1/items` (sent without text);
 - cold: 100 candidates with text the model has never seen, new on every
   request (nothing cached: the worst case).
 
@@ -100,6 +102,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", required=True, help="a published model artifact")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        default=["known", "registered", "cold"],
+        choices=["known", "registered", "cold"],
+    )
     p.add_argument("--seconds", type=float, default=10.0, help="load per measurement")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ServeConfig keys")
@@ -128,13 +136,25 @@ def main() -> int:
     types = art.config.get("event_types") or [None]
     now = int(time.time())
 
-    def known(seed: int):
+    registered = np.asarray([f"reg-{i}" for i in range(6400)])
+    if "registered" in args.cases:
+        t0 = time.time()
+        for lo in range(0, len(registered), 500):
+            items = [
+                {"item_id": str(i), "title": f"New film {i}", "genres": "Drama|Comedy"}
+                for i in registered[lo : lo + 500]
+            ]
+            r = requests.put(f"{url}/v1/items", json={"items": items}, timeout=600)
+            r.raise_for_status()
+        print(f"registered {len(registered)} items in {time.time() - t0:.1f}s", flush=True)
+
+    def known(seed: int, pool_ids=ids):
         """A fixed pool of bodies, serialized once, so the clients spend their CPU
         on HTTP rather than on building JSON (both apps get the same bodies)."""
         rng = np.random.default_rng(seed)
         pool = []
         for _ in range(64):
-            cands = rng.choice(ids, size=100, replace=False)
+            cands = rng.choice(pool_ids, size=100, replace=False)
             hist = rng.choice(ids, size=50, replace=False)
             body = {
                 "history": [
@@ -164,7 +184,12 @@ def main() -> int:
             yield json.dumps(body).encode()
 
     results = []
-    for case, make in (("known", known), ("cold", cold)):
+
+    def known_after_put(seed: int):
+        return known(seed, registered)
+
+    makers = {"known": known, "registered": known_after_put, "cold": cold}
+    for case, make in ((c, makers[c]) for c in args.cases):
         for c in args.concurrency:
             row = {"case": case, "concurrency": c}
             for name, target in (

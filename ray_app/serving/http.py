@@ -226,7 +226,7 @@ def make_api(service: Service) -> FastAPI:
         return await service.put_items(req)
 
     @api.delete(
-        "/v1/items/{item_id}",
+        "/v1/items/{item_id:path}",
         response_model=RetiredResponse,
         summary="Retire a registered item",
         responses=_responses(401, 404, 503),
