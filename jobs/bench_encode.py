@@ -12,6 +12,12 @@ batches of --batch (a request with that many new items). Every backend encodes
 the same batches in this one run, at each thread count; prints items/s, the
 ratio to PyTorch at the same thread count, and the parity of the vectors against
 PyTorch (minimum and median cosine over all items).
+
+With --model and --prepared (the prepare output it was trained on) it also ranks
+the test split's full catalogue for every test user with each backend's vectors
+in place of the item table, every item then known by its text alone (what a new
+item gets), and prints NDCG@10 of each and the share of identical top-10 lists.
+With --model the texts are the artifact's own item texts, as it was trained on.
 """
 
 from __future__ import annotations
@@ -98,13 +104,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch", type=int, default=100, help="items per call (default 100)")
     p.add_argument("--items", type=int, help="encode only the first N texts")
+    p.add_argument("--prepared", help="with --model: rank the test split with each backend")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from ray_app.model.onnx_text import OnnxTextTower, export, quantize_int8
 
     tower, tokenizer, max_length = _tower(args.model)
-    texts = _texts(args.items)
+    texts = _artifact_texts(args.model, args.items) if args.model else _texts(args.items)
     batches = _batches(tokenizer, texts, args.batch, max_length)
     print(f"{len(texts)} texts, batches of {args.batch}, max_length {max_length}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -112,7 +119,7 @@ def main() -> None:
         fp32 = export(tower, Path(tmp) / "tower.onnx", max_length)
         int8 = quantize_int8(fp32, Path(tmp) / "tower.int8.onnx")
         print(f"export + quantise: {time.perf_counter() - t0:.1f} s", flush=True)
-        rows, reference = [], {}
+        rows, reference, vectors = [], {}, {}
         for threads in args.threads:
             torch.set_num_threads(threads)
 
@@ -128,6 +135,7 @@ def main() -> None:
             base = None
             for name, encode in backends.items():
                 rate, vecs = _run(encode, batches)
+                vectors.setdefault(name, vecs)
                 if name == "torch":
                     base = rate
                     reference.setdefault("vecs", vecs)
@@ -147,8 +155,48 @@ def main() -> None:
                     f"  cosine vs torch min {cos.min():.5f} median {np.median(cos):.5f}",
                     flush=True,
                 )
+    ranking = _rankings(args.model, args.prepared, vectors) if args.prepared else []
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps({"speed": rows, "ranking": ranking}, indent=2) + "\n")
+
+
+def _artifact_texts(model: str, limit: int | None) -> list[str]:
+    from ray_app.data import schema
+    from ray_app.model.artifact import load_artifact
+
+    texts = load_artifact(model).items[schema.TEXT].iloc[1:].astype(str).tolist()
+    return texts[:limit] if limit else texts
+
+
+def _rankings(model: str, prepared: str, vectors: dict[str, np.ndarray]) -> list[dict]:
+    """NDCG@10 of the test split's full ranking with each backend's text vectors as the
+    item table, and the share of users whose top-10 equals PyTorch's."""
+    from ray_app.model.artifact import load_artifact
+    from ray_app.protocol import metrics
+    from ray_app.protocol.data import load_prepared
+    from ray_app.protocol.scorer import NetScorer
+    from ray_app.protocol.scoring import score_split
+
+    art, data = load_artifact(model), load_prepared(prepared)
+    targets = data.splits["test"]
+    torch.set_num_threads(2)
+    runs = {}
+    tables = {"trained item table": art.item_vectors.numpy()[1:], **vectors}
+    for name, vecs in tables.items():
+        table = torch.cat([torch.zeros(1, vecs.shape[1]), torch.from_numpy(vecs).float()])
+        with torch.no_grad():
+            runs[name] = score_split(NetScorer(art.model, table), targets, None, 10)
+    out = []
+    for name, run in runs.items():
+        same = float(np.mean(np.all(run["topk"] == runs["torch"]["topk"], axis=1)))
+        ndcg = metrics.mean_defined(metrics.ndcg(run["full"], 10))
+        out.append({"vectors": name, "ndcg@10_full": round(ndcg, 4), "same_top10": round(same, 4)})
+        print(
+            f"test users {len(targets)}  {name:20s} full NDCG@10 {ndcg:.4f}  "
+            f"top-10 identical to torch's: {same:.1%}",
+            flush=True,
+        )
+    return out
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ replicas, one of them killed and restarted by Serve.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from pathlib import Path
@@ -198,6 +199,26 @@ def test_items_put_to_one_replica_are_scored_by_another_after_a_restart_and_a_sw
         time.sleep(0.5)
     assert body is not None and [x["item_id"] for x in body["items"]] == ["n1"], body
     assert requests.get(f"{url_b}/readyz", timeout=30).json()["items_encoded"] == 0
+
+    # A catalogue file through the CLI: the rows the service refuses are kept, with why.
+    from ray_app import cli
+
+    csv = tmp_path / "new_items.csv"
+    csv.write_text(
+        "item_id,title,genres\n"
+        f"n3,Kite,Outdoor|Toys\n{trained_id},A trained id,Toys\nn4,,\nn5,Marbles,Games\n"
+    )
+    assert cli.main(["items", "add", str(csv), "--url", url_a, "--batch-size", "3"]) == 3
+    rejected = [json.loads(x) for x in (tmp_path / "new_items.csv.rejected.jsonl").open()]
+    assert [(r["item_id"], r["status"]) for r in rejected] == [(trained_id, 409), ("n4", 422)]
+    assert {
+        x["item_id"] for x in _rerank(url_b, [{"item_id": "n3"}, {"item_id": "n5"}])["items"]
+    } == {
+        "n3",
+        "n5",
+    }
+    for item_id in ("n3", "n5"):
+        assert requests.delete(f"{url_a}/v1/items/{item_id}", timeout=30).status_code == 200
 
     # A new model version: a's registered items are re-encoded for it before it serves.
     store = RedisItemStore(redis_url, prefix=settings["items"]["key_prefix"])

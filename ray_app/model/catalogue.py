@@ -390,6 +390,10 @@ class Catalogue:
             if ranker is None:
                 return 0
             gen, changed = self.store.changes(self.gen)
+            if gen < self.gen:  # the store was emptied (a new Redis, the actor restarted)
+                logger.warning("item store restarted at generation %d: reloading", gen)
+                gen, changed = self.store.changes(0)
+                changed = {**dict.fromkeys(self.items), **changed}
             if not changed:
                 self.gen = gen
                 return 0
