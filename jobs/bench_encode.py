@@ -107,7 +107,7 @@ def main() -> None:
     p.add_argument("--prepared", help="with --model: rank the test split with each backend")
     p.add_argument("--json", help="write the figures here too")
     args = p.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
     from ray_app.model.onnx_text import OnnxTextTower, export, quantize_int8
 
     tower, tokenizer, max_length = _tower(args.model)
@@ -187,13 +187,24 @@ def _rankings(model: str, prepared: str, vectors: dict[str, np.ndarray]) -> list
         with torch.no_grad():
             runs[name] = score_split(NetScorer(art.model, table), targets, None, 10)
     out = []
+    ref = runs["torch"]["topk"]
     for name, run in runs.items():
-        same = float(np.mean(np.all(run["topk"] == runs["torch"]["topk"], axis=1)))
+        same = float(np.mean(np.all(run["topk"] == ref, axis=1)))
+        overlap = float(
+            np.mean([len(set(a) & set(b)) / 10 for a, b in zip(run["topk"], ref, strict=True)])
+        )
         ndcg = metrics.mean_defined(metrics.ndcg(run["full"], 10))
-        out.append({"vectors": name, "ndcg@10_full": round(ndcg, 4), "same_top10": round(same, 4)})
+        out.append(
+            {
+                "vectors": name,
+                "ndcg@10_full": round(ndcg, 4),
+                "same_top10": round(same, 4),
+                "overlap@10": round(overlap, 4),
+            }
+        )
         print(
             f"test users {len(targets)}  {name:20s} full NDCG@10 {ndcg:.4f}  "
-            f"top-10 identical to torch's: {same:.1%}",
+            f"top-10 identical to torch's: {same:.1%}  overlap@10 with torch's: {overlap:.1%}",
             flush=True,
         )
     return out

@@ -136,11 +136,13 @@ class Ranker:
         return cls(load_artifact(path, device), cache_size, device, text_encoder)
 
     def _choose_backend(self, choice: TextEncoderChoice) -> str:
-        """`auto`: ONNX int8 on a CPU, PyTorch on a GPU (and for a model without text)."""
+        """`auto`: ONNX float32 on a CPU (the same vectors as PyTorch's, faster; int8 is
+        faster still but moves rankings, see the README), PyTorch on a GPU and for a
+        model without text."""
         if self.model.text is None:
             return "torch"
         if choice == "auto":
-            return "onnx-int8" if self.device.type == "cpu" else "torch"
+            return "onnx" if self.device.type == "cpu" else "torch"
         return choice
 
     def _onnx_tower(self) -> Any:
