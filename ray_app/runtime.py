@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -96,3 +96,20 @@ def use_gpus(setting: bool | Literal["auto"]) -> bool:
     if setting != "auto":
         return bool(setting)
     return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def redis_client(url: str, timeout_s: float) -> tuple[Any, tuple[type[Exception], ...]]:
+    """A Redis client that never retries (a retried write whose first attempt reached a
+    paused server would land twice) and waits at most `timeout_s` to connect and for
+    each answer; and the errors that mean the server is unavailable."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return client, (redis.ConnectionError, redis.TimeoutError)

@@ -9,7 +9,6 @@ replicas, one of them killed and restarted by Serve.
 from __future__ import annotations
 
 import json
-import time
 import uuid
 from pathlib import Path
 
@@ -24,7 +23,12 @@ from ray_app.model.ranker import Candidate, Event, Query, Ranker
 from ray_app.storage import read_parquet
 from tests.conftest import free_port
 from tests.test_nightly import _config as nightly_config
-from tests.test_serve import _copy_with_version, _deploy, _one_replica
+from tests.test_serve import (
+    _copy_with_version,
+    _deploy,
+    _one_replica,
+    kill_replica_then_rerank,
+)
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -137,7 +141,6 @@ def _scores(body: dict) -> dict[str, float]:
 def test_items_put_to_one_replica_are_scored_by_another_after_a_restart_and_a_swap(
     trained, serve_port, redis_url, tmp_path
 ):
-    import ray
     from ray import serve
 
     from ray_app.serving.app import build_app
@@ -181,22 +184,7 @@ def test_items_put_to_one_replica_are_scored_by_another_after_a_restart_and_a_sw
     assert r.status_code == 200
 
     # b's replica dies; the one Serve starts scores n1 from the store, encoding nothing.
-    replica = [
-        x for x in ray.util.list_named_actors(all_namespaces=True) if "rerank-items-b" in x["name"]
-    ]
-    ray.kill(ray.get_actor(replica[0]["name"], namespace=replica[0]["namespace"]), no_restart=True)
-    deadline, body = time.time() + 120, None
-    while time.time() < deadline:
-        try:
-            r = requests.post(
-                f"{url_b}/v1/rerank", json={"candidates": [{"item_id": "n1"}]}, timeout=10
-            )
-            if r.status_code == 200:
-                body = r.json()
-                break
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
+    body = kill_replica_then_rerank(b.app_name, url_b, {"candidates": [{"item_id": "n1"}]})
     assert body is not None and [x["item_id"] for x in body["items"]] == ["n1"], body
     assert requests.get(f"{url_b}/readyz", timeout=30).json()["items_encoded"] == 0
 
@@ -210,13 +198,9 @@ def test_items_put_to_one_replica_are_scored_by_another_after_a_restart_and_a_sw
     )
     assert cli.main(["items", "add", str(csv), "--url", url_a, "--batch-size", "3"]) == 3
     rejected = [json.loads(x) for x in (tmp_path / "new_items.csv.rejected.jsonl").open()]
-    assert [(r["item_id"], r["status"]) for r in rejected] == [(trained_id, 409), ("n4", 422)]
-    assert {
-        x["item_id"] for x in _rerank(url_b, [{"item_id": "n3"}, {"item_id": "n5"}])["items"]
-    } == {
-        "n3",
-        "n5",
-    }
+    assert {(r["item_id"], r["status"]) for r in rejected} == {(trained_id, 409), ("n4", 422)}
+    scored = _rerank(url_b, [{"item_id": "n3"}, {"item_id": "n5"}])["items"]
+    assert {x["item_id"] for x in scored} == {"n3", "n5"}
     for item_id in ("n3", "n5"):
         assert requests.delete(f"{url_a}/v1/items/{item_id}", timeout=30).status_code == 200
 

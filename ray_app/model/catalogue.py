@@ -33,6 +33,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from ray_app.config import StrictModel
+from ray_app.runtime import redis_client
 
 logger = logging.getLogger(__name__)
 
@@ -262,17 +263,7 @@ class RedisItemStore:
     The scripts name keys they compute, so they need one Redis, not Redis Cluster."""
 
     def __init__(self, url: str, prefix: str = "rerank:items:", timeout_s: float = 5.0) -> None:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        self._errors = (redis.ConnectionError, redis.TimeoutError)
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.client, self._errors = redis_client(url, timeout_s)
         self.p = prefix
         self.keys = [prefix + "texts", prefix + "gen", prefix + "changed", prefix + "spaces"]
         self._put = self.client.register_script(_PUT)

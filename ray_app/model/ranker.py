@@ -247,28 +247,25 @@ class Ranker:
             return self.default_event
         return idx
 
+    def _tokens(self, texts: Sequence[str], tensors: str) -> Any:
+        return self.artifact.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.max_length,
+            padding=True,
+            return_tensors=tensors,
+        )
+
     @torch.no_grad()
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Item vectors (n, d) of new items from their text alone (their IDs never trained)."""
         if self.model.text is None:
             raise ValueError("this model has no text tower: it cannot score items it never saw")
         if self._onnx is not None:
-            tok = self.artifact.tokenizer(
-                list(texts),
-                truncation=True,
-                max_length=self.max_length,
-                padding=True,
-                return_tensors="np",
-            )
+            tok = self._tokens(texts, "np")
             out = self._onnx(tok["input_ids"], tok["attention_mask"])
             return torch.from_numpy(out).to(self.device)
-        tok = self.artifact.tokenizer(
-            list(texts),
-            truncation=True,
-            max_length=self.max_length,
-            padding=True,
-            return_tensors="pt",
-        )
+        tok = self._tokens(texts, "pt")
         pooled = self.model.text(
             tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
         )

@@ -117,8 +117,18 @@ class RerankResponse(BaseModel):
 TextField = Annotated[str | list[str], Field(description="Text, or a list (genres, tags)")]
 
 
+def _addressable(v: str) -> str:
+    """A registered id must be one `DELETE /v1/items/{item_id}` can name."""
+    if v in (".", "..") or any(ord(ch) < 32 or ord(ch) == 127 for ch in v):
+        raise ValueError(
+            "item_id must not be '.' or '..' or hold control characters: "
+            "DELETE /v1/items/{item_id} could not name it"
+        )
+    return v
+
+
 class ItemIn(_Body):
-    item_id: ItemId
+    item_id: Annotated[ItemId, AfterValidator(_addressable)]
     text: str | None = Field(
         default=None,
         min_length=1,

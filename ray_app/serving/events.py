@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from ray_app.model.ranker import Event
+from ray_app.runtime import redis_client
 from ray_app.serving.config import EventStoreConfig
 
 logger = logging.getLogger(__name__)
@@ -148,17 +149,7 @@ class RedisEventStore:
         prefix: str = "rerank:events:",
         timeout_s: float = 1.0,
     ) -> None:
-        import redis
-        from redis.backoff import NoBackoff
-        from redis.retry import Retry
-
-        self._errors = (redis.ConnectionError, redis.TimeoutError)
-        self.client = redis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.client, self._errors = redis_client(url, timeout_s)
         self.max_events = max_events
         self.prefix = prefix
         try:
