@@ -13,8 +13,12 @@ process) send `POST /v1/rerank`:
 - cold: 100 candidates with text the model has never seen, new on every
   request (nothing cached: the worst case).
 
-For each case and concurrency it prints requests/s, p50 and p99 latency and the
-re-ranker's throughput as a share of the no-op's.
+For each case and concurrency it runs the no-op and the re-ranker one after the
+other, `--repeats` times, and prints requests/s, p50 and p99 latency and the
+re-ranker's throughput as a share of the no-op's: each repeat's ratio, then the
+median and the spread (min..max) over the repeats. The client threads are pinned
+to `--client-cpus` (the last core by default, after Serve's processes started on
+all of them), so the clients take the same share of the machine in every run.
 """
 
 import argparse
@@ -94,6 +98,30 @@ def run_load(url: str, make_bodies, concurrency: int, seconds: float) -> dict:
     }
 
 
+def summarize(case: str, concurrency: int, runs: list[dict]) -> dict:
+    """Medians over the repeats of each figure, and the spread of the ratio."""
+
+    def median(app: str, key: str) -> float:
+        return float(np.median([r[app][key] for r in runs]))
+
+    ratios = [r["ratio"] for r in runs]
+    apps = {
+        app: {k: median(app, k) for k in ("req_per_s", "p50_ms", "p99_ms")}
+        for app in ("noop", "rerank")
+    }
+    return {
+        "case": case,
+        "concurrency": concurrency,
+        **apps,
+        "ratio": float(np.median(ratios)),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "p99_ratio": apps["rerank"]["p99_ms"] / apps["noop"]["p99_ms"],
+        "failed": sum(r[a]["failed"] for r in runs for a in ("noop", "rerank")),
+        "runs": runs,
+    }
+
+
 def main() -> int:
     from ray_app.model.artifact import load_artifact
     from ray_app.serving.config import ServeConfig
@@ -111,6 +139,14 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=10.0, help="load per measurement")
     p.add_argument("--port", type=int, default=8123)
     p.add_argument("--set", dest="overrides", action="append", default=[], help="ServeConfig keys")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each case and concurrency")
+    p.add_argument(
+        "--client-cpus",
+        type=int,
+        nargs="*",
+        default=None,
+        help="cores the client threads run on (default: the last one; none given: unpinned)",
+    )
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -130,6 +166,9 @@ def main() -> int:
     )
     url = start(cfg)
     serve.run(Noop.bind(), name="noop", route_prefix="/noop")
+    cpus = [os.cpu_count() - 1] if args.client_cpus is None else args.client_cpus
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)  # threads started from now on inherit it
     base = f"http://{cfg.host}:{cfg.port}"
     art = load_artifact(args.model)
     ids = art.items["item_id"].to_numpy()[1:]
@@ -191,31 +230,37 @@ def main() -> int:
     makers = {"known": known, "registered": known_after_put, "cold": cold}
     for case, make in ((c, makers[c]) for c in args.cases):
         for c in args.concurrency:
-            row = {"case": case, "concurrency": c}
-            for name, target in (
-                ("noop", f"{base}/noop/v1/rerank"),
-                ("rerank", f"{url}/v1/rerank"),
-            ):
-                run_load(target, make, c, min(2.0, args.seconds))  # warm-up
-                row[name] = run_load(target, make, c, args.seconds)
-            row["ratio"] = row["rerank"]["req_per_s"] / row["noop"]["req_per_s"]
-            results.append(row)
-            print(json.dumps(row), flush=True)
+            runs = []
+            for _ in range(args.repeats):
+                run = {}
+                for name, target in (
+                    ("noop", f"{base}/noop/v1/rerank"),
+                    ("rerank", f"{url}/v1/rerank"),
+                ):
+                    run_load(target, make, c, min(2.0, args.seconds))  # warm-up
+                    run[name] = run_load(target, make, c, args.seconds)
+                run["ratio"] = run["rerank"]["req_per_s"] / run["noop"]["req_per_s"]
+                runs.append(run)
+                print(json.dumps({"case": case, "concurrency": c, **run}), flush=True)
+            results.append(summarize(case, c, runs))
     print(
         f"\nmodel={args.model} cores={os.cpu_count()} torch_threads={cfg.torch_threads} "
-        f"max_batch_size={cfg.max_batch_size} {args.seconds}s per measurement\n"
+        f"max_batch_size={cfg.max_batch_size} batch_wait_timeout_s={cfg.batch_wait_timeout_s} "
+        f"{args.seconds}s per measurement, {args.repeats} repeats, clients on cores {cpus}; "
+        "medians over the repeats\n"
     )
     print(
-        "| case | concurrency | no-op req/s | re-ranker req/s | ratio | re-ranker p50 / p99 ms "
-        "| no-op p50 / p99 ms | failed |"
+        "| case | concurrency | no-op req/s | re-ranker req/s | ratio (min..max) "
+        "| re-ranker p50 / p99 ms | no-op p50 / p99 ms | p99 ratio | failed |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         n, m = r["noop"], r["rerank"]
         print(
             f"| {r['case']} | {r['concurrency']} | {n['req_per_s']:.1f} | {m['req_per_s']:.1f} "
-            f"| {r['ratio']:.2f} | {m['p50_ms']:.0f} / {m['p99_ms']:.0f} "
-            f"| {n['p50_ms']:.0f} / {n['p99_ms']:.0f} | {m['failed'] + n['failed']} |"
+            f"| {r['ratio']:.2f} ({r['ratio_min']:.2f}..{r['ratio_max']:.2f}) "
+            f"| {m['p50_ms']:.0f} / {m['p99_ms']:.0f} | {n['p50_ms']:.0f} / {n['p99_ms']:.0f} "
+            f"| {r['p99_ratio']:.2f} | {r['failed']} |"
         )
     if args.json:
         with open(args.json, "w") as f:
