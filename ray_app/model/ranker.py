@@ -378,7 +378,7 @@ class Ranker:
             best_i = torch.cat([best_i, ids], 1).gather(1, top)
         return best_i.masked_fill(best_s == -torch.inf, 0)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def score(self, queries: Sequence[Query], strict_events: bool = True) -> list[Ranked]:
         """Rank every query's candidates in one forward pass (dynamic batching feeds this).
 

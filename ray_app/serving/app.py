@@ -169,7 +169,7 @@ class RerankService:
         if self.ranker is None:
             raise RuntimeError("no model loaded")
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def _score(self, queries: list[RankQuery]) -> list[Ranked]:
         ranker = self.ranker
         loop = asyncio.get_running_loop()

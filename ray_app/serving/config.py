@@ -149,8 +149,11 @@ class AppArgs(StrictModel):
     """Serve's autoscaling_config of the deployment."""
     max_batch_size: int = Field(default=16, ge=1)
     """Dynamic batching across requests (@serve.batch)."""
-    batch_wait_timeout_s: float = Field(default=0.005, ge=0)
-    """How long a request waits for others to join its batch."""
+    batch_wait_timeout_s: float = Field(default=0.0, ge=0)
+    """How long a request waits for others to join its batch. 0: a batch is whatever is queued
+    when the replica is ready to score, so a lone request is scored at once and the requests
+    that arrive while a batch is being scored form the next one.
+    """
     max_ongoing_requests: int = Field(default=64, ge=1)
     """Requests a replica holds at once (Serve queues the rest)."""
     num_cpus: float = Field(default=1.0, gt=0)
