@@ -150,7 +150,7 @@ class Ranker:
         was written without it (older artifacts, `train.export_onnx: false`)."""
         import tempfile
 
-        from ray_app.model.onnx_text import OnnxTextTower, TextTower, export_all
+        from ray_app.model.onnx_text import OnnxTextTower, TextTower, build
 
         threads = torch.get_num_threads()
         graph = self.artifact.onnx.get(self.text_backend)
@@ -159,9 +159,8 @@ class Ranker:
         t0 = time.time()
         with tempfile.TemporaryDirectory(prefix="rerank-onnx-") as tmp:
             tower = TextTower(self.model.text, self.model.items).cpu()
-            files = export_all(tower, tmp, self.max_length)
+            out = build(tower, self.text_backend, tmp, self.max_length, threads)
             self.model.to(self.device)
-            out = OnnxTextTower(files[self.text_backend].read_bytes(), threads)
         logger.warning(
             "artifact %s has no %s text tower: exported it in %.1fs",
             self.version,

@@ -295,6 +295,8 @@ class RerankService:
             logger.warning("item store unavailable: %s", e)
 
     def _unavailable(self, what: str, e: Exception) -> HTTPException:
+        """The 503 of a write a store did not confirm in time (events or items): the
+        client sends it again after Retry-After."""
         logger.warning("%s: %s", what, e)
         return HTTPException(
             503,
@@ -379,12 +381,7 @@ class RerankService:
             else:
                 n = await asyncio.to_thread(self.store.append, req.user_id, events)
         except StoreUnavailable as e:
-            logger.warning("events of a request not stored: %s", e)
-            raise HTTPException(
-                503,
-                detail=[error_detail(["store"], f"event store unavailable: {e}", "unavailable")],
-                headers={"Retry-After": str(self.args.events.retry_after_s)},
-            ) from None
+            raise self._unavailable("event store unavailable", e) from None
         return EventsResponse(user_id=req.user_id, stored=len(events), history_length=n)
 
     async def recommendations(self, user_id: str, k: int | None) -> RecommendationsResponse:
