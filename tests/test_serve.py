@@ -529,6 +529,39 @@ def test_bearer_token_guards_the_api_but_not_health(service):
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
 
 
+def test_guard_refuses_before_the_endpoint_and_passes_the_body_on_whole():
+    """The ASGI guard in front of every route: a chunked body (no Content-Length) is
+    refused once it passes the limit; the token is asked for under a route prefix
+    too; an accepted body reaches the endpoint byte for byte."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from ray_app.serving.http import Guard
+
+    async def echo(request):
+        return PlainTextResponse((await request.body()).decode())
+
+    app = Guard(Starlette(routes=[Route("/v1/echo", echo, methods=["POST"])]), 100, "tok")
+    client = TestClient(app, root_path="/shop")
+    ok = {"Authorization": "Bearer tok"}
+
+    def chunks(n: int):
+        for _ in range(n):
+            yield b"x" * 30
+
+    r = client.post("/v1/echo", content=chunks(3), headers=ok)
+    assert r.status_code == 200 and r.text == "x" * 90
+    r = client.post("/v1/echo", content=chunks(4), headers=ok)
+    assert r.status_code == 413 and r.json()["detail"][0]["loc"] == ["body"]
+    assert client.post("/v1/echo", content=b"{}").status_code == 401
+    assert (
+        client.post("/v1/echo", content=b"{}", headers={"Authorization": "Bearer no"}).status_code
+        == 401
+    )
+
+
 def test_recommendations_read_the_latest_nightly_partition(service):
     url, _ = service
     r = requests.get(f"{url}/v1/users/alice/recommendations", headers=TOKEN, timeout=30)

@@ -294,15 +294,17 @@ class Ranker:
         self, q: Query, strict: bool
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         events = sorted(q.history, key=lambda e: e.timestamp)
+        cutoff = q.now if q.drop_later and q.now is not None else None
+        index, kind_of = self.index, self.events
         items, kinds, times, dropped = [], [], [], 0
         for e in events:
-            idx = self.index.get(e.item_id)
-            later = q.drop_later and q.now is not None and e.timestamp > q.now
-            if idx is None or later:  # an item the model cannot embed, or a later event
-                dropped += 1
+            idx = index.get(e.item_id)
+            if idx is None or (cutoff is not None and e.timestamp > cutoff):
+                dropped += 1  # an item the model cannot embed, or a later event
                 continue
             items.append(idx)
-            kinds.append(self.event_idx(e.event_type, strict))
+            kind = kind_of.get(e.event_type) if e.event_type is not None else None
+            kinds.append(kind if kind is not None else self.event_idx(e.event_type, strict))
             times.append(e.timestamp)
         return (
             np.asarray(items, dtype=np.int64),

@@ -40,7 +40,6 @@ from ray_app.serving.api import (
     RecommendationsResponse,
     RegisteredItem,
     RerankRequest,
-    RerankResponse,
     RetiredResponse,
 )
 from ray_app.serving.config import AppArgs
@@ -240,7 +239,9 @@ class RerankService:
             )
         return out
 
-    async def rerank(self, req: RerankRequest) -> RerankResponse:
+    async def rerank(self, req: RerankRequest) -> dict[str, Any]:
+        """The response body (`RerankResponse`'s fields, in its order), serialised once
+        by the route."""
         lim = self.limits
         if len(req.candidates) > lim.max_candidates:
             raise error(413, ["candidates"], f"{len(req.candidates)} > {lim.max_candidates}")
@@ -276,15 +277,15 @@ class RerankService:
         )
         version = self.ranker.version
         ranked = await self._score(query)
-        return RerankResponse(
-            user_id=req.user_id,
-            model_version=version,
-            items=ranked.as_dicts(),
-            errors=[{"item_id": i, "error": e} for i, e in ranked.errors],
-            history_used=ranked.history_used,
-            history_dropped=ranked.history_dropped,
-            stored_history=stored_history,
-        )
+        return {
+            "user_id": req.user_id,
+            "model_version": version,
+            "items": ranked.as_dicts(),
+            "errors": [{"item_id": i, "error": e} for i, e in ranked.errors],
+            "history_used": ranked.history_used,
+            "history_dropped": ranked.history_dropped,
+            "stored_history": stored_history,
+        }
 
     async def _catch_up(self) -> None:
         """A request names an item this replica does not know: another replica may have
