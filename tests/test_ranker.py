@@ -13,10 +13,11 @@ from ray_app.protocol.data import load_prepared
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module")
-def ranker(trained) -> Ranker:
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def ranker(trained, request) -> Ranker:
+    """Both forward passes `/v1/rerank` can run: each must give the batch path's scores."""
     cfg, _ = trained
-    return Ranker.from_path(cfg.output, cache_size=2)
+    return Ranker.from_path(cfg.output, cache_size=2, scorer=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,14 @@ def test_scores_equal_the_batch_path(ranker, users):
         assert scores == sorted(scores, reverse=True)
         for item, s in r.items:
             assert s == pytest.approx(want[item], abs=1e-5)
+    # A user with no history yet (one padding column).
+    none = np.array([], np.int64)
+    empty = make_history([none], [none], [none], np.array([now]), art.model.cfg.max_history)
+    offline = art.model.predict(empty, art.item_vectors[torch.as_tensor(cand_idx[0])])[0]
+    (r,) = ranker.score([Query([], [Candidate(str(ids[c])) for c in cand_idx[0]], now=now)])
+    got = dict(r.items)
+    for c, s in zip(cand_idx[0], offline.numpy(), strict=True):
+        assert got[str(ids[c])] == pytest.approx(float(s), abs=1e-5)
 
 
 def test_k_cuts_and_unknown_items(ranker, users):

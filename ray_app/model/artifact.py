@@ -13,6 +13,8 @@ Layout (all plain files, nothing pickled):
   tower's output, row = item_idx) and `text` (pooled text per item);
 - `text_tower.onnx`, `text_tower.int8.onnx`: the text tower (encoder, pooling,
   projection) for ONNX Runtime, when the model reads text (`onnx_text.FILES`);
+- `scorer.onnx`: the user tower and scorer for ONNX Runtime (`onnx_scorer`),
+  named by `scorer_graph` in config.json;
 - `items.parquet`: item_idx, item_id, title, text, known (seen in training);
 - `metrics.json`: training history and the chosen epoch;
 - `manifest.json`, `_SUCCESS`: written by the staged, atomic publication.
@@ -61,6 +63,7 @@ class Artifact:
     tokenizer: Any
     metrics: dict[str, Any]
     onnx: dict[str, bytes] = field(default_factory=dict)  # backend -> the graph's bytes
+    scorer_onnx: bytes | None = None  # the user tower and scorer (`onnx_scorer`)
 
     @property
     def version(self) -> str:
@@ -115,6 +118,10 @@ def save_artifact(
 
         files = export_all(TextTower(model.text, model.items), folder, text_max_length)
         config["text_towers"] = {backend: path.name for backend, path in files.items()}
+    if export_onnx:
+        from ray_app.model.onnx_scorer import FILE, export
+
+        config["scorer_graph"] = export(model, folder / FILE).name
     (folder / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     known = model.items.known.cpu().numpy()
     out = items[[schema.ITEM_IDX, schema.ITEM_ID, schema.TITLE, schema.TEXT]].copy()
@@ -183,6 +190,7 @@ def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:
         for backend, name in config.get("text_towers", {}).items()
         if (local / name).exists()
     }
+    graph = config.get("scorer_graph")
     return Artifact(
         model=model,
         config=config,
@@ -192,4 +200,5 @@ def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:
         tokenizer=tokenizer,
         metrics=metrics,
         onnx=onnx,
+        scorer_onnx=(local / graph).read_bytes() if graph and (local / graph).exists() else None,
     )

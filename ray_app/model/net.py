@@ -68,7 +68,11 @@ def next_valid_gap(gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """
     g = gaps.masked_fill(~valid, -1)
     later = torch.cat([g[:, 1:], torch.full_like(g[:, :1], -1)], 1)
-    return later.flip(1).cummax(1).values.flip(1)
+    # The max over each column's suffix, as one masked (B, L, L) max rather than a
+    # cummax, which ONNX has no operator for (`onnx_scorer` exports this).
+    cols = torch.arange(later.shape[1], device=later.device)
+    before = cols[None, :] < cols[:, None]
+    return later[:, None, :].masked_fill(before, -1).amax(-1)
 
 
 class UserTower(nn.Module):
@@ -121,7 +125,7 @@ class UserTower(nn.Module):
             gaps = self._floored(hist.gaps)
             nxt = next_valid_gap(gaps, valid)
             time = self.recency(self._bucket(gaps - nxt) * (valid & (nxt >= 0)))
-            last = torch.where(valid, gaps, gaps.amax() + 1).amin(1)
+            last = torch.where(valid, gaps, gaps.flatten().amax(0) + 1).amin(1)
             if self.to_last is not None:
                 time = time + self.to_last(self._bucket(gaps - last[:, None]) * valid)
             since = self._bucket(last) * valid.any(1)

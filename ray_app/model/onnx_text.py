@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -98,18 +98,24 @@ def quantize_int8(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> P
     return Path(dst)
 
 
+def session(graph: str | os.PathLike[str] | bytes, threads: int) -> Any:
+    """An ONNX Runtime CPU session of `graph` (a file or its bytes) on `threads`
+    intra-op threads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    model = graph if isinstance(graph, bytes) else str(graph)
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 class OnnxTextTower:
     """The exported tower in ONNX Runtime, on `threads` intra-op threads."""
 
     def __init__(self, path: str | os.PathLike[str] | bytes, threads: int = 1) -> None:
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        model = path if isinstance(path, bytes) else str(path)
-        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+        self.session = session(path, threads)
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feed = {

@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -86,6 +87,7 @@ class UnknownEventType(ValueError):
 
 
 TextEncoderChoice = Literal["auto", "torch", "onnx", "onnx-int8"]
+ScorerChoice = Literal["auto", "torch", "onnx"]
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class Ranker:
         cache_size: int = 10_000,
         device: str | torch.device = "cpu",
         text_encoder: TextEncoderChoice = "torch",
+        scorer: ScorerChoice = "torch",
     ) -> None:
         self.artifact = artifact
         self.device = torch.device(device)
@@ -124,6 +127,10 @@ class Ranker:
         self.overlay = Overlay()
         self.text_backend = self._choose_backend(text_encoder)
         self._onnx = self._onnx_tower() if self.text_backend != "torch" else None
+        self.scorer_backend = (
+            ("onnx" if self.device.type == "cpu" else "torch") if scorer == "auto" else scorer
+        )
+        self._onnx_scorer = self._scorer_graph() if self.scorer_backend == "onnx" else None
 
     @classmethod
     def from_path(
@@ -132,8 +139,9 @@ class Ranker:
         cache_size: int = 10_000,
         device: str = "cpu",
         text_encoder: TextEncoderChoice = "torch",
+        scorer: ScorerChoice = "torch",
     ) -> Ranker:
-        return cls(load_artifact(path, device), cache_size, device, text_encoder)
+        return cls(load_artifact(path, device), cache_size, device, text_encoder, scorer)
 
     def _choose_backend(self, choice: TextEncoderChoice) -> str:
         """`auto`: ONNX float32 on a CPU (the same vectors as PyTorch's, faster; int8 is
@@ -166,6 +174,26 @@ class Ranker:
             self.version,
             self.text_backend,
             time.time() - t0,
+        )
+        return out
+
+    def _scorer_graph(self) -> Any:
+        """`score`'s forward pass in ONNX Runtime (CPU only): the artifact's graph, or
+        exported now if the artifact was written without it."""
+        import tempfile
+
+        from ray_app.model.onnx_scorer import FILE, OnnxScorer, export
+
+        if self.device.type != "cpu":
+            raise ValueError("scorer: onnx runs on a CPU; use torch (or auto) on a GPU")
+        threads = torch.get_num_threads()
+        if self.artifact.scorer_onnx is not None:
+            return OnnxScorer(self.artifact.scorer_onnx, threads)
+        t0 = time.time()
+        with tempfile.TemporaryDirectory(prefix="rerank-onnx-") as tmp:
+            out = OnnxScorer(export(self.model, Path(tmp) / FILE), threads)
+        logger.warning(
+            "artifact %s has no scorer graph: exported it in %.1fs", self.version, time.time() - t0
         )
         return out
 
@@ -437,7 +465,10 @@ class Ranker:
             np.asarray([q.now if q.now is not None else clock for q in queries]),
         )
         cand = self._gather(torch.from_numpy(rows).to(self.device), extra)
-        scores = self.model.predict(hist, cand).float().cpu().numpy()
+        if self._onnx_scorer is not None:
+            scores = self._onnx_scorer(hist, self.vectors, cand)
+        else:
+            scores = self.model.predict(hist, cand).float().cpu().numpy()
         out = []
         for b, (q, (cols, ids, errors)) in enumerate(zip(queries, plans, strict=True)):
             s = scores[b, cols]

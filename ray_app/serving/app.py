@@ -101,7 +101,7 @@ class RerankService:
 
     def _load(self, path: str) -> Ranker:
         return Ranker.from_path(
-            path, self.args.cold_cache_size, self.device, self.args.text_encoder
+            path, self.args.cold_cache_size, self.device, self.args.text_encoder, self.args.scorer
         )
 
     def _take_items(self, ranker: Ranker, previous: Ranker | None) -> None:
@@ -160,6 +160,7 @@ class RerankService:
         return {
             "model_version": self.ranker.version,
             "text_encoder": self.ranker.text_backend,
+            "scorer": self.ranker.scorer_backend,
             "registered_items": len(self.catalogue.items),
             "items_encoded": self.catalogue.encoded,
         }

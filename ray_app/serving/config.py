@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ray_app.config import PathLike, StrictModel
 from ray_app.model.catalogue import CatalogueConfig
-from ray_app.model.ranker import TextEncoderChoice
+from ray_app.model.ranker import ScorerChoice, TextEncoderChoice
 from ray_app.runtime import RayConfig
 from ray_app.times import parse_time
 
@@ -169,6 +169,12 @@ class AppArgs(StrictModel):
     (ONNX Runtime, float32: PyTorch's vectors, faster), `onnx-int8` (dynamic int8: faster still,
     vectors within 0.99 cosine, rankings moved); `auto` = onnx on a CPU, torch on a GPU. The
     artifact's item table is PyTorch's whatever this says.
+    """
+    scorer: ScorerChoice = "auto"
+    """What runs a request's forward pass (user tower and scorer): `torch`, or `onnx` (ONNX
+    Runtime on a CPU: the same scores within 1e-5, a fraction of PyTorch's per-operation cost,
+    which dominates a request's small tensors); `auto` = onnx on a CPU, torch on a GPU. The
+    nightly job and evaluation score with PyTorch.
     """
     items: ItemsSettings = Field(default_factory=ItemsSettings)
     """Registered items (PUT /v1/items, DELETE /v1/items/{id})."""
