@@ -170,8 +170,15 @@ class RerankService:
             raise RuntimeError("no model loaded")
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def _score(self, queries: list[RankQuery]) -> list[Ranked]:
+    async def _score(self, batch: list[tuple[RankQuery, bool]]) -> list[Ranked]:
+        """Score a batch of (query, whether it sends new items' text). A batch of known
+        items is scored right here (a fraction of a millisecond a query): handing it
+        to a thread cost more than the forward pass. One with text to encode goes to
+        the scoring thread, so the replica keeps answering while it encodes."""
         ranker = self.ranker
+        queries = [q for q, _ in batch]
+        if not any(encodes for _, encodes in batch):
+            return self._score_batch(ranker, queries)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._scorer, self._score_batch, ranker, queries)
 
@@ -262,10 +269,11 @@ class RerankService:
         now = self._moment(req.scored_at)
         sent = self._events(req.history, "history", now)
         ranker = self.ranker
-        if any(
+        unknown = any(
             c.item_id not in ranker.overlay.rows and not ranker.knows(c.item_id)
             for c in req.candidates
-        ):
+        )
+        if unknown:
             await self._catch_up()
         stored, stored_history = await self._stored(req.user_id)
         history = merge(stored, sent)
@@ -277,7 +285,7 @@ class RerankService:
             drop_later=req.scored_at is not None,
         )
         version = self.ranker.version
-        ranked = await self._score(query)
+        ranked = await self._score((query, unknown))
         return {
             "user_id": req.user_id,
             "model_version": version,
