@@ -107,7 +107,9 @@ BATCH = 128
 
 
 def tiny_config(prepared: str, root: Path, **kw):
-    """A tiny re-ranker's train config (2-layer random BERT, top layer trained)."""
+    """A tiny re-ranker's train config (2-layer random BERT, top layer trained). Its
+    artifact holds no ONNX graphs unless `export_onnx=True` (the session model's does):
+    exporting them costs seconds per training, and only a served model needs them."""
     from ray_app.training.config import TrainConfig
 
     base = {
@@ -120,6 +122,7 @@ def tiny_config(prepared: str, root: Path, **kw):
         "patience": 10,
         "refresh_text_every": 20,
         "seed": 0,
+        "export_onnx": False,
     }
     for key, value in kw.items():
         base[key] = value
@@ -159,7 +162,7 @@ def trained(prepared, tmp_path_factory):
     from ray_app.training.trainer import run_train
 
     root = tmp_path_factory.mktemp("trained")
-    cfg = tiny_config(prepared, root)
+    cfg = tiny_config(prepared, root, export_onnx=True)
     return cfg, run_train(cfg)
 
 

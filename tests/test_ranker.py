@@ -13,11 +13,16 @@ from ray_app.protocol.data import load_prepared
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture(scope="module", params=["torch", "onnx"])
-def ranker(trained, request) -> Ranker:
-    """Both forward passes `/v1/rerank` can run: each must give the batch path's scores."""
+@pytest.fixture(scope="module")
+def ranker(trained) -> Ranker:
     cfg, _ = trained
-    return Ranker.from_path(cfg.output, cache_size=2, scorer=request.param)
+    return Ranker.from_path(cfg.output, cache_size=2)
+
+
+@pytest.fixture(scope="module", params=["torch", "onnx"])
+def scorer(trained, ranker, request) -> Ranker:
+    """Both forward passes `/v1/rerank` can run: each must give the batch path's scores."""
+    return Ranker(ranker.artifact, cache_size=2, scorer=request.param)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +52,8 @@ def _query(user, cands, now, k=None):
     return Query(hist, [Candidate(c) for c in cands], k=k, now=now)
 
 
-def test_scores_equal_the_batch_path(ranker, users):
+def test_scores_equal_the_batch_path(scorer, users):
+    ranker = scorer
     art = ranker.artifact
     ids = art.items["item_id"].to_numpy()
     rng = np.random.default_rng(0)
