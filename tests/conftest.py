@@ -81,14 +81,25 @@ def write(tmp_path: Path):
 
 @pytest.fixture(scope="session")
 def prepared(ray_local, tmp_path_factory) -> str:
-    """A small prepared synthetic data set (15k events, 300 items), built once."""
+    """A small prepared synthetic data set (15k events, 300 items), built once. Its
+    catalogue does not grow (no item released later): the cold-start tests hold items
+    out themselves and want those to be the only items training never met."""
     from ray_app.config import load_config
     from ray_app.data.config import GenerateConfig, PrepareConfig
     from ray_app.data.prepare import run_prepare
     from ray_app.data.synthetic import generate
 
     root = tmp_path_factory.mktemp("prepared")
-    generate(GenerateConfig(output=str(root / "raw"), num_events=15_000, num_items=300, seed=3))
+    generate(
+        GenerateConfig(
+            output=str(root / "raw"),
+            num_events=15_000,
+            num_items=300,
+            seed=3,
+            new_items_share=0.0,
+            fresh_share=0.0,
+        )
+    )
     cfg = load_config(
         PrepareConfig,
         None,

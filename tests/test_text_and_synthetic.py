@@ -80,3 +80,44 @@ def test_generator_streams_files_exactly_and_text_carries_signal(tmp_path):
     )
     again = pq.read_table(tmp_path / "again" / "interactions").to_pandas()
     assert again.equals(ev.drop(columns="topic"))
+
+
+def _events(path, **keys):
+    generate(GenerateConfig(output=str(path), num_events=30_000, seed=3, **keys))
+    ev = pq.read_table(path / "interactions").to_pandas()
+    items = pq.read_table(path / "items").to_pandas()
+    return ev, items
+
+
+def test_generator_releases_items_over_time_and_users_come_back(tmp_path):
+    """Items keep arriving: after a late cut-off, events go to items nobody met before
+    it (far more than from the long tail alone), and users return hours, days and
+    weeks after their last event as well as within sessions."""
+
+    def unseen_share(ev):
+        cut = ev[S.TIMESTAMP].min() + 0.85 * (ev[S.TIMESTAMP].max() - ev[S.TIMESTAMP].min())
+        before = set(ev.loc[ev[S.TIMESTAMP] < cut, S.ITEM_ID])
+        return (~ev.loc[ev[S.TIMESTAMP] >= cut, S.ITEM_ID].isin(before)).mean()
+
+    ev, _ = _events(tmp_path / "grow")
+    still, _ = _events(tmp_path / "still", new_items_share=0.0, fresh_share=0.0)
+    assert unseen_share(ev) > 0.05 and unseen_share(ev) > 4 * unseen_share(still)
+    gaps = ev.sort_values([S.USER_ID, S.TIMESTAMP]).groupby(S.USER_ID)[S.TIMESTAMP].diff().dropna()
+    assert (gaps < 600).mean() > 0.5  # sessions
+    for lo, hi in ((3_600, 86_400), (86_400, 7 * 86_400), (7 * 86_400, None)):
+        assert ((gaps >= lo) & ((gaps < hi) if hi else True)).mean() > 0.01, (lo, hi)
+
+
+def test_text_signal_off_makes_text_unrelated_to_behaviour(tmp_path):
+    """The control: with `text_signal: false` an item's genres (and words) come from a
+    random topic, so a user's events no longer concentrate on the topics text names."""
+
+    def top_topic_share(ev, items):
+        topic = dict(zip(items[S.ITEM_ID], items[S.GENRES].str.split("|").str[0], strict=True))
+        named = ev[S.ITEM_ID].map(topic)
+        shares = named.groupby(ev[S.USER_ID]).agg(lambda s: s.value_counts(normalize=True).iloc[0])
+        return shares.mean()
+
+    on = top_topic_share(*_events(tmp_path / "on"))
+    off = top_topic_share(*_events(tmp_path / "off", text_signal=False))
+    assert on > 0.35 and off < on - 0.1

@@ -241,6 +241,22 @@ class GenerateConfig(StrictModel):
     session's first topic instead of the user's long-term mix: what a user does right after a
     click then differs from what they do when they come back days later.
     """
+    new_items_share: float = Field(default=0.3, ge=0, lt=1)
+    """Share of the catalogue released during the period (at uniform times) rather than there
+    from the start; nobody interacts with an item before its release. With `split.method: time`
+    the items released in the test period are known to a model only by their text.
+    """
+    fresh_share: float = Field(default=0.15, ge=0, le=1)
+    """Chance that an event goes to an item of its topic released in the last `fresh_days`
+    (when there is one): new items draw attention while they are new.
+    """
+    fresh_days: float = Field(default=14.0, gt=0)
+    """How long an item counts as new for `fresh_share`."""
+    text_signal: bool = True
+    """Item text (title, description, genres, tags) drawn from the item's own topic. false: from a
+    random other topic, so text says nothing about who will want the item (the control run: a
+    model's lead from reading text should vanish).
+    """
     events_per_file: int = Field(default=1_000_000, ge=1_000)
     """Events per Parquet file (more files = more parallel reads in prepare)."""
     seed: int = 7

@@ -3,8 +3,15 @@
 Users have latent topic preferences that drift over their lifetime; items
 belong to topics, and their titles, descriptions, genres and tags are drawn
 from the topic's vocabulary, so a model that reads item text can learn what
-a user wants. Popularity within a topic is Zipf-like; users re-consume
-recent items sometimes; events come in sessions of view/click/cart/purchase.
+a user wants (`text_signal: false` draws the text from another topic: the
+control). Popularity within a topic is Zipf-like; users re-consume recent
+items sometimes; events come in sessions of view/click/cart/purchase, and
+users come back minutes, hours, days or weeks later.
+
+The catalogue grows: a share of the items is released during the period,
+nobody meets an item before its release, and new items draw a share of the
+attention while they are new. A time split's test period then holds targets
+that no training event has seen, known to a model only by their text.
 
 Generation streams: users are produced in chunks and each chunk is written
 as its own Parquet file, so any size fits in memory.
@@ -252,6 +259,9 @@ _GENERIC = [
     "kit",
 ]
 EVENT_MIX = (("view", 0.6), ("click", 0.25), ("cart", 0.1), ("purchase", 0.05))
+# (share, mean seconds) of the gap before an event: the next one in a session,
+# then a return hours, days or weeks later.
+GAPS = ((0.75, 120.0), (0.12, 4 * 3_600.0), (0.09, 3 * 86_400.0), (0.04, 14 * 86_400.0))
 
 
 @dataclass(frozen=True)
@@ -261,6 +271,10 @@ class _World:
     item_topic: np.ndarray  # (items,)
     topic_items: list[np.ndarray]  # item indices per topic, by popularity rank
     topic_cdf: list[np.ndarray]
+    release: np.ndarray  # (items,) seconds after the start when the item appears
+    evergreen: np.ndarray  # (topics,) the topic's most popular item there from the start
+    fresh_items: list[np.ndarray]  # per topic, its items released later, by release time
+    fresh_release: list[np.ndarray]  # their release times, sorted
 
 
 def _topics(n: int, rng: np.random.Generator) -> tuple[list[str], list[list[str]]]:
@@ -279,9 +293,10 @@ def _item_table(
 ) -> tuple[pa.Table, _World]:
     names, vocab = _topics(cfg.num_topics, rng)
     item_topic = rng.integers(0, cfg.num_topics, n_items)
+    text_topic = item_topic if cfg.text_signal else rng.integers(0, cfg.num_topics, n_items)
     titles, descs, genres, tags = [], [], [], []
     for i in range(n_items):
-        t = item_topic[i]
+        t = text_topic[i]
         words = vocab[t]
         other = vocab[rng.integers(0, cfg.num_topics)]
         title_words = list(rng.choice(words, rng.integers(1, 3), replace=False))
@@ -295,12 +310,23 @@ def _item_table(
             g.append(names[rng.integers(0, cfg.num_topics)])
         genres.append("|".join(dict.fromkeys(g)))
         tags.append("|".join(rng.choice(words, 2, replace=False)))
-    topic_items, topic_cdf = [], []
+    horizon = cfg.days * 86_400
+    later = rng.random(n_items) < cfg.new_items_share
+    later[rng.integers(0, n_items)] = False  # at least one item from the start
+    release = np.where(later, rng.uniform(0, horizon, n_items), 0).astype(np.int64)
+    first = int(np.flatnonzero(release == 0)[0])
+    topic_items, topic_cdf, evergreen, fresh_items, fresh_release = [], [], [], [], []
     for t in range(cfg.num_topics):
         members = rng.permutation(np.flatnonzero(item_topic == t))
         w = 1.0 / np.arange(1, len(members) + 1) ** 1.1
         topic_items.append(members)
         topic_cdf.append(np.cumsum(w) / w.sum() if len(w) else np.array([1.0]))
+        from_start = members[release[members] == 0]
+        evergreen.append(from_start[0] if len(from_start) else first)
+        new = members[release[members] > 0]
+        new = new[np.argsort(release[new], kind="stable")]
+        fresh_items.append(new)
+        fresh_release.append(release[new])
     table = pa.table(
         {
             schema.ITEM_ID: [f"i{i:07d}" for i in range(n_items)],
@@ -310,7 +336,66 @@ def _item_table(
             schema.TAGS: tags,
         }
     )
-    return table, _World(names, vocab, item_topic, topic_items, topic_cdf)
+    world = _World(
+        names,
+        vocab,
+        item_topic,
+        topic_items,
+        topic_cdf,
+        release,
+        np.asarray(evergreen, dtype=np.int64),
+        fresh_items,
+        fresh_release,
+    )
+    return table, world
+
+
+def _zipf(members: np.ndarray, cdf: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    return members[np.minimum(np.searchsorted(cdf, rng.random(n)), len(members) - 1)]
+
+
+def _popular(
+    world: _World, topic: np.ndarray, at: np.ndarray, rng: np.random.Generator
+) -> np.ndarray:
+    """An item per event: Zipf-like by popularity within the event's topic, among the
+    items released by the event's time (redrawn a few times, then the topic's most
+    popular item from the start)."""
+    item = np.zeros(len(topic), dtype=np.int64)
+    for t in np.unique(topic):
+        m = np.flatnonzero(topic == t)
+        members, cdf = world.topic_items[t], world.topic_cdf[t]
+        if len(members) == 0:
+            item[m] = world.evergreen[t]
+            continue
+
+        pick = _zipf(members, cdf, len(m), rng)
+        for _ in range(8):
+            late = world.release[pick] > at[m]
+            if not late.any():
+                break
+            pick[late] = _zipf(members, cdf, int(late.sum()), rng)
+        pick[world.release[pick] > at[m]] = world.evergreen[t]
+        item[m] = pick
+    return item
+
+
+def _fresh(
+    world: _World, topic: np.ndarray, at: np.ndarray, window: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """(found, item) per event: an item of its topic released in the `window` seconds
+    before the event, uniformly, where the topic has one."""
+    item = np.zeros(len(topic), dtype=np.int64)
+    found = np.zeros(len(topic), dtype=bool)
+    for t in np.unique(topic):
+        m = np.flatnonzero(topic == t)
+        rel = world.fresh_release[t]
+        lo = np.searchsorted(rel, at[m] - window, side="right")
+        hi = np.searchsorted(rel, at[m], side="right")
+        ok = hi > lo
+        pos = lo + (rng.random(len(m)) * (hi - lo)).astype(np.int64)
+        item[m[ok]] = world.fresh_items[t][pos[ok]]
+        found[m[ok]] = True
+    return found, item
 
 
 def _events_for_users(
@@ -332,38 +417,32 @@ def _events_for_users(
     drift = rng.uniform(0.0, 1.0, len(users))[uidx][:, None]
     pref = (1 - drift * frac[:, None]) * p0[uidx] + drift * frac[:, None] * p1[uidx]
     topic = (pref.cumsum(axis=1) < rng.random(total)[:, None]).sum(axis=1).clip(0, n_topics - 1)
-    item = np.zeros(total, dtype=np.int64)
-    u = rng.random(total)
-    for t in range(n_topics):
-        m = topic == t
-        members = world.topic_items[t]
-        if len(members) == 0:
-            item[m] = rng.integers(0, len(world.item_topic), m.sum())
-            continue
-        item[m] = members[np.minimum(np.searchsorted(world.topic_cdf[t], u[m]), len(members) - 1)]
-    back = rng.integers(1, 6, total)
-    repeat = (rng.random(total) < 0.08) & (pos >= back)
-    item[repeat] = item[np.flatnonzero(repeat) - back[repeat]]
-    in_session = rng.random(total) < 0.8
-    gaps = np.where(in_session, rng.exponential(90.0, total), rng.exponential(1.5 * 86_400, total))
+    shares = np.cumsum([share for share, _ in GAPS])
+    kind = np.searchsorted(shares / shares[-1], rng.random(total)).clip(0, len(GAPS) - 1)
+    gaps = rng.exponential(1.0, total) * np.array([mean for _, mean in GAPS])[kind]
+    in_session = kind == 0
     gaps[pos == 0] = 0
+    csum = np.cumsum(gaps)
+    offset = csum - np.repeat(csum[starts], counts)
+    horizon = cfg.days * 86_400
+    user_start = rng.uniform(0, horizon * 0.85, len(users))
+    # A user whose gaps would run past the period has them shortened in proportion.
+    span = offset[starts + counts - 1]
+    scale = np.minimum(1.0, (horizon - user_start) / np.maximum(span, 1.0))
+    at = (user_start[uidx] + offset * scale[uidx]).astype(np.int64)
     if cfg.session_focus > 0:
         opens = ~in_session | (pos == 0)
         first = np.maximum.accumulate(np.where(opens, np.arange(total), 0))
         focus = ~opens & (rng.random(total) < cfg.session_focus)
         topic[focus] = topic[first[focus]]
-        draw = rng.random(total)
-        for t in np.unique(topic[focus]):
-            m = focus & (topic == t)
-            members = world.topic_items[t]
-            if len(members):
-                cdf = world.topic_cdf[t]
-                item[m] = members[np.minimum(np.searchsorted(cdf, draw[m]), len(members) - 1)]
-    csum = np.cumsum(gaps)
-    offset = csum - np.repeat(csum[starts], counts)
-    horizon = cfg.days * 86_400
-    user_start = rng.uniform(0, horizon * 0.7, len(users))
-    ts = t0 + np.minimum(user_start[uidx] + offset, horizon).astype(np.int64)
+    item = _popular(world, topic, at, rng)
+    fresh = rng.random(total) < cfg.fresh_share
+    found, new = _fresh(world, topic[fresh], at[fresh], cfg.fresh_days * 86_400, rng)
+    item[np.flatnonzero(fresh)[found]] = new[found]
+    back = rng.integers(1, 6, total)
+    repeat = (rng.random(total) < 0.08) & (pos >= back)
+    item[repeat] = item[np.flatnonzero(repeat) - back[repeat]]
+    ts = t0 + at
     kinds = [k for k, _ in EVENT_MIX]
     probs = np.array([p for _, p in EVENT_MIX])
     ev = np.searchsorted(np.cumsum(probs), rng.random(total)).clip(0, len(kinds) - 1)
