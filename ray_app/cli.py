@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -84,10 +85,23 @@ def demo_config(args: argparse.Namespace) -> PipelineConfig:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from ray_app.evaluation.report import headline_text
+    from ray_app.storage import join, read_json
+
     cfg = demo_config(args)
+    t0 = time.perf_counter()
     run_pipeline(cfg)
     paths = cfg.paths()
-    print(f"report and plots: {paths['evaluation']}\ntop-K lists: {paths['topk']}")
+    found = headline_text(read_json(join(paths["evaluation"], "metrics.json")))
+    print(
+        f"\n== What the demo found ({(time.perf_counter() - t0) / 60:.1f} min) ==\n\n{found}\n\n"
+        "Open next:\n"
+        f"  {join(paths['evaluation'], 'report.md')}  every table, with the plots beside it\n"
+        f"  {join(paths['model'], 'training_curves.png')}  the re-ranker's training\n"
+        f"  {join(paths['topk'], '')}  the nightly top-K lists (Parquet)\n"
+        f"  rerank serve --set model={paths['model']}  the model over HTTP (README: Serving)\n"
+        "  make quickstart  the same story in a notebook, with its plots"
+    )
     return 0
 
 
@@ -191,10 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = _subparser(sub, "demo", *DEMO)
     p.set_defaults(func=_cmd_demo)
     p.add_argument("--workdir", default="runs/demo", help="where data and outputs go")
-    p.add_argument("--events", type=int, default=200_000, help="events to generate")
+    p.add_argument("--events", type=int, default=150_000, help="events to generate")
     p.add_argument("--sasrec-epochs", type=int, default=40, help="epochs for the SASRec baseline")
     p.add_argument(
-        "--train-minutes", type=float, default=6.0, help="training time budget of the re-ranker"
+        "--train-minutes", type=float, default=4.5, help="training time budget of the re-ranker"
     )
     p.add_argument(
         "--encoder",

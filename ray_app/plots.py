@@ -85,6 +85,31 @@ def metrics_by_method(metrics: dict[str, Any], split: str = "test") -> Figure:
     return fig
 
 
+def headline(metrics: dict[str, Any]) -> Figure:
+    """NDCG@k of every method on all test targets, on new items and for returning users:
+    the demo's summary as bars (its intervals are in the text beside it)."""
+    plt = _pyplot()
+    head = metrics["headline"]
+    segs = head["segments"]
+    labels = {"all": "all targets", "new_items": "new items", "returning_users": "returning users"}
+    names = list(segs["all"]["ndcg"])
+    fig, ax = plt.subplots(figsize=(11, 4))
+    width = 0.8 / max(1, len(names))
+    for j, n in enumerate(names):
+        vals = [segs[s]["ndcg"].get(n, float("nan")) for s in labels]
+        bars = ax.bar([i + j * width for i in range(len(labels))], vals, width, label=n)
+        ax.bar_label(bars, fmt="%.3f", fontsize=6)
+    ax.set_xticks(
+        [i + width * (len(names) - 1) / 2 for i in range(len(labels))],
+        [f"{labels[s]} ({segs[s]['targets']})" for s in labels],
+    )
+    ax.set_ylabel(f"NDCG@{head['k']} (whole catalogue)")
+    ax.set_title("test split: every method, overall, on new items and for returning users")
+    ax.legend(fontsize=7, ncols=4)
+    fig.tight_layout()
+    return fig
+
+
 BREAKDOWNS = {
     "ndcg_by_history": "history length (events before target)",
     "ndcg_by_popularity": "target item popularity (train count rank)",

@@ -36,6 +36,21 @@ def test_demo_flags_and_overrides_reach_their_stage():
     assert s["generate"].num_events == 5000 and s["train"].model.encoder == "tiny"
     assert s["train"].max_minutes == 0.5 and s["evaluate"].sasrec_epochs == 2
     assert s["nightly"].k == 20 and s["prepare"].split.max_history == 9
+    assert s["prepare"].split.method == "time"
+
+
+def test_demo_splits_the_generated_period_in_time():
+    """Valid and test are the last stretches of whatever period generate covers, so the
+    test period has items released after training and users coming back to it."""
+    from ray_app.times import parse_time
+
+    for extra, days in (((), 180), (("--set", "generate.days=60"), 60)):
+        s = stage_configs(demo_config(_args(*extra)))
+        start, split = parse_time(s["generate"].start), s["prepare"].split
+        assert split.method == "time"
+        valid, test = parse_time(split.valid_start), parse_time(split.test_start)
+        assert start < valid < test < start + days * 86_400
+        assert (test - start) / (days * 86_400) == pytest.approx(0.89, abs=0.01)
 
 
 def test_a_bad_demo_override_stops_before_any_work(tmp_path, capsys):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from ray_app.config import load_config
 from ray_app.evaluation.config import EvaluateConfig
 from ray_app.evaluation.evaluate import run_evaluate
+from ray_app.evaluation.report import headline_text
 from ray_app.model.artifact import load_artifact
 from ray_app.protocol import metrics as M
 from ray_app.protocol.data import load_prepared, sample_users
@@ -69,7 +71,7 @@ def test_evaluate_writes_metrics_report_plots_and_baselines_beat_random(prepared
     assert cand["candidates"].map(len).eq(100).all()
     random_ndcg = sum(1 / math.log2(r + 1) for r in range(1, 11)) / 100
     test = metrics["results"]["test"]
-    assert set(test) == {"popularity", "item_knn", "ease", "sasrec", "sasrec_ce"}
+    assert set(test) == {"popularity", "item_knn", "ease", "sasrec", "sasrec_ce", "text_tfidf"}
     for name, r in test.items():
         assert r["sampled"]["ndcg@10"] > 2 * random_ndcg, name
         assert 0 < r["full"]["coverage@10"] <= 1
@@ -84,6 +86,39 @@ def test_evaluate_writes_metrics_report_plots_and_baselines_beat_random(prepared
     # SASRec+ (full-softmax CE) is a fitted, validated baseline of its own.
     ce = metrics["baselines"]["sasrec_ce"]["params"]["full"]
     assert ce["loss"] == "ce" and 1 <= ce["epochs_trained"] <= 20
+    text = metrics["baselines"]["text_tfidf"]
+    assert set(text["valid_ndcg_search"]) == {"1", "3", "10", "30"}
+
+
+def test_text_baseline_ranks_by_shared_words_even_items_no_one_has_met():
+    """Items 1 and 2 share words, 3 shares none; 4 is in no training event but shares
+    item 1's words: the text-only baseline ranks 2 and 4 above 3."""
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from ray_app.data import schema as S
+    from ray_app.evaluation.baselines import TextSimilarity
+
+    bags = sp.csr_matrix(
+        np.array(
+            [
+                [0, 0, 0, 0, 0],  # padding
+                [1, 1, 0, 0, 1],
+                [1, 1, 0, 0, 0],
+                [0, 0, 1, 1, 1],
+                [0, 1, 0, 0, 1],
+            ],
+            dtype=np.float32,
+        )
+    )
+    train = pd.DataFrame({S.USER_ID: ["u", "v"], S.ITEM_IDX: [1, 3]})
+    model = TextSimilarity(bags=bags, recent=3).fit(train, num_items=4)
+    (scores,) = model.score_all([np.array([1])])
+    assert scores[0] == -np.inf
+    assert scores[2] > scores[3] and scores[4] > scores[3] and scores[4] > 0
+    # Only the last `recent` items make the profile.
+    (last,) = model.with_recent(1).score_all([np.array([1, 3])])
+    assert last[3] > last[2]
 
 
 def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_path):
@@ -126,6 +161,14 @@ def test_a_trained_model_is_scored_beside_the_baselines(prepared, trained, tmp_p
     same = metrics["paired"]["tiny - tiny"]["test_sampled"]
     assert same["diff"] == 0 and same["se"] == 0
     assert "## Paired comparisons" in report and "| tiny - popularity |" in report
+    # The demo's closing summary: the same comparison, per segment, in plain text.
+    head = metrics["headline"]["segments"]
+    assert set(head) == {"all", "new_items", "returning_users"}
+    assert head["all"]["versus"]["tiny - popularity"]["diff"] == pytest.approx(vs_pop["diff"])
+    assert head["all"]["targets"] == test["tiny"]["users"]
+    assert head["returning_users"]["targets"] < head["all"]["targets"]
+    text = headline_text(metrics)
+    assert "tiny - popularity" in text and "all targets: tiny is " in text
     with pytest.raises(ValueError, match=r"paired names \['nope'\]"):
         EvaluateConfig(**{**ev.model_dump(), "paired": [("tiny", "nope")]})
 

@@ -9,7 +9,7 @@ from pydantic import Field, field_validator, model_validator
 from ray_app.config import PathLike, StrictModel
 from ray_app.times import DEFAULT_DELTAS, format_duration, parse_duration
 
-BaselineName = Literal["popularity", "item_knn", "ease", "sasrec", "sasrec_ce"]
+BaselineName = Literal["popularity", "item_knn", "ease", "sasrec", "sasrec_ce", "text_tfidf"]
 
 
 class EvaluateConfig(StrictModel):
@@ -26,11 +26,22 @@ class EvaluateConfig(StrictModel):
     seed: int = 0
     """Seed of the sampled candidates (the same lists for every method)."""
     baselines: list[BaselineName] = Field(
-        default_factory=lambda: ["popularity", "item_knn", "ease", "sasrec", "sasrec_ce"]
+        default_factory=lambda: [
+            "popularity",
+            "item_knn",
+            "ease",
+            "sasrec",
+            "sasrec_ce",
+            "text_tfidf",
+        ]
     )
     """Baselines to fit: popularity, item_knn, ease, sasrec (BCE with one sampled negative, as
-    published), sasrec_ce (full-softmax cross-entropy over the catalogue, "SASRec+").
+    published), sasrec_ce (full-softmax cross-entropy over the catalogue, "SASRec+"), text_tfidf
+    (text only: TF-IDF cosine of each item to the user's recent items; the one baseline that ranks
+    items no training event has met).
     """
+    text_recent: list[int] = Field(default_factory=lambda: [1, 3, 10, 30], min_length=1)
+    """text_tfidf: how many of the user's last items make the profile, searched on valid."""
     ease_lambdas: list[float] = Field(
         default_factory=lambda: [10.0, 30.0, 100.0, 300.0, 1000.0], min_length=1
     )

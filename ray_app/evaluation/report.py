@@ -360,8 +360,81 @@ def write_report(out_dir: str, metrics: dict[str, Any]) -> list[str]:
     figures = {"metrics_by_method.png": plots.metrics_by_method(metrics)}
     if metrics.get("moments"):
         figures["ndcg_by_delta.png"] = plots.ndcg_by_moment(metrics)
+    if metrics.get("headline") and metrics["headline"]["segments"]["all"]["ndcg"]:
+        figures["headline.png"] = plots.headline(metrics)
     for key in plots.BREAKDOWNS:
         figures[f"{key}.png"] = plots.ndcg_breakdown(metrics, key)
     for name, fig in figures.items():
         write_bytes(join(out_dir, name), plots.save_png(fig))
     return list(figures)
+
+
+SEGMENTS = {
+    "all": "all targets",
+    "new_items": "new items",
+    "returning_users": "returning users",
+}
+
+
+def headline_text(metrics: dict[str, Any]) -> str:
+    """The evaluation in a few plain lines (what `rerank demo` ends with): each method's
+    NDCG@k on test, overall, on new items and for returning users, then each trained
+    model minus each baseline with its 95% interval, and a verdict per segment."""
+    head = metrics.get("headline")
+    if not head or not head["segments"]["all"]["ndcg"]:
+        return ""
+    k, segs = head["k"], head["segments"]
+    names = list(segs["all"]["ndcg"])
+    width = max(len(n) for n in names) + 2
+    cols = [f"{SEGMENTS[s]} ({segs[s]['targets']})" for s in SEGMENTS]
+    lines = [
+        f"Test split, whole-catalogue ranking, NDCG@{k} (targets in brackets):",
+        "",
+        " " * width + "".join(f"{c:>26}" for c in cols),
+    ]
+    for n in names:
+        cells = []
+        for s in SEGMENTS:
+            v = segs[s]["ndcg"].get(n)
+            cells.append(f"{v:>26.4f}" if v is not None and v == v else f"{'-':>26}")
+        lines.append(f"{n:<{width}}" + "".join(cells))
+    pairs = list(segs["all"]["versus"])
+    if pairs:
+        lines += ["", "Difference, user by user, with its 95% interval:", ""]
+        pw = max(len(p) for p in pairs) + 2
+        for p in pairs:
+            cells = []
+            for s in SEGMENTS:
+                d = segs[s]["versus"].get(p)
+                if d is None or d["users"] < 2:
+                    cells.append(f"{'-':>26}")
+                else:
+                    lo, hi = d["ci95"]
+                    cells.append(f"{d['diff']:>+8.4f} [{lo:+.4f}, {hi:+.4f}]".rjust(26))
+            lines.append(f"{p:<{pw}}" + "".join(cells))
+        lines += ["", *_verdicts(segs, pairs)]
+    return "\n".join(lines)
+
+
+def _verdicts(segs: dict[str, Any], pairs: list[str]) -> list[str]:
+    out = []
+    for s, label in SEGMENTS.items():
+        ahead, behind, unclear = [], [], []
+        for p in pairs:
+            d = segs[s]["versus"].get(p)
+            if d is None or d["users"] < 2:
+                continue
+            lo, hi = d["ci95"]
+            baseline = p.split(" - ", 1)[1]
+            (ahead if lo > 0 else behind if hi < 0 else unclear).append(baseline)
+        model = pairs[0].split(" - ", 1)[0]
+        parts = []
+        if ahead:
+            parts.append(f"ahead of {', '.join(ahead)}")
+        if unclear:
+            parts.append(f"not separable from {', '.join(unclear)}")
+        if behind:
+            parts.append(f"behind {', '.join(behind)}")
+        if parts:
+            out.append(f"{label}: {model} is " + "; ".join(parts) + ".")
+    return out

@@ -49,4 +49,26 @@ def demo_config(
         },
         "evaluate": {"sasrec_epochs": sasrec_epochs},
     }
-    return load_config(PipelineConfig, None, overrides, base=base)
+    cfg = load_config(PipelineConfig, None, overrides, base=base)
+    split = dict(cfg.prepare.get("split") or {})
+    if split.get("method", "time") == "time":
+        cfg.prepare["split"] = {**time_split(cfg.generate or {}), **split}
+    return cfg
+
+
+def time_split(generate: dict[str, Any], valid: float = 0.78, test: float = 0.89) -> dict[str, Any]:
+    """A global time split of the generated period: valid from `valid` of the way
+    through it, test from `test`. Items keep arriving, so the test period holds items
+    no training event has met, and users come back to it after gaps of any length:
+    the moments a nightly list and a returning user's request are scored at."""
+    from ray_app.data.config import GenerateConfig
+    from ray_app.times import parse_time
+
+    defaults = GenerateConfig.model_fields
+    start = parse_time(generate.get("start", defaults["start"].default))
+    days = float(generate.get("days", defaults["days"].default))
+    return {
+        "method": "time",
+        "valid_start": int(start + valid * days * 86_400),
+        "test_start": int(start + test * days * 86_400),
+    }
