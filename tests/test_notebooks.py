@@ -60,8 +60,9 @@ def test_quickstart_runs_every_stage_and_draws_its_plots(monkeypatch, tmp_path):
     )
     for stage in ("prepared", "model", "evaluation", "topk/dt=2026-11-24"):
         assert (wd / stage / "_SUCCESS").exists(), stage
-    # training curves, metrics by method, NDCG by popularity, history vs list
-    assert len(outputs(nb, "image/png")) == 4
+    # training curves, metrics by method, the summary's bars, NDCG by popularity,
+    # history vs list
+    assert len(outputs(nb, "image/png")) == 5
     text = "\n".join(
         "".join(o.get("text", "")) + json.dumps(o.get("data", {}).get("text/plain", ""))
         for c in nb.cells
@@ -69,6 +70,7 @@ def test_quickstart_runs_every_stage_and_draws_its_plots(monkeypatch, tmp_path):
         for o in c.outputs
     )
     assert "model_version" in text and "history_used" in text
+    assert "all targets: reranker is " in text  # the summary's verdict
 
 
 def test_committed_notebooks_carry_no_outputs():
