@@ -323,16 +323,14 @@ class Ranker:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         events = sorted(q.history, key=lambda e: e.timestamp)
         cutoff = q.now if q.drop_later and q.now is not None else None
-        index, kind_of = self.index, self.events
         items, kinds, times, dropped = [], [], [], 0
         for e in events:
-            idx = index.get(e.item_id)
+            idx = self.index.get(e.item_id)
             if idx is None or (cutoff is not None and e.timestamp > cutoff):
                 dropped += 1  # an item the model cannot embed, or a later event
                 continue
             items.append(idx)
-            kind = kind_of.get(e.event_type) if e.event_type is not None else None
-            kinds.append(kind if kind is not None else self.event_idx(e.event_type, strict))
+            kinds.append(self.event_idx(e.event_type, strict))
             times.append(e.timestamp)
         return (
             np.asarray(items, dtype=np.int64),
