@@ -13,7 +13,13 @@ from ray_app.model.config import ModelConfig
 from ray_app.model.encoder import TextEncoder, load_pretrained
 from ray_app.model.history import History, left_pad, make_history
 from ray_app.model.net import RerankerNet
-from ray_app.training.batches import ExampleBatch, ItemText, step_candidates, to_examples
+from ray_app.training.batches import (
+    ExampleBatch,
+    ItemText,
+    new_at_moment,
+    step_candidates,
+    to_examples,
+)
 from ray_app.training.checkpoint import load_optimizer, save_optimizer
 from ray_app.training.steps import lr_factor
 
@@ -135,8 +141,32 @@ def test_unknown_items_score_from_text_alone():
     with torch.no_grad():
         model.items.ids.weight[3] += 5.0  # an untrained ID row must not matter
     after = model.item_table()[3]
-    torch.testing.assert_close(after, model.items.proj(model.text_table[3]))
+    torch.testing.assert_close(after, model.items.from_text(model.text_table[3]))
     assert not torch.allclose(before, after)
+
+
+def test_items_new_at_an_examples_moment_are_scored_as_unknown_items():
+    model = _model(use_text=True, trainable_layers=0).eval()
+    model.set_text_table(torch.randn(21, model.text.out_dim))
+    with torch.no_grad():
+        model.items.unknown.normal_()
+    day = 86_400
+    first_seen = torch.full((21,), 0, dtype=torch.int64)
+    first_seen[[3, 4]] = torch.tensor([90 * day, 200 * day])  # 4 first appears after both moments
+    items = torch.tensor([2, 3, 4])
+    times = torch.tensor([95 * day, 150 * day])
+    new = new_at_moment(items, times, first_seen, days=14)
+    # Item 3 is five days old at the first moment and sixty at the second; 4 is not out yet.
+    assert new.tolist() == [[False, True, True], [False, False, True]]
+    assert new_at_moment(items, times, first_seen, days=0) is None
+    vecs = model.item_vectors(items, None, new)
+    assert vecs.shape == (2, 3, model.cfg.dim)
+    shared = model.item_vectors(items)
+    as_new = model.items.from_text(model.text_table[items])
+    torch.testing.assert_close(vecs[0, 0], shared[0])
+    torch.testing.assert_close(vecs[0, 1], as_new[1])
+    torch.testing.assert_close(vecs[1, 1], shared[1])
+    torch.testing.assert_close(vecs[1, 2], as_new[2])
 
 
 def test_held_out_items_vanish_from_training_histories():
@@ -146,6 +176,7 @@ def test_held_out_items_vanish_from_training_histories():
             "hist_event_idx": pa.array([[1, 1, 1]], pa.list_(pa.int8())),
             "hist_gap_s": pa.array([[30, 20, 10]]),
             "target_item_idx": pa.array([4], pa.int32()),
+            "target_timestamp": pa.array([100], pa.int64()),
             "neg_item_idx": pa.array([[5, 6]]),
         }
     )

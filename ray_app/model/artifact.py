@@ -174,7 +174,11 @@ def _load_local(path: str, local: Path, device: str | torch.device) -> Artifact:
         bert, tokenizer = from_saved(local / ENCODER)
         text = TextEncoder(bert, 0, mcfg.pooling)
     model = RerankerNet(mcfg, config["num_items"], text)
-    model.load_state_dict(load_file(str(local / WEIGHTS)))
+    weights = load_file(str(local / WEIGHTS))
+    if model.items.unknown is not None and "items.unknown" not in weights:
+        # Written before the new-item vector: unknown items had no ID part at all.
+        weights["items.unknown"] = torch.zeros_like(model.items.unknown)
+    model.load_state_dict(weights)
     tables = load_file(str(local / EMBEDDINGS))
     if text is not None:
         model.set_text_table(tables["text"])

@@ -41,6 +41,13 @@ class ModelConfig(BaseModel):
     """Probability of hiding an item's ID embedding during training, so that the text part alone
     (new items) ranks well too.
     """
+    new_item_days: float = Field(default=14.0, ge=0)
+    """Training scores a candidate as a new item when its first training event is less than
+    this many days before the example's moment (or after it): its ID embedding is replaced by a
+    learned new-item vector, the one that every item without training events gets after
+    training. The model so learns how much new items are picked and how to rank them by their
+    text, from the items that were new at each moment of the training period. 0 = off.
+    """
     dim: int = Field(default=64, ge=8)
     """Width of item, user and scorer vectors."""
     user_layers: int = Field(default=2, ge=1)

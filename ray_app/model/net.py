@@ -27,7 +27,9 @@ class ItemTower(nn.Module):
     """Projected pooled text plus an ID embedding that training hides at random.
 
     `known` marks items seen in training: an unknown item's ID row never
-    learned anything, so it gets the text part alone.
+    learned anything, so it gets the text part plus the learned new-item
+    vector, which training gives every candidate that was new at its example's
+    moment (`ModelConfig.new_item_days`).
     """
 
     def __init__(self, cfg: ModelConfig, num_items: int, text_dim: int) -> None:
@@ -35,28 +37,42 @@ class ItemTower(nn.Module):
         self.cfg = cfg
         self.proj = nn.Linear(text_dim, cfg.dim) if cfg.use_text else None
         self.ids = nn.Embedding(num_items + 1, cfg.dim, padding_idx=0) if cfg.use_ids else None
+        self.unknown = None
         if self.ids is not None:
             nn.init.normal_(self.ids.weight, std=0.02)
             with torch.no_grad():
                 self.ids.weight[0].zero_()
+            if self.proj is not None:
+                self.unknown = nn.Parameter(torch.zeros(cfg.dim))
         self.register_buffer("known", torch.ones(num_items + 1, dtype=torch.bool))
 
-    def forward(self, items: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, items: torch.Tensor, text: torch.Tensor | None, new: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Vectors of `items`; with `new` (B, C) for C items, (B, C, d): row b scores the
+        items new at example b's moment as new items."""
         out = 0
         if self.proj is not None:
             out = self.proj(text)
         if self.ids is not None:
-            keep = self.known[items]
+            known = self.known[items]
+            keep = known
             if self.training and self.cfg.use_text and self.cfg.id_dropout > 0:
                 keep = keep & (torch.rand(items.shape, device=items.device) >= self.cfg.id_dropout)
-            out = out + self.ids(items) * keep.unsqueeze(-1).to(self.ids.weight.dtype)
+            ids = self.ids(items) * keep.unsqueeze(-1).to(self.ids.weight.dtype)
+            if self.unknown is not None:
+                ids = torch.where(known.unsqueeze(-1), ids, self.unknown.to(ids.dtype))
+                if new is not None:
+                    ids = torch.where(new.unsqueeze(-1), self.unknown.to(ids.dtype), ids)
+            out = out + ids
         return out * (items > 0).unsqueeze(-1)
 
     def from_text(self, text: torch.Tensor) -> torch.Tensor:
         """Vectors of items the model never saw, from pooled text alone (no ID row)."""
         if self.proj is None:
             raise ValueError("this model has no text tower")
-        return self.proj(text)
+        out = self.proj(text)
+        return out if self.unknown is None else out + self.unknown
 
 
 def next_valid_gap(gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -210,10 +226,12 @@ class RerankerNet(nn.Module):
     def set_text_table(self, table: torch.Tensor) -> None:
         self.text_table = table.to(self.text_table.device, self.text_table.dtype)
 
-    def item_vectors(self, items: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
+    def item_vectors(
+        self, items: torch.Tensor, text: torch.Tensor | None = None, new: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if self.text is not None and text is None:
             text = self.text_table[items]
-        return self.items(items, text)
+        return self.items(items, text, new)
 
     def encode_user(self, hist: History) -> tuple[torch.Tensor, torch.Tensor]:
         return self.user(hist, self.item_vectors(hist.items))
@@ -227,6 +245,7 @@ class RerankerNet(nn.Module):
         cand_text: TextBatch | None = None,
         loss: str = "softmax",
         negatives: torch.Tensor | None = None,
+        cand_new: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of every example against the shared candidates, and the loss.
 
@@ -235,7 +254,8 @@ class RerankerNet(nn.Module):
         chance to be in the set (popularity correction for `softmax`);
         negatives (B, n) indices into `cand_items` of each example's own sampled
         negatives (for `bce`); cand_text the text encoder's inputs for every
-        candidate when it is being fine-tuned (else the text table serves).
+        candidate when it is being fine-tuned (else the text table serves);
+        cand_new (B, C) the candidates each example scores as new items.
         All candidates must go through the same path: a model that sees some
         candidates' vectors fresh and others' from the table learns to tell
         them apart instead of ranking.
@@ -243,7 +263,7 @@ class RerankerNet(nn.Module):
         """
         user, states = self.encode_user(hist)
         text = cand_text.encode(self.text) if cand_text is not None else None
-        vecs = self.item_vectors(cand_items, text)
+        vecs = self.item_vectors(cand_items, text, cand_new)
         scores = self.scorer(user, states, hist.items > 0, vecs)
         seen = (hist.items.unsqueeze(-1) == cand_items.view(1, 1, -1)).any(1)
         target = F.one_hot(labels, len(cand_items)).bool()

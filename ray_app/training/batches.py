@@ -29,6 +29,7 @@ class ExampleBatch:
     hist: History
     targets: torch.Tensor  # (B,)
     negatives: torch.Tensor  # (B, m)
+    times: torch.Tensor | None = None  # (B,) target timestamps
 
 
 def to_examples(
@@ -53,6 +54,7 @@ def to_examples(
         hist=History(torch.from_numpy(items), torch.from_numpy(events), torch.from_numpy(gaps)),
         targets=torch.from_numpy(batch.column(schema.TARGET_ITEM_IDX).to_numpy().astype(np.int64)),
         negatives=torch.from_numpy(negs),
+        times=torch.from_numpy(batch.column(schema.TARGET_TIMESTAMP).to_numpy().astype(np.int64)),
     )
 
 
@@ -143,6 +145,17 @@ def step_candidates(
         negatives=inverse[b:].view(b, m),
         logq=torch.log(expected.clamp(min=1e-12)),
     )
+
+
+def new_at_moment(
+    items: torch.Tensor, times: torch.Tensor | None, first_seen: torch.Tensor, days: float
+) -> torch.Tensor | None:
+    """(B, C) which of `items` each example meets as a new item: first seen in training less
+    than `days` before the example's moment, or after it (never-seen items are unknown
+    anyway). None when off or when the batch has no moments."""
+    if days <= 0 or times is None:
+        return None
+    return first_seen[items][None, :] > times[:, None] - int(days * 86_400)
 
 
 class ItemText:

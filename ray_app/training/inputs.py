@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass, replace
 
 import numpy as np
+import pandas as pd
 import torch
 
 from ray_app.data import schema
@@ -32,6 +33,7 @@ class TrainData:
     neg_prob: torch.Tensor  # (N+1,) the prepare sampler's negative distribution
     known: torch.Tensor  # (N+1,) bool: has train events and is not held out
     hidden: np.ndarray | None  # (N+1,) bool: held out for cold start
+    first_seen: torch.Tensor  # (N+1,) int64 time of each item's first training event
     time_resolution_s: int  # the coarsest unit dividing every training timestamp
     valid: SplitTargets
     valid_cands: np.ndarray
@@ -94,10 +96,19 @@ def load_train_data(cfg: TrainConfig) -> TrainData:
         neg_prob=torch.from_numpy(neg / neg.sum()).float(),
         known=torch.from_numpy((counts > 0) & ~hidden),
         hidden=hidden if hidden.any() else None,
+        first_seen=first_seen(data.train, n),
         time_resolution_s=time_resolution(data.train[schema.TIMESTAMP].to_numpy()),
         valid=valid,
         valid_cands=sampled_candidates(data, "valid", cfg.valid_negatives, 0, valid),
     )
+
+
+def first_seen(train: pd.DataFrame, num_items: int) -> torch.Tensor:
+    """(N+1,) time of each item's first training event; items without one get the largest
+    int64, later than any moment."""
+    out = np.full(num_items + 1, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(out, train[schema.ITEM_IDX].to_numpy(), train[schema.TIMESTAMP].to_numpy())
+    return torch.from_numpy(out)
 
 
 def returning_moments(targets: SplitTargets, deltas: list[int], seed: int = 0) -> SplitTargets:

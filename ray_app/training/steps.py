@@ -20,7 +20,7 @@ from ray_app.protocol import metrics
 from ray_app.protocol.data import SplitTargets
 from ray_app.protocol.scorer import NetScorer
 from ray_app.protocol.scoring import score_split
-from ray_app.training.batches import ExampleBatch, ItemText, step_candidates
+from ray_app.training.batches import ExampleBatch, ItemText, new_at_moment, step_candidates
 from ray_app.training.config import TrainConfig
 from ray_app.training.inputs import RETURNING, TrainData
 
@@ -120,6 +120,7 @@ def train_step(
     is given while the encoder is being fine-tuned, else the text table serves."""
     core = unwrap(model)
     shared = step_candidates(ex, data.pos_prob, data.neg_prob)
+    new = new_at_moment(shared.items, ex.times, data.first_seen, core.cfg.new_item_days)
     cand_text = None
     if text is not None:
         cand_text = text.chunked_inputs(shared.items, device, cfg.text_chunks)
@@ -132,6 +133,7 @@ def train_step(
             cand_text,
             cfg.loss,
             shared.negatives.to(device),
+            None if new is None else new.to(device),
         )
     opt.zero_grad(set_to_none=True)
     if precision.scaler is not None:

@@ -83,10 +83,9 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
         schema.HIST_EVENT_IDX,
         schema.HIST_GAP,
         schema.TARGET_ITEM_IDX,
+        schema.TARGET_TIMESTAMP,
         schema.NEGATIVES,
     ]
-    if cfg.nightly_fraction > 0:
-        cols.append(schema.TARGET_TIMESTAMP)
     ds = ray.data.read_parquet([f.path for f in files], filesystem=fs).select_columns(cols)
     if cfg.shuffle_seed is not None:
         # A seeded shuffle permutes the blocks in the order it gets them, and a
