@@ -159,14 +159,16 @@ def test_items_new_at_an_examples_moment_are_scored_as_unknown_items():
     # Item 3 is five days old at the first moment and sixty at the second; 4 is not out yet.
     assert new.tolist() == [[False, True, True], [False, False, True]]
     assert new_at_moment(items, times, first_seen, days=0) is None
-    vecs = model.item_vectors(items, None, new)
-    assert vecs.shape == (2, 3, model.cfg.dim)
-    shared = model.item_vectors(items)
-    as_new = model.items.from_text(model.text_table[items])
-    torch.testing.assert_close(vecs[0, 0], shared[0])
-    torch.testing.assert_close(vecs[0, 1], as_new[1])
-    torch.testing.assert_close(vecs[1, 1], shared[1])
-    torch.testing.assert_close(vecs[1, 2], as_new[2])
+    # In training, example b scores candidate c as a never-seen item where new[b, c].
+    hist = History(
+        torch.tensor([[1, 5], [0, 6]]), torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2)
+    )
+    scores, _ = model(hist, items, torch.tensor([0, 1]), torch.zeros(3), cand_new=new)
+    known = model.item_vectors(items)
+    unseen = model.items.from_text(model.text_table[items])
+    per_example = torch.where(new.unsqueeze(-1), unseen, known)
+    torch.testing.assert_close(scores, model.predict(hist, per_example))
+    assert not torch.allclose(scores, model.predict(hist, known))
 
 
 def test_held_out_items_vanish_from_training_histories():

@@ -28,8 +28,8 @@ class ItemTower(nn.Module):
 
     `known` marks items seen in training: an unknown item's ID row never
     learned anything, so it gets the text part plus the learned new-item
-    vector, which training gives every candidate that was new at its example's
-    moment (`ModelConfig.new_item_days`).
+    vector, which training also gives every candidate that was new at its
+    example's moment (`ModelConfig.new_item_days`, `as_new`).
     """
 
     def __init__(self, cfg: ModelConfig, num_items: int, text_dim: int) -> None:
@@ -46,11 +46,7 @@ class ItemTower(nn.Module):
                 self.unknown = nn.Parameter(torch.zeros(cfg.dim))
         self.register_buffer("known", torch.ones(num_items + 1, dtype=torch.bool))
 
-    def forward(
-        self, items: torch.Tensor, text: torch.Tensor | None, new: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Vectors of `items`; with `new` (B, C) for C items, (B, C, d): row b scores the
-        items new at example b's moment as new items."""
+    def forward(self, items: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
         out = 0
         if self.proj is not None:
             out = self.proj(text)
@@ -62,8 +58,6 @@ class ItemTower(nn.Module):
             ids = self.ids(items) * keep.unsqueeze(-1).to(self.ids.weight.dtype)
             if self.unknown is not None:
                 ids = torch.where(known.unsqueeze(-1), ids, self.unknown.to(ids.dtype))
-                if new is not None:
-                    ids = torch.where(new.unsqueeze(-1), self.unknown.to(ids.dtype), ids)
             out = out + ids
         return out * (items > 0).unsqueeze(-1)
 
@@ -73,6 +67,10 @@ class ItemTower(nn.Module):
             raise ValueError("this model has no text tower")
         out = self.proj(text)
         return out if self.unknown is None else out + self.unknown
+
+    def as_new(self, items: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Vectors of `items` as if none had training events (`from_text`), padding zero."""
+        return self.from_text(text) * (items > 0).unsqueeze(-1)
 
 
 def next_valid_gap(gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -184,11 +182,20 @@ class Scorer(nn.Module):
         states: torch.Tensor,
         valid: torch.Tensor,
         cand_vectors: torch.Tensor,
+        alt: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """user (B, d), states (B, L, d), valid (B, L), cand_vectors (C, d) shared or
-        (B, C, d)."""
+        (B, C, d); alt = (vectors (C, d), use (B, C)): example b scores candidate c
+        with the alternative vector where use[b, c] (training's items new at the
+        example's moment). Its query is projected once per candidate, not per pair."""
         shared = cand_vectors.dim() == 2
         q = self.query(cand_vectors)
+        if alt is not None:
+            vecs, use = alt
+            use = use.unsqueeze(-1)
+            q = torch.where(use, self.query(vecs), q)
+            cand_vectors = torch.where(use, vecs, cand_vectors)
+            shared = False
         att = (
             torch.einsum("cd,bld->bcl", q, states)
             if shared
@@ -226,12 +233,10 @@ class RerankerNet(nn.Module):
     def set_text_table(self, table: torch.Tensor) -> None:
         self.text_table = table.to(self.text_table.device, self.text_table.dtype)
 
-    def item_vectors(
-        self, items: torch.Tensor, text: torch.Tensor | None = None, new: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def item_vectors(self, items: torch.Tensor, text: torch.Tensor | None = None) -> torch.Tensor:
         if self.text is not None and text is None:
             text = self.text_table[items]
-        return self.items(items, text, new)
+        return self.items(items, text)
 
     def encode_user(self, hist: History) -> tuple[torch.Tensor, torch.Tensor]:
         return self.user(hist, self.item_vectors(hist.items))
@@ -263,8 +268,13 @@ class RerankerNet(nn.Module):
         """
         user, states = self.encode_user(hist)
         text = cand_text.encode(self.text) if cand_text is not None else None
-        vecs = self.item_vectors(cand_items, text, cand_new)
-        scores = self.scorer(user, states, hist.items > 0, vecs)
+        vecs = self.item_vectors(cand_items, text)
+        alt = None
+        if cand_new is not None and self.items.unknown is not None:
+            if text is None:
+                text = self.text_table[cand_items]
+            alt = (self.items.as_new(cand_items, text), cand_new)
+        scores = self.scorer(user, states, hist.items > 0, vecs, alt)
         seen = (hist.items.unsqueeze(-1) == cand_items.view(1, 1, -1)).any(1)
         target = F.one_hot(labels, len(cand_items)).bool()
         seen = seen & ~target
