@@ -24,6 +24,7 @@ from ray_app.pipeline import stage as pipeline_stage
 from ray_app.pipeline.config import PipelineConfig
 from ray_app.pipeline.run import StageFailed, run_pipeline, stage_configs
 from ray_app.registry import COMMANDS
+from ray_app.stage import json_line
 
 if TYPE_CHECKING:
     from pydantic import BaseModel
@@ -31,11 +32,31 @@ if TYPE_CHECKING:
 logger = logging.getLogger("ray_app")
 
 
-def _setup_logging(verbose: bool) -> None:
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record (time, level, logger, message, exception), the line
+    format log collectors (Loki, Fluent Bit, Cloud Logging) parse without a pattern."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return json_line(out)
+
+
+def _setup_logging(verbose: bool, fmt: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(JsonLogFormatter())
+        handler.formatter.converter = time.gmtime
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True
     )
 
 
@@ -68,9 +89,11 @@ def command_config(args: argparse.Namespace) -> BaseModel:
 def _run_stage(args: argparse.Namespace) -> int:
     stage = COMMANDS[args.command]
     cfg = command_config(args)
-    text = stage.render(cfg, stage.run(cfg))
+    result = stage.run(cfg)
+    text = stage.show(cfg, result) if stage.show is not None else ""
     if text:
         print(text)
+    print(stage.summary_line(cfg, result), flush=True)
     return 0
 
 
@@ -90,11 +113,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = demo_config(args)
     t0 = time.perf_counter()
-    run_pipeline(cfg)
+    summary = run_pipeline(cfg)
+    minutes = (time.perf_counter() - t0) / 60
     paths = cfg.paths()
-    found = headline_text(read_json(join(paths["evaluation"], "metrics.json")))
+    metrics = read_json(join(paths["evaluation"], "metrics.json"))
+    found = headline_text(metrics)
     print(
-        f"\n== What the demo found ({(time.perf_counter() - t0) / 60:.1f} min) ==\n\n{found}\n\n"
+        f"\n== What the demo found ({minutes:.1f} min) ==\n\n{found}\n\n"
         "Open next:\n"
         f"  {join(paths['evaluation'], 'report.md')}  every table, with the plots beside it\n"
         f"  {join(paths['model'], 'training_curves.png')}  the re-ranker's training\n"
@@ -102,6 +127,15 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         f"  rerank serve --set model={paths['model']}  the model over HTTP (README: Serving)\n"
         "  make quickstart  the same story in a notebook, with its plots"
     )
+    segments = (metrics.get("headline") or {}).get("segments", {})
+    line = {
+        "workdir": cfg.workdir,
+        "minutes": round(minutes, 2),
+        "stage_seconds": {k: v["seconds"] for k, v in summary["stages"].items()},
+        "ndcg": {seg: v["ndcg"] for seg, v in segments.items()},
+        "report": join(paths["evaluation"], "report.md"),
+    }
+    print(json_line(line), flush=True)
     return 0
 
 
@@ -120,15 +154,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
 
 
 def _cmd_items(args: argparse.Namespace) -> int:
-    import json
-
     from ray_app.serving.client import add_items
 
     token = os.environ.get(args.token_env) if args.token_env else None
     if args.token_env and not token:
         raise ConfigError(f"--token-env {args.token_env}: the variable is not set")
     summary = add_items(args.file, args.url, token, args.replace, args.batch_size, args.rejects)
-    print(json.dumps(summary))
+    print(json_line(summary))
     return 0 if summary["rejected"] == 0 else 3
 
 
@@ -195,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n" + "\n".join(f"  {ex}" for ex in examples),
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="stderr log lines as text, or as one JSON object each (for log collectors)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for stage in COMMANDS.values():
         p = _subparser(sub, stage.name, stage.help, stage.description, stage.examples)
@@ -237,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, args.log_format)
     try:
         return args.func(args)
     except ConfigError as e:

@@ -28,6 +28,10 @@ class RayConfig(StrictModel):
     """Object store size of a local Ray (default: Ray's)."""
     show_progress: bool = True
     """Ray Data progress bars."""
+    metrics_export_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port of a local Ray's Prometheus endpoint (`/metrics` on 127.0.0.1): Ray's, Serve's and
+    the app's metrics. Null: a random free port (Ray's default), which a scraper cannot find.
+    """
     dashboard: bool = True
     """A local Ray's dashboard (on 127.0.0.1). Ray Train's controller watches its workers through
     the state API that the dashboard serves.
@@ -59,6 +63,8 @@ def ensure_ray(cfg: RayConfig) -> None:
         ray.init(address=address, log_to_driver=True)
     else:
         kwargs = {}
+        if cfg.metrics_export_port:
+            kwargs["_metrics_export_port"] = cfg.metrics_export_port
         if cfg.object_store_memory_mb:
             kwargs["object_store_memory"] = cfg.object_store_memory_mb * 1024 * 1024
         # Idle OpenMP threads of a training worker otherwise spin and starve the

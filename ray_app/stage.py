@@ -43,13 +43,17 @@ class Stage:
     examples: tuple[str, ...]
     options: tuple[Option, ...] = ()
     show: Callable[[Any, Any], str] | None = None
-    """Text the command prints instead of the summary's JSON (evaluate's report)."""
+    """Text for people the command prints before its summary line (evaluate's report)."""
 
     def run(self, cfg: BaseModel) -> Any:
         module, _, function = self.run_path.partition(":")
         return getattr(importlib.import_module(module), function)(cfg)
 
-    def render(self, cfg: BaseModel, result: Any) -> str:
-        if self.show is not None:
-            return self.show(cfg, result)
-        return json.dumps(self.summarize(cfg, result), indent=2, default=str)
+    def summary_line(self, cfg: BaseModel, result: Any) -> str:
+        """The summary as one line of JSON: the last line a command prints, for the
+        scheduler or script that ran it (`tail -n 1 | jq`)."""
+        return json_line(self.summarize(cfg, result))
+
+
+def json_line(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"), default=str)

@@ -38,13 +38,18 @@ os.environ.pop("AWS_PROFILE", None)
 SHARED_MOVIELENS = Path(__file__).resolve().parents[2] / "shared" / "data" / "ml-latest-small"
 
 
+METRICS_PORT: list[int] = []  # the session Ray's Prometheus port, once it is up
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray on 127.0.0.1 with 2 CPUs, shared by every test that needs Ray."""
     import ray
     import ray.data
 
+    METRICS_PORT.append(free_port())
     ray.init(
+        _metrics_export_port=METRICS_PORT[0],
         address="local",  # never join a cluster that `ray start` left on this machine
         num_cpus=2,
         # Ray Train's controller watches its workers through the dashboard's state API.
@@ -61,6 +66,25 @@ def ray_local():
     ctx.execution_no_progress_timeout_s = 300
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _root_logging():
+    """The CLI configures logging (`force`: it owns the process); a test that calls it
+    must not leave its handler, bound to that test's captured stderr, to the next."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_local) -> str:
+    """The session Ray's Prometheus endpoint."""
+    return f"http://127.0.0.1:{METRICS_PORT[0]}/metrics"
 
 
 @pytest.fixture
@@ -173,7 +197,9 @@ def trained(prepared, tmp_path_factory):
     from ray_app.training.trainer import run_train
 
     root = tmp_path_factory.mktemp("trained")
-    cfg = tiny_config(prepared, root, export_onnx=True)
+    # Recorded in an MLflow sqlite store, as `tracking.mlflow_uri` does for users.
+    tracking = {"mlflow_uri": f"sqlite:///{root / 'mlflow.db'}", "experiment": "tests"}
+    cfg = tiny_config(prepared, root, export_onnx=True, tracking=tracking)
     return cfg, run_train(cfg)
 
 

@@ -5,6 +5,7 @@ code, so the manifests cannot rot silently when the code changes."""
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -239,3 +240,23 @@ def test_cluster_readme_says_what_every_file_is_for():
     files = [p.relative_to(CLUSTER) for p in CLUSTER.rglob("*") if p.is_file()]
     unnamed = [str(f) for f in files if f.name != "README.md" and str(f) not in readme]
     assert not unnamed, f"cluster/README.md does not mention {unnamed}"
+
+
+def test_the_grafana_dashboard_queries_only_metrics_the_app_or_serve_exports():
+    from ray_app.serving.metrics import APP_METRICS, SERVE_METRICS
+
+    dash = json.loads((ROOT / "cluster" / "grafana" / "rerank.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    exprs.append(
+        next(v for v in dash["templating"]["list"] if v["name"] == "application")["definition"]
+    )
+    exported = set()
+    for m in APP_METRICS + SERVE_METRICS:
+        suffixes = ("_bucket", "_sum", "_count") if m.kind == "histogram" else ("",)
+        exported |= {m.name + s for s in suffixes}
+    queried = {name for e in exprs for name in re.findall(r"\bray_[a-z_]+\b", e)}
+    assert queried, "the dashboard queries nothing"
+    assert queried <= exported, f"not exported: {sorted(queried - exported)}"
+    # Every app metric has a panel.
+    for m in APP_METRICS:
+        assert any(n.startswith(m.name) for n in queried), f"{m.name} has no panel"

@@ -37,6 +37,21 @@ def test_demo_flags_and_overrides_reach_their_stage():
     assert s["train"].max_minutes == 0.5 and s["evaluate"].sasrec_epochs == 2
     assert s["nightly"].k == 20 and s["prepare"].split.max_history == 9
     assert s["prepare"].split.method == "time"
+    # One tracking key reaches train and evaluate; a stage's own setting wins.
+    s = stage_configs(
+        demo_config(
+            _args(
+                "--set", "tracking.mlflow_uri=sqlite:///runs/mlflow.db",
+                "--set", "evaluate.tracking.experiment=evals",
+            )
+        )
+    )  # fmt: skip
+    assert s["train"].tracking.mlflow_uri == s["evaluate"].tracking.mlflow_uri
+    assert s["train"].tracking.mlflow_uri == "sqlite:///runs/mlflow.db"
+    assert (s["train"].tracking.experiment, s["evaluate"].tracking.experiment) == (
+        "rerank",
+        "evals",
+    )
 
 
 def test_demo_splits_the_generated_period_in_time():

@@ -410,3 +410,41 @@ def test_a_user_sample_keeps_the_same_users_in_every_split_and_all_training_even
     assert (again == test.user_ids).all()
     assert set(sample_users(data, n // 2, seed=4).splits["test"].user_ids) != set(test.user_ids)
     assert sample_users(data, None, seed=3) is data
+
+
+def test_train_and_evaluate_runs_read_back_from_mlflow(prepared, trained, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    cfg, train_metrics = trained
+    ev = EvaluateConfig(
+        prepared=prepared,
+        output=str(tmp_path / "eval"),
+        baselines=["popularity"],
+        models={"tiny": cfg.output},
+        tracking=cfg.tracking,
+    )
+    metrics = run_evaluate(ev)
+    client = MlflowClient(tracking_uri=cfg.tracking.mlflow_uri)
+    exp = client.get_experiment_by_name("tests")
+    runs = {r.data.tags["rerank.stage"]: r for r in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"train", "evaluate"}
+    train = runs["train"]
+    assert train.info.status == "FINISHED"
+    # The resolved config, dotted.
+    assert train.data.params["model.encoder"] == "tiny"
+    assert train.data.params["model.dim"] == "32"
+    assert train.data.params["batch_size"] == str(cfg.batch_size)
+    assert train.data.params["artifact"] == cfg.output
+    assert train.data.tags["rerank.artifact"] == cfg.output
+    # One point per epoch of every per-epoch metric.
+    history = train_metrics["history"]
+    loss = client.get_metric_history(train.info.run_id, "loss")
+    assert [m.step for m in loss] == [e["epoch"] for e in history]
+    assert [m.value for m in loss] == pytest.approx([e["loss"] for e in history])
+    best = f"best_valid_{cfg.select_metric}@{cfg.k}".replace("@", "_at_")
+    assert train.data.metrics[best] == pytest.approx(train_metrics[best.replace("_at_", "@")])
+    # Evaluate's metrics table.
+    got = runs["evaluate"].data.metrics
+    for method in ("popularity", "tiny"):
+        want = metrics["results"]["test"][method]["full"]["ndcg@10"]
+        assert got[f"test.{method}.full.ndcg_at_10"] == pytest.approx(want)

@@ -365,3 +365,33 @@ def test_a_failing_udf_shows_its_root_cause_and_file_on_the_cli(
     assert re.search(r"\(at \S+validation\.py:\d+ in _clean_str\)$", line), line
     trace = next(x for x in err.splitlines() if x.startswith("full traceback: "))
     assert "ArrowNotImplementedError" in Path(trace.split(": ", 1)[1]).read_text()
+
+
+def test_the_cli_ends_with_a_one_line_json_summary_and_can_log_json(
+    ray_local, tmp_path, write, capsys
+):
+    from ray_app.cli import main
+
+    write(
+        "logs.csv", "user_id,item_id,timestamp,event_type,value\n" + "\n".join(good_rows()) + "\n"
+    )
+    write("items.csv", ITEMS)
+    rc = main(
+        [
+            "--log-format", "json",
+            "prepare",
+            "--set", f"input.interactions={tmp_path / 'logs.csv'}",
+            "--set", f"input.items={tmp_path / 'items.csv'}",
+            "--set", f"output={tmp_path / 'out'}",
+        ]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0, err[-3000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["output"] == str(tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert summary["counts"] == manifest["counts"]
+    ours = [json.loads(x) for x in err.splitlines() if x.startswith('{"time"')]
+    assert any(r["logger"].startswith("ray_app.") and r["level"] == "INFO" for r in ours), err
+    assert all({"time", "level", "logger", "message"} <= r.keys() for r in ours)
+    assert not re.search(r" INFO ray_app\.", err), "a text log line from the app"

@@ -878,3 +878,100 @@ def test_a_redis_outage_degrades_and_loses_no_acknowledged_event(
     )
     serve.delete(sc.app_name)
     server.stop()
+
+
+def _scrape(metrics_url: str) -> dict[tuple[str, frozenset], float]:
+    """Every sample of the Prometheus endpoint: (name, labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = requests.get(metrics_url, timeout=10).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
+def _total(samples: dict, name: str, app: str = "rerank", **labels: str) -> float:
+    """Sum of `name` over the app's samples that carry `labels` (every replica)."""
+    want = {("application", app), *labels.items()}
+    return sum(v for (n, lab), v in samples.items() if n == name and want <= lab)
+
+
+def test_prometheus_shows_every_app_metric_with_the_counts_sent(service, catalogue, metrics_url):
+    from ray_app.serving.metrics import APP_METRICS, SERVE_METRICS
+
+    url, _ = service
+    known = [str(i) for i in catalogue.items["item_id"].iloc[1:4]]
+    before = _scrape(metrics_url)
+    new = {"item_id": "metrics-new", "text": "a kite for windy beaches"}
+    sent = [
+        {
+            "candidates": [{"item_id": i} for i in known],
+            "history": [{"item_id": known[0]}, {"item_id": known[1]}],
+        },
+        {"candidates": [{"item_id": known[0]}, new, {"item_id": "metrics-mystery"}]},
+        {"candidates": [new, {"item_id": "metrics-mystery"}], "user_id": "metrics-user"},
+        {"candidates": [{"item_id": "metrics-reg"}], "history": [{"item_id": "nobody-knows"}]},
+    ]
+    r = requests.put(
+        f"{url}/v1/items",
+        json={"items": [{"item_id": "metrics-reg", "title": "a registered puzzle"}]},
+        headers=TOKEN,
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    for body in sent:
+        r = post(url, "/v1/rerank", body)
+        assert r.status_code == 200, r.text
+    assert post(url, "/v1/rerank", {"candidates": GOOD, "k": 0}).status_code == 422
+    version = r.json()["model_version"]
+
+    # Histograms by their counts: Ray exports a histogram's sum from bucket midpoints.
+    expect = {
+        ("ray_rerank_candidates_count", ()): len(sent),
+        ("ray_rerank_candidates_bucket", (("le", "1.0"),)): 1,
+        ("ray_rerank_candidates_bucket", (("le", "5.0"),)): len(sent),
+        ("ray_rerank_history_events_bucket", (("le", "1.0"),)): len(sent) - 1,
+        ("ray_rerank_history_events_bucket", (("le", "2.0"),)): len(sent),
+        ("ray_rerank_history_dropped_total", ()): 1,
+        ("ray_rerank_new_items_total", (("source", "encoded"),)): 1,
+        ("ray_rerank_new_items_total", (("source", "cache"),)): 1,
+        ("ray_rerank_new_items_total", (("source", "registered"),)): 1,
+        ("ray_rerank_unknown_items_total", ()): 2,
+        ("ray_rerank_stored_history_reads_total", (("result", "used"),)): 1,
+        # Sent one at a time: one batch of one each.
+        ("ray_serve_actual_batch_size_bucket", (("function_name", "_score"), ("le", "1.0"))): 4,
+        ("ray_serve_actual_batch_size_count", (("function_name", "_score"),)): len(sent),
+        (
+            "ray_serve_num_http_requests_total",
+            (("route", "/v1/rerank"), ("status_code", "422")),
+        ): 1,
+        (
+            "ray_serve_num_http_requests_total",
+            (("route", "/v1/rerank"), ("status_code", "200")),
+        ): len(sent),
+    }
+
+    def got(after: dict) -> dict:
+        return {
+            key: _total(after, key[0], **dict(key[1])) - _total(before, key[0], **dict(key[1]))
+            for key in expect
+        }
+
+    deadline = time.monotonic() + 90
+    while True:
+        after = _scrape(metrics_url)
+        if got(after) == expect or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert got(after) == expect
+    assert _total(after, "ray_rerank_model_info", model_version=version) == 1
+    names = {n for n, _ in after}
+    for m in APP_METRICS + SERVE_METRICS:
+        shown = (
+            {m.name + s for s in ("_bucket", "_count", "_sum")}
+            if m.kind == "histogram"
+            else {m.name}
+        )
+        assert shown & names, f"{m.name} is documented but not exported"

@@ -8,6 +8,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ray_app.config import PathLike, StrictModel
 from ray_app.times import DEFAULT_DELTAS, format_duration, parse_duration
+from ray_app.tracking import TrackingConfig
 
 BaselineName = Literal["popularity", "item_knn", "ease", "sasrec", "sasrec_ce", "text_tfidf"]
 
@@ -95,6 +96,8 @@ class EvaluateConfig(StrictModel):
     every Δ and in the backtest, both protocols: mean and 95% interval of a - b NDCG@k (e.g. the
     re-ranker against its no-time-input variant).
     """
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Record the metrics table as an MLflow run (off unless `tracking.mlflow_uri` is set)."""
 
     @field_validator("deltas")
     @classmethod

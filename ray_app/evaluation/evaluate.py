@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import scipy.sparse as sp
 
+from ray_app import tracking
 from ray_app.data import schema
 from ray_app.evaluation.baselines import EASE, ItemKNN, Popularity, TextSimilarity
 from ray_app.evaluation.config import EvaluateConfig
@@ -669,6 +670,7 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
     from ray_app.evaluation.report import write_report
 
     t0 = time.time()
+    tracking.check(cfg.tracking)
     data = sample_users(load_prepared(cfg.prepared), cfg.max_users, cfg.seed)
     bags = _token_bags(data)
     k = cfg.k
@@ -736,4 +738,28 @@ def run_evaluate(cfg: EvaluateConfig) -> dict[str, Any]:
         write_report(stage.staging, report)
         write_json(stage.path("metrics.json"), report)
         stage.publish(stage.manifest("evaluate", cfg, t0))
+    tracking.log_run(
+        cfg.tracking,
+        "evaluate",
+        tracking.run_label("evaluate", cfg.output, stage.run_id),
+        cfg.model_dump(mode="json"),
+        metric_table(report),
+        tags={"rerank.evaluation": str(cfg.output), "rerank.prepared": str(cfg.prepared)},
+    )
     return report
+
+
+def metric_table(report: dict[str, Any]) -> dict[str, float]:
+    """The metrics table as flat MLflow keys: `<split>.<method>.<protocol>.<metric>`, and
+    the headline's NDCG per segment, `headline.<segment>.<method>`."""
+    out = {}
+    for split, methods in report["results"].items():
+        for method, protocols in methods.items():
+            for protocol, values in protocols.items():
+                if isinstance(values, dict):
+                    for name, v in values.items():
+                        out[f"{split}.{method}.{protocol}.{name}"] = v
+    for seg, v in ((report.get("headline") or {}).get("segments") or {}).items():
+        for method, ndcg in v["ndcg"].items():
+            out[f"headline.{seg}.{method}"] = ndcg
+    return out

@@ -123,7 +123,8 @@ class Ranker:
         self.cache_size = cache_size
         self._cold: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
-        self.cold_encoded = 0
+        self.cold_encoded = 0  # new items' texts encoded, and found in the cache (metrics)
+        self.cold_hits = 0
         self.overlay = Overlay()
         self.text_backend = self._choose_backend(text_encoder)
         self._onnx = self._onnx_tower() if self.text_backend != "torch" else None
@@ -304,6 +305,7 @@ class Ranker:
             found = {key: self._cold[key] for key in wanted if key in self._cold}
             for key in found:
                 self._cold.move_to_end(key)
+            self.cold_hits += len(found)
         missing = [key for key in wanted if key not in found]
         if missing:
             vecs = self.encode_texts([text for _, text in missing])

@@ -39,6 +39,10 @@ class PipelineConfig(StrictModel):
     """EvaluateConfig keys (or `config: <file>` plus keys to change)."""
     nightly: dict[str, Any] = Field(default_factory=dict)
     """NightlyConfig keys (or `config: <file>` plus keys to change)."""
+    tracking: dict[str, Any] | None = None
+    """MLflow tracking for train and evaluate at once (`tracking.mlflow_uri`, `experiment`):
+    TrackingConfig keys, under each stage's own `tracking` unless that stage sets them.
+    """
     stages: list[StageName] | None = None
     """Stages to run, in pipeline order (default: all; `generate` only when set)."""
 
@@ -73,6 +77,8 @@ class PipelineConfig(StrictModel):
             files = {"interactions": f"{gen_out}/interactions", "items": f"{gen_out}/items"}
             raw["prepare"]["input"] = files
         for name in ("prepare", "train", "evaluate", "nightly"):
+            if self.tracking and name in ("train", "evaluate"):
+                raw[name]["tracking"] = dict(self.tracking)
             raw[name] = deep_merge(raw[name], self._section(name))
         prepared = raw["prepare"]["output"]
         model = raw["train"]["output"]

@@ -10,7 +10,6 @@ outputs of the stages before it in place.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -67,5 +66,4 @@ def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
             **stage.summarize(stage_cfg, result),
         }
         write_json(join(cfg.workdir, "pipeline.json"), summary)
-    print(json.dumps(summary, indent=2, default=str), flush=True)
     return summary

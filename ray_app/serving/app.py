@@ -45,6 +45,7 @@ from ray_app.serving.api import (
 from ray_app.serving.config import AppArgs
 from ray_app.serving.events import StoreUnavailable, make_store, merge
 from ray_app.serving.http import error, error_detail, make_api
+from ray_app.serving.metrics import ServeMetrics
 from ray_app.serving.recommendations import NoRecommendations, TopKReader
 from ray_app.storage import absolute
 from ray_app.times import parse_time
@@ -74,6 +75,8 @@ class RerankService:
         self.device = "cuda" if self.args.num_gpus > 0 and torch.cuda.is_available() else "cpu"
         self.ranker = self._load(self.args.model)
         self.model_path = self.args.model
+        self.metrics = ServeMetrics()
+        self.metrics.model_live(self.ranker.version)
         self.store = make_store(self.args.events)
         self.topk = TopKReader(self.args.topk)
         self.limits = self.args.limits
@@ -149,11 +152,14 @@ class RerankService:
         by the old one until the new one is loaded."""
         path = (user_config or {}).get("model")
         if not path or path == self.model_path:
+            # Serve calls this once after __init__, in the replica's metrics context.
+            self.metrics.model_live(self.ranker.version)
             return
         new = await asyncio.to_thread(self._load, path)
         old = self.ranker
         await asyncio.to_thread(self._take_items, new, old)
         self.ranker, self.model_path = new, path
+        self.metrics.model_live(new.version, old.version)
         logger.info("swapped to model %s from %s", new.version, path)
 
     def status(self) -> dict[str, Any]:
@@ -180,7 +186,17 @@ class RerankService:
         if not any(encodes for _, encodes in batch):
             return self._score_batch(ranker, queries)
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._scorer, self._score_batch, ranker, queries)
+        return await loop.run_in_executor(self._scorer, self._score_new, ranker, queries)
+
+    def _score_new(self, ranker: Ranker, queries: list[RankQuery]) -> list[Ranked]:
+        """`_score_batch` on the scoring thread, the one that encodes new items (and so
+        the one place their counters move)."""
+        encoded, hits = ranker.cold_encoded, ranker.cold_hits
+        try:
+            return self._score_batch(ranker, queries)
+        finally:
+            self.metrics.new("encoded", ranker.cold_encoded - encoded)
+            self.metrics.new("cache", ranker.cold_hits - hits)
 
     def _score_batch(self, ranker: Ranker, queries: list[RankQuery]) -> list[Ranked]:
         try:
@@ -200,11 +216,15 @@ class RerankService:
         try:
             getter = getattr(self.store, "get_async", None)
             if getter is not None:
-                return await getter(user_id), "used"
-            return await asyncio.to_thread(self.store.get, user_id), "used"
+                events = await getter(user_id)
+            else:
+                events = await asyncio.to_thread(self.store.get, user_id)
         except StoreUnavailable as e:
             logger.warning("stored history of a request unavailable: %s", e)
+            self.metrics.stored_read("unavailable")
             return [], "unavailable"
+        self.metrics.stored_read("used")
+        return events, "used"
 
     def _bounds(self) -> tuple[int, int]:
         """The accepted moments (epoch seconds): limits.min_timestamp .. max_timestamp,
@@ -269,10 +289,9 @@ class RerankService:
         now = self._moment(req.scored_at)
         sent = self._events(req.history, "history", now)
         ranker = self.ranker
-        unknown = any(
-            c.item_id not in ranker.overlay.rows and not ranker.knows(c.item_id)
-            for c in req.candidates
-        )
+        rows = ranker.overlay.rows
+        registered = sum(c.item_id in rows for c in req.candidates)
+        unknown = any(c.item_id not in rows and not ranker.knows(c.item_id) for c in req.candidates)
         if unknown:
             await self._catch_up()
         stored, stored_history = await self._stored(req.user_id)
@@ -286,6 +305,10 @@ class RerankService:
         )
         version = self.ranker.version
         ranked = await self._score((query, unknown))
+        self.metrics.new("registered", registered)
+        self.metrics.request(
+            len(req.candidates), ranked.history_used, ranked.history_dropped, len(ranked.errors)
+        )
         return {
             "user_id": req.user_id,
             "model_version": version,

@@ -10,6 +10,7 @@ from ray_app.config import PathLike, StrictModel
 from ray_app.model.config import ModelConfig
 from ray_app.runtime import RayConfig
 from ray_app.times import DEFAULT_DELTAS, parse_duration
+from ray_app.tracking import TrackingConfig
 
 
 class TrainConfig(StrictModel):
@@ -154,6 +155,10 @@ class TrainConfig(StrictModel):
     """
     ray: RayConfig = Field(default_factory=RayConfig)
     """Which Ray to run on."""
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    """Record the run (resolved config, per-epoch metrics, artifact path) in MLflow, from the
+    driver (off unless `tracking.mlflow_uri` is set).
+    """
 
     @field_validator("select_deltas", "returning_max")
     @classmethod

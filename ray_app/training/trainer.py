@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ray_app import tracking
 from ray_app.data import schema
 from ray_app.runtime import ensure_ray, use_gpus
 from ray_app.storage import (
@@ -213,6 +214,7 @@ def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[
     from ray_app.training.inputs import cold_start_items
 
     t0 = time.time()
+    tracking.check(cfg.tracking)
     prep_manifest = require_complete(cfg.prepared)
     ensure_ray(cfg.ray)
     run_dir = join(storage_uri(cfg), cfg.run_name)
@@ -269,4 +271,13 @@ def run_train(cfg: TrainConfig, callbacks: Sequence[StepCallback] = ()) -> dict[
             )
         )
     logger.info("published model %s to %s", stage.run_id, cfg.output)
+    tracking.log_run(
+        cfg.tracking,
+        "train",
+        tracking.run_label("train", cfg.output, stage.run_id),
+        {**resolved_cfg.model_dump(mode="json"), "artifact": str(cfg.output)},
+        {k: v for k, v in metrics.items() if k not in ("history", "stopped")},
+        [(int(e.get("epoch", i + 1)), e) for i, e in enumerate(progress.history)],
+        {"rerank.artifact": str(cfg.output), "rerank.model_version": str(stage.run_id)},
+    )
     return metrics
