@@ -130,7 +130,11 @@ class RerankService:
         )
 
     def _sync_items(self) -> None:
+        """Pull the other replicas' item changes every `items.sync_s`; and re-set the
+        live-model gauge, which Ray's metrics agent drops once it goes unreported for
+        two export intervals."""
         while not self._stop.wait(self.args.items.sync_s):
+            self.metrics.model_live(self.ranker.version)
             try:
                 self.catalogue.sync()
             except ItemStoreUnavailable as e:
