@@ -306,14 +306,17 @@ def test_training_resumes_from_its_s3_checkpoint_after_the_worker_node_dies(clus
     wd, r = pipeline
     assert r.returncode == 0
     out, epochs = f"{wd}/model-killed", 4
+    # Small batches: epochs long enough (about 10 s here) that the kill, a second or two
+    # after the first checkpoint shows on S3, lands before the last epoch ends.
     cluster.submit(
         "train-kill", "python", "jobs/train.py", "--set", f"prepared={wd}/prepared",
         "--set", f"output={out}", *TINY, "--set", f"epochs={epochs}", "--set", "patience=10",
-        "--set", "shuffle_seed=1", wait=False,
+        "--set", "shuffle_seed=1", "--set", "batch_size=64", wait=False,
     )  # fmt: skip
     first = _wait_for("the first checkpoint on S3", lambda: _checkpoints(f"{out}.runs"), 400)
     cluster.script("kill-worker")
     killed_after = len(_checkpoints(f"{out}.runs"))
+    assert killed_after < epochs, "training ended before the worker node was killed"
     assert cluster.job_status("train-kill") in ("RUNNING", "PENDING")  # the driver is on the head
     cluster.script("start-worker")
     status, logs = cluster.wait_job("train-kill", 600)
