@@ -11,7 +11,9 @@ process) send `POST /v1/rerank`:
 - registered: the same, with 100 items the model never saw, registered
   beforehand through `PUT /v1/items` (sent without text);
 - cold: 100 candidates with text the model has never seen, new on every
-  request (nothing cached: the worst case).
+  request (nothing cached: the worst case);
+- explain: the known case with `explain: true` (3 history items per returned item);
+  the re-ranker's throughput on it against the known case's is printed last.
 
 For each case and concurrency it runs the no-op and the re-ranker one after the
 other, `--repeats` times, and prints requests/s, p50 and p99 latency and the
@@ -134,7 +136,7 @@ def main() -> int:
         "--cases",
         nargs="+",
         default=["known", "registered", "cold"],
-        choices=["known", "registered", "cold"],
+        choices=["known", "registered", "cold", "explain"],
     )
     p.add_argument("--seconds", type=float, default=10.0, help="load per measurement")
     p.add_argument("--port", type=int, default=8123)
@@ -187,7 +189,7 @@ def main() -> int:
             r.raise_for_status()
         print(f"registered {len(registered)} items in {time.time() - t0:.1f}s", flush=True)
 
-    def known(seed: int, pool_ids=ids):
+    def known(seed: int, pool_ids=ids, explain: bool = False):
         """A fixed pool of bodies, serialized once, so the clients spend their CPU
         on HTTP rather than on building JSON (both apps get the same bodies)."""
         rng = np.random.default_rng(seed)
@@ -202,6 +204,8 @@ def main() -> int:
                 ],
                 "candidates": [{"item_id": str(c)} for c in cands],
             }
+            if explain:
+                body["explain"] = True
             pool.append(json.dumps(body).encode())
         return itertools.cycle(pool)
 
@@ -227,7 +231,10 @@ def main() -> int:
     def known_after_put(seed: int):
         return known(seed, registered)
 
-    makers = {"known": known, "registered": known_after_put, "cold": cold}
+    def explained(seed: int):
+        return known(seed, ids, True)
+
+    makers = {"known": known, "registered": known_after_put, "cold": cold, "explain": explained}
     for case, make in ((c, makers[c]) for c in args.cases):
         for c in args.concurrency:
             runs = []
@@ -262,6 +269,15 @@ def main() -> int:
             f"| {m['p50_ms']:.0f} / {m['p99_ms']:.0f} | {n['p50_ms']:.0f} / {n['p99_ms']:.0f} "
             f"| {r['p99_ratio']:.2f} | {r['failed']} |"
         )
+    by = {(r["case"], r["concurrency"]): r for r in results}
+    for c in args.concurrency:
+        if ("known", c) in by and ("explain", c) in by:
+            runs = zip(by["known", c]["runs"], by["explain", c]["runs"], strict=True)
+            each = [e["rerank"]["req_per_s"] / k["rerank"]["req_per_s"] for k, e in runs]
+            print(
+                f"explain / known re-ranker throughput, concurrency {c}: "
+                f"{np.median(each):.2f} ({min(each):.2f}..{max(each):.2f})"
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

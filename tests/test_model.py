@@ -223,3 +223,32 @@ def test_learning_rate_warms_up_then_decays():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert max(f) == pytest.approx(1.0) and f[-1] == pytest.approx(0.1, abs=0.01)
     assert all(a >= b for a, b in itertools.pairwise(f[10:]))
+
+
+def test_explain_returns_the_predicted_scores_and_attention_over_the_history():
+    model = _model(use_text=False).eval()
+    hist = History(
+        torch.tensor([[0, 2, 3, 2], [0, 0, 0, 4]]),
+        torch.ones(2, 4, dtype=torch.long),
+        torch.ones(2, 4),
+    )
+    cand = model.item_table()[[7, 8, 9]].expand(2, 3, -1)
+    scores, att = model.explain(hist, cand)
+    torch.testing.assert_close(scores, model.predict(hist, cand))
+    assert att.shape == (2, 3, 4)
+    valid = (hist.items > 0).unsqueeze(1)
+    assert (att[~valid.expand_as(att)] == 0).all()
+    torch.testing.assert_close(att.sum(-1), torch.ones(2, 3))
+
+
+def test_attention_is_summed_per_history_item_and_sorted():
+    from ray_app.model.ranker import attention_by_item
+
+    hist = np.array([0, 5, 7, 5, 9])
+    att = np.array([[0.0, 0.2, 0.3, 0.25, 0.25], [0.0, 0.1, 0.1, 0.1, 0.7]], np.float32)
+    out = attention_by_item(hist, att, top=2)
+    assert [i for i, _ in out[0]] == [5, 7] and out[0][0][1] == pytest.approx(0.45)
+    assert [i for i, _ in out[1]] == [9, 5] and out[1][1][1] == pytest.approx(0.2)
+    # Fewer items than asked for: every item once; an empty history names nothing.
+    assert len(attention_by_item(hist, att, top=10)[0]) == 3
+    assert attention_by_item(np.zeros(3, np.int64), att[:, :3], top=3) == [[], []]

@@ -167,10 +167,19 @@ def test_a_run_for_a_past_date_sees_only_the_events_up_to_that_day(prepared, tra
     pq.write_table(early, cut / "interactions" / "part-00000.parquet")
     later_users = set(events[S.USER_ID].to_pylist()) - set(early[S.USER_ID].to_pylist())
     assert len(early) < len(events) and later_users  # the cut removes events and users
-    run_nightly(_config(prepared, model, tmp_path / "full", date=date))
+    run_nightly(_config(prepared, model, tmp_path / "full", date=date, explain_top=3))
     run_nightly(_config(str(cut), model, tmp_path / "cut", date=date))
     full = _lists(tmp_path / "full" / f"dt={date}")
-    pd.testing.assert_frame_equal(full, _lists(tmp_path / "cut" / f"dt={date}"))
+    cut_lists = _lists(tmp_path / "cut" / f"dt={date}")
+    pd.testing.assert_frame_equal(full[list(cut_lists.columns)], cut_lists)
+    # explain_top: each listed item names at most 3 items of the user's history up to
+    # that day, the largest weight first.
+    seen = early.to_pandas().groupby(S.USER_ID)[S.ITEM_ID].agg(set)
+    for user, why in zip(full[S.USER_ID], full[S.BECAUSE], strict=True):
+        names = [b[S.ITEM_ID] for b in why]
+        weights = [b["weight"] for b in why]
+        assert 1 <= len(names) <= 3 and set(names) <= seen[user]
+        assert all(0 <= w <= 1 for w in weights) and weights == sorted(weights, reverse=True)
     # A user whose first event comes after that day has no list for it.
     assert set(full[S.USER_ID]) == set(early[S.USER_ID].to_pylist())
     assert not set(full[S.USER_ID]) & later_users

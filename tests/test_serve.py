@@ -256,6 +256,48 @@ def test_a_posted_event_changes_the_next_ranking(service, catalogue):
     assert [x["score"] for x in second["items"]] != [x["score"] for x in first["items"]]
 
 
+def test_explanations_name_only_the_users_history_with_sorted_weights(service, catalogue):
+    url, _ = service
+    ids = [str(x) for x in catalogue.items["item_id"].iloc[1:15]]
+    now = int(time.time()) - 3600
+    stored = [{"item_id": i, "timestamp": now - 600 * (3 - j)} for j, i in enumerate(ids[:2])]
+    r = post(url, "/v1/events", {"user_id": "erin", "events": stored})
+    assert r.status_code == 200
+    # ids[2] twice: its weights are summed into one entry.
+    sent = [{"item_id": i, "timestamp": now - 60 * (3 - j)} for j, i in enumerate(ids[2:4])]
+    sent.append({"item_id": ids[2], "timestamp": now - 30})
+    history = set(ids[:4])
+    plain = {
+        "user_id": "erin",
+        "history": sent,
+        "candidates": [{"item_id": i} for i in ids[6:14]],
+        "k": 5,
+        "scored_at": now,
+    }
+    explained = post(url, "/v1/rerank", {**plain, "explain": True}).json()
+    assert explained["history_used"] == 5 and len(explained["items"]) == 5
+    for item in explained["items"]:
+        names = [b["item_id"] for b in item["because"]]
+        weights = [b["weight"] for b in item["because"]]
+        assert len(names) == 3 and len(set(names)) == 3 and set(names) <= history
+        assert all(0 <= w <= 1 for w in weights) and weights == sorted(weights, reverse=True)
+    everything = post(url, "/v1/rerank", {**plain, "explain": True, "explain_top": 10}).json()
+    for item in everything["items"]:
+        # Every history item once, the attention over them summing to 1.
+        assert sorted(b["item_id"] for b in item["because"]) == sorted(history)
+        assert sum(b["weight"] for b in item["because"]) == pytest.approx(1, abs=1e-5)
+    # The explained ranking is the plain one.
+    base = post(url, "/v1/rerank", plain)
+    assert [x["item_id"] for x in base.json()["items"]] == [
+        x["item_id"] for x in explained["items"]
+    ]
+    # Without explain, or with explain false, the body is what it was before explanations.
+    off = post(url, "/v1/rerank", {**plain, "explain": False, "explain_top": 4})
+    assert base.content == off.content and b"because" not in base.content
+    r = post(url, "/v1/rerank", {**plain, "explain": True, "explain_top": 11})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "explain_top"
+
+
 def test_unknown_items_get_a_per_item_error_or_are_encoded_from_text(service, catalogue):
     url, _ = service
     known = str(catalogue.items["item_id"].iloc[1])

@@ -43,6 +43,10 @@ class NightlyConfig(StrictModel):
     """Maximal marginal relevance: 0 = off; w in (0, 1) trades relevance for dissimilarity (cosine
     of item vectors) to the items already listed.
     """
+    explain_top: int = Field(default=0, ge=0, le=50)
+    """>0: a `because` list column, per listed item the history items its score attended to most
+    (item_id, weight; largest first, as `/v1/rerank`'s `explain`); 0 = no such column.
+    """
     long_tail_boost: float = Field(default=0.0, ge=0)
     """Added to a candidate's score times (1 - its popularity percentile): 0 = off."""
     batch_size: int = Field(default=256, ge=1)

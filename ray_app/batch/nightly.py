@@ -126,10 +126,11 @@ class ListOptions:
     num_candidates: int
     diversity: float = 0.0
     now: int = 0  # for users whose row carries none
+    explain_top: int = 0
 
     @classmethod
     def from_config(cls, cfg: NightlyConfig, now: int) -> ListOptions:
-        return cls(cfg.k, cfg.num_candidates, cfg.diversity, now)
+        return cls(cfg.k, cfg.num_candidates, cfg.diversity, now, cfg.explain_top)
 
 
 def _lists(column: pa.ChunkedArray | pa.Array) -> list[np.ndarray]:
@@ -216,7 +217,7 @@ def top_k(
     sc = scores.gather(1, pos).cpu().numpy()
     n = keep.sum(1)
     ranks = np.broadcast_to(np.arange(1, pos.shape[1] + 1, dtype=np.int32), keep.shape)
-    return pa.Table.from_arrays(
+    out = pa.Table.from_arrays(
         [
             pa.array(
                 np.repeat(users[schema.USER_ID].to_numpy(zero_copy_only=False), n), pa.string()
@@ -228,6 +229,26 @@ def top_k(
         ],
         schema=schema.TOPK_SCHEMA,
     )
+    if opts.explain_top:
+        out = out.append_column(schema.BECAUSE_FIELD, _because(ranker, hist, idx, keep, opts))
+    return out
+
+
+def _because(
+    ranker: Ranker, hist: Any, idx: np.ndarray, keep: np.ndarray, opts: ListOptions
+) -> pa.Array:
+    """The `because` column of the listed rows (user by user, rank by rank): the history
+    items each listed item's score attended to most, as `/v1/rerank` explains."""
+    rows = []
+    for lo, hi in _spans(len(idx), max(1, MAX_CELLS // max(1, idx.shape[1]))):
+        cand = ranker.vectors[torch.from_numpy(idx[lo:hi]).to(ranker.device)]
+        _, att = ranker.model.explain(hist[lo:hi], cand)
+        att = att.float().cpu().numpy()
+        items = hist.items[lo:hi].cpu().numpy()
+        for b in range(hi - lo):
+            why = ranker.explanations(items[b], att[b][keep[lo + b]], opts.explain_top)
+            rows += [[{schema.ITEM_ID: i, "weight": w} for i, w in w_] for w_ in why]
+    return pa.array(rows, schema.BECAUSE_FIELD.type)
 
 
 def _spans(n: int, size: int) -> list[tuple[int, int]]:

@@ -122,6 +122,13 @@ TOPK_SCHEMA = pa.schema(
         pa.field(MODEL_VERSION, pa.string(), nullable=False),
     ]
 )
+BECAUSE = "because"
+# The nightly lists with `explain_top`: each row's explanation.
+BECAUSE_FIELD = pa.field(
+    BECAUSE,
+    pa.list_(pa.struct([pa.field(ITEM_ID, pa.string()), pa.field("weight", pa.float32())])),
+    nullable=False,
+)
 
 
 def item_index(items: Any) -> dict[str, int]:

@@ -30,7 +30,7 @@ class History:
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, rows: slice) -> History:
+    def __getitem__(self, rows: slice | torch.Tensor) -> History:
         return History(self.items[rows], self.events[rows], self.gaps[rows])
 
 

@@ -183,11 +183,14 @@ class Scorer(nn.Module):
         valid: torch.Tensor,
         cand_vectors: torch.Tensor,
         alt: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> torch.Tensor:
+        return_attention: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """user (B, d), states (B, L, d), valid (B, L), cand_vectors (C, d) shared or
         (B, C, d); alt = (vectors (C, d), use (B, C)): example b scores candidate c
         with the alternative vector where use[b, c] (training's items new at the
-        example's moment). Its query is projected once per candidate, not per pair."""
+        example's moment). Its query is projected once per candidate, not per pair.
+        `return_attention` also returns each candidate's attention over the history
+        states (B, C, L): what feeds the context term, and nothing else of the score."""
         shared = cand_vectors.dim() == 2
         q = self.query(cand_vectors)
         if alt is not None:
@@ -208,7 +211,8 @@ class Scorer(nn.Module):
         c = cand_vectors.unsqueeze(0) if shared else cand_vectors
         dot = (user.unsqueeze(1) * c).sum(-1)
         feats = torch.cat([user.unsqueeze(1) * c, ctx * c], -1)
-        return dot + self.mlp(feats).squeeze(-1)
+        scores = dot + self.mlp(feats).squeeze(-1)
+        return (scores, att) if return_attention else scores
 
 
 class RerankerNet(nn.Module):
@@ -311,6 +315,15 @@ class RerankerNet(nn.Module):
             for lo in range(0, len(cand_vectors), chunk)
         ]
         return torch.cat(parts, 1)
+
+    @torch.no_grad()
+    def explain(
+        self, hist: History, cand_vectors: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (B, C) as `predict` gives them, and each candidate's attention over the
+        history positions (B, C, L), summing to 1 over a non-empty history."""
+        user, states = self.encode_user(hist)
+        return self.scorer(user, states, hist.items > 0, cand_vectors, return_attention=True)
 
     @torch.no_grad()
     def item_table(self) -> torch.Tensor:

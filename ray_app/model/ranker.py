@@ -66,6 +66,7 @@ class Query:
     k: int | None = None
     now: int | None = None
     drop_later: bool = False
+    explain: int = 0  # history items to name per returned candidate (0: none)
 
 
 @dataclass
@@ -77,9 +78,21 @@ class Ranked:
     errors: list[tuple[str, str]] = field(default_factory=list)
     history_used: int = 0
     history_dropped: int = 0
+    # Per returned item, when the query asked: (history item_id, attention weight), largest
+    # first (`Ranker.explanations`).
+    because: list[list[tuple[str, float]]] | None = None
 
-    def as_dicts(self) -> list[dict[str, float | str]]:
-        return [{"item_id": i, "score": s} for i, s in self.items]
+    def as_dicts(self) -> list[dict[str, Any]]:
+        if self.because is None:
+            return [{"item_id": i, "score": s} for i, s in self.items]
+        return [
+            {
+                "item_id": i,
+                "score": s,
+                "because": [{"item_id": h, "weight": w} for h, w in why],
+            }
+            for (i, s), why in zip(self.items, self.because, strict=True)
+        ]
 
 
 class UnknownEventType(ValueError):
@@ -465,22 +478,69 @@ class Ranker:
             np.asarray([q.now if q.now is not None else clock for q in queries]),
         )
         cand = self._gather(torch.from_numpy(rows).to(self.device), extra)
-        if self._onnx_scorer is not None:
-            scores = self._onnx_scorer(hist, self.vectors, cand)
+        asks = np.asarray([q.explain > 0 for q in queries])
+        att = None
+        if not asks.any():
+            scores = self._scores(hist, cand)
         else:
-            scores = self.model.predict(hist, cand).float().cpu().numpy()
+            scores = np.zeros(rows.shape, np.float32)
+            if not asks.all():
+                plain = torch.from_numpy(np.flatnonzero(~asks)).to(self.device)
+                scores[~asks] = self._scores(hist[plain], cand[plain])
+            why = torch.from_numpy(np.flatnonzero(asks)).to(self.device)
+            s, a = self.model.explain(hist[why], cand[why])
+            scores[asks] = s.float().cpu().numpy()
+            att = np.zeros((*rows.shape, hist.items.shape[1]), np.float32)
+            att[asks] = a.float().cpu().numpy()
+        hist_items = hist.items.cpu().numpy()
         out = []
         for b, (q, (cols, ids, errors)) in enumerate(zip(queries, plans, strict=True)):
             s = scores[b, cols]
             order = np.argsort(-s, kind="stable")
             if q.k is not None:
                 order = order[: q.k]
+            because = None
+            if q.explain and att is not None:
+                picked = np.asarray(cols, dtype=np.int64)[order]
+                because = self.explanations(hist_items[b], att[b, picked], q.explain)
             out.append(
                 Ranked(
                     items=[(ids[i], float(s[i])) for i in order],
                     errors=errors,
                     history_used=min(len(hists[b][0]), self.max_history),
                     history_dropped=hists[b][3],
+                    because=because,
                 )
             )
         return out
+
+    def _scores(self, hist: History, cand: torch.Tensor) -> np.ndarray:
+        if self._onnx_scorer is not None:
+            return self._onnx_scorer(hist, self.vectors, cand)
+        return self.model.predict(hist, cand).float().cpu().numpy()
+
+    def explanations(
+        self, hist_items: np.ndarray, att: np.ndarray, top: int
+    ) -> list[list[tuple[str, float]]]:
+        """`attention_by_item` with item_ids."""
+        return [
+            [(str(self.item_ids[i]), w) for i, w in row]
+            for row in attention_by_item(hist_items, att, top)
+        ]
+
+
+def attention_by_item(
+    hist_items: np.ndarray, att: np.ndarray, top: int
+) -> list[list[tuple[int, float]]]:
+    """Per candidate, the `top` history items its attention weighs most: (item_idx,
+    weight), largest first, the weights of an item met more than once summed.
+    hist_items (L,) item_idx per history position (0 = padding); att (C, L)."""
+    valid = hist_items > 0
+    if not valid.any():
+        return [[] for _ in range(len(att))]
+    uniq, inverse = np.unique(hist_items[valid], return_inverse=True)
+    onehot = np.zeros((int(valid.sum()), len(uniq)), np.float32)
+    onehot[np.arange(len(inverse)), inverse] = 1.0
+    per_item = att[:, valid] @ onehot  # (C, U)
+    best = np.argsort(-per_item, axis=1, kind="stable")[:, : min(top, len(uniq))]
+    return [[(int(uniq[j]), float(per_item[c, j])) for j in best[c]] for c in range(len(att))]

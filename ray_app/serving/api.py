@@ -82,15 +82,47 @@ class RerankRequest(_Body):
         "Replays logged traffic as it was.",
     )
 
+    explain: bool = Field(
+        default=False,
+        description="Name, for each returned item, the history items its score attended "
+        "to most (`because`). The weights are the scorer's attention over the user "
+        "tower's history states: they say what the context term of the score read, not "
+        "what caused the score (README: Explanations).",
+    )
+    explain_top: int = Field(
+        default=3,
+        ge=1,
+        description="History items named per returned item when `explain` is true (at "
+        "most the deployment's limits.max_explain_top).",
+    )
+
     @field_validator("scored_at")
     @classmethod
     def _moment(cls, v: int | str | None) -> int | None:
         return None if v is None else parse_time(v)
 
 
+class Because(BaseModel):
+    item_id: str = Field(description="An item of the user's history, stored or sent.")
+    weight: float = Field(
+        ge=0,
+        le=1,
+        description="Its share of the candidate's attention over the history (summed over "
+        "the item's events).",
+    )
+
+
 class ScoredItem(BaseModel):
     item_id: str
     score: float
+
+
+class RankedItem(ScoredItem):
+    because: list[Because] | None = Field(
+        default=None,
+        description="With `explain`: the history items weighed most, largest weight "
+        "first (absent otherwise).",
+    )
 
 
 class ItemError(BaseModel):
@@ -101,7 +133,7 @@ class ItemError(BaseModel):
 class RerankResponse(BaseModel):
     user_id: str | None
     model_version: str
-    items: list[ScoredItem]
+    items: list[RankedItem]
     # Candidates that could not be scored (unknown item without text).
     errors: list[ItemError] = Field(default_factory=list)
     history_used: int

@@ -281,6 +281,10 @@ class RerankService:
             raise error(413, ["history"], f"{len(req.history)} events > {lim.max_history}")
         if req.k is not None and req.k > lim.max_k:
             raise error(422, ["k"], f"k={req.k} > {lim.max_k}")
+        if req.explain and req.explain_top > lim.max_explain_top:
+            raise error(
+                422, ["explain_top"], f"explain_top={req.explain_top} > {lim.max_explain_top}"
+            )
         seen: set[str] = set()
         for i, c in enumerate(req.candidates):
             if c.text is not None and len(c.text) > lim.max_text_chars:
@@ -306,6 +310,7 @@ class RerankService:
             k=req.k,
             now=now,
             drop_later=req.scored_at is not None,
+            explain=req.explain_top if req.explain else 0,
         )
         version = self.ranker.version
         ranked = await self._score((query, unknown))

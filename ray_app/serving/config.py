@@ -29,6 +29,8 @@ class ServeLimits(StrictModel):
     """Largest `k`."""
     max_items: int = Field(default=1000, ge=1)
     """Items per PUT /v1/items request."""
+    max_explain_top: int = Field(default=10, ge=1)
+    """Largest `explain_top` of /v1/rerank (history items named per returned item)."""
     max_body_bytes: int = Field(default=2_000_000, ge=1024)
     """Largest request body."""
     min_timestamp: int | str = "1990-01-01T00:00:00Z"
