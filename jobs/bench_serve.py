@@ -15,8 +15,8 @@ process) send `POST /v1/rerank`:
 - explain: the known case with `explain: true` (3 history items per returned item);
   the re-ranker's throughput on it against the known case's is printed last.
 
-For each case and concurrency it runs the no-op and the re-ranker one after the
-other, `--repeats` times, and prints requests/s, p50 and p99 latency and the
+For each concurrency, `--repeats` times, it runs every case in turn, the no-op and
+the re-ranker one after the other, and prints requests/s, p50 and p99 latency and the
 re-ranker's throughput as a share of the no-op's: each repeat's ratio, then the
 median and the spread (min..max) over the repeats. The client threads are pinned
 to `--client-cpus` (the last core by default, after Serve's processes started on
@@ -235,11 +235,13 @@ def main() -> int:
         return known(seed, ids, True)
 
     makers = {"known": known, "registered": known_after_put, "cold": cold, "explain": explained}
-    for case, make in ((c, makers[c]) for c in args.cases):
-        for c in args.concurrency:
-            runs = []
-            for _ in range(args.repeats):
-                run = {}
+    # Each repeat runs every case back to back, so cases compared with each other (explain
+    # against known) are measured minutes apart at most, not a whole case's runs apart.
+    runs_by: dict[tuple[str, int], list[dict]] = {}
+    for c in args.concurrency:
+        for _ in range(args.repeats):
+            for case in args.cases:
+                make, run = makers[case], {}
                 for name, target in (
                     ("noop", f"{base}/noop/v1/rerank"),
                     ("rerank", f"{url}/v1/rerank"),
@@ -247,9 +249,11 @@ def main() -> int:
                     run_load(target, make, c, min(2.0, args.seconds))  # warm-up
                     run[name] = run_load(target, make, c, args.seconds)
                 run["ratio"] = run["rerank"]["req_per_s"] / run["noop"]["req_per_s"]
-                runs.append(run)
+                runs_by.setdefault((case, c), []).append(run)
                 print(json.dumps({"case": case, "concurrency": c, **run}), flush=True)
-            results.append(summarize(case, c, runs))
+    results += [
+        summarize(case, c, runs_by[case, c]) for case in args.cases for c in args.concurrency
+    ]
     print(
         f"\nmodel={args.model} cores={os.cpu_count()} torch_threads={cfg.torch_threads} "
         f"max_batch_size={cfg.max_batch_size} batch_wait_timeout_s={cfg.batch_wait_timeout_s} "

@@ -11,9 +11,11 @@ left out), take the top 10, and for each of them
 - remove every event of one other history item, drawn with a fixed seed, and
   re-score it.
 If the weights were faithful, the first removal would lower the score more. Prints
-the mean drops, their paired difference with a 95% interval, and the share of
-cases where the top-weighted item's removal drops the score more; the last line is
-the same as one line of JSON.
+the mean drops and their paired difference with a 95% interval (over users: a
+user's items share one history, so they are not independent cases), the share of
+cases where the top-weighted item's removal drops the score more, and how often
+the item would then leave the user's top list (the catalogue re-ranked without the
+removed item); the last line is the same as one line of JSON.
 """
 
 from __future__ import annotations
@@ -60,7 +62,9 @@ def main(argv: list[str] | None = None) -> dict:
     rows = [r for r in range(len(t)) if len(np.unique(t.histories[r][-length:])) >= 2]
     if args.max_users:
         rows = rows[: args.max_users]
-    drops_top, drops_random, weights = [], [], []
+    drops_top, drops_random, weights, per_user, out_of_top = [], [], [], [], []
+    gaps: list[float] = []
+    named_last: list[bool] = []
     t0 = time.perf_counter()
     for n, r in enumerate(rows):
         moment = np.asarray([t.moments[r]])
@@ -72,6 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         scores[torch.from_numpy(np.unique(t.histories[r]))] = -torch.inf
         top = torch.topk(scores, args.top).indices
         base, att = model.explain(hist, vectors[top])
+        gaps.append(float(base[0, 0] - base[0, -1]))
         window = hist.items[0].numpy()
         named = attention_by_item(window, att[0].numpy(), top=1)
         pool = np.unique(window[window > 0])
@@ -81,6 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             others = pool[pool != item]
             removed.append((item, int(rng.choice(others))))
             weights.append(weight)
+            named_last.append(item == int(t.histories[r][-1]))
         histories = [_without(t, r, h) for pair in removed for h in pair]
         mod = make_history(
             [h[0] for h in histories],
@@ -89,40 +95,58 @@ def main(argv: list[str] | None = None) -> dict:
             np.repeat(moment, len(histories)),
             length,
         )
-        cand = vectors[top].repeat_interleave(2, 0).unsqueeze(1)  # (2 * top, 1, d)
-        after = model.predict(mod, cand)[:, 0].view(-1, 2)
+        # The whole catalogue again, as the user's list would be made without the item.
+        full = model.predict(mod, vectors)
+        full[:, scores == -torch.inf] = -torch.inf
+        listed = top.repeat_interleave(2)
+        after_all = full.gather(1, listed.unsqueeze(1))
+        out_of_top += ((full > after_all).sum(1) >= args.top).view(-1, 2).tolist()
+        after = after_all[:, 0].view(-1, 2)
         drop = base[0].unsqueeze(1) - after
         drops_top += drop[:, 0].tolist()
         drops_random += drop[:, 1].tolist()
+        per_user.append(float((drop[:, 0] - drop[:, 1]).mean()))
         if (n + 1) % 100 == 0:
             logger.info("%d/%d users, %.0f s", n + 1, len(rows), time.perf_counter() - t0)
     top_d, rand_d = np.asarray(drops_top), np.asarray(drops_random)
     diff = top_d - rand_d
-    se = diff.std(ddof=1) / np.sqrt(len(diff))
+    users = np.asarray(per_user)
+    se = users.std(ddof=1) / np.sqrt(len(users))
     out = {
         "model": args.model,
         "split": args.split,
         "users": len(rows),
         "cases": len(diff),
         "mean_top_weight": round(float(np.mean(weights)), 4),
+        "share_top_named_is_last_event": round(float(np.mean(named_last)), 4),
         "mean_drop_top_weighted": round(float(top_d.mean()), 4),
         "mean_drop_random_other": round(float(rand_d.mean()), 4),
         "mean_difference": round(float(diff.mean()), 4),
         "difference_95ci": [
-            round(float(diff.mean() - 1.96 * se), 4),
-            round(float(diff.mean() + 1.96 * se), 4),
+            round(float(users.mean() - 1.96 * se), 4),
+            round(float(users.mean() + 1.96 * se), 4),
         ],
         "share_top_drops_more": round(float((diff > 0).mean()), 4),
+        "share_leaving_top_top_weighted": round(float(np.mean([o[0] for o in out_of_top])), 4),
+        "share_leaving_top_random_other": round(float(np.mean([o[1] for o in out_of_top])), 4),
+        "median_score_gap_1_to_top": round(float(np.median(gaps)), 4),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     print(
         f"{out['cases']} explained items of {out['users']} users ({args.split}):\n"
         f"  mean weight of the top-named history item  {out['mean_top_weight']:.3f}\n"
+        f"  top-named item is the latest event in       "
+        f"{out['share_top_named_is_last_event']:.1%}\n"
         f"  score drop, top-named item removed          {out['mean_drop_top_weighted']:+.4f}\n"
         f"  score drop, a random other item removed     {out['mean_drop_random_other']:+.4f}\n"
         f"  difference (95% interval)                   {out['mean_difference']:+.4f} "
         f"[{out['difference_95ci'][0]:+.4f}, {out['difference_95ci'][1]:+.4f}]\n"
-        f"  top-named removal drops more in             {out['share_top_drops_more']:.1%}"
+        f"  top-named removal drops more in             {out['share_top_drops_more']:.1%}\n"
+        f"  item leaves the top {args.top}, top-named removed   "
+        f"{out['share_leaving_top_top_weighted']:.1%}\n"
+        f"  item leaves the top {args.top}, random removed      "
+        f"{out['share_leaving_top_random_other']:.1%}\n"
+        f"  (median score gap, 1st to {args.top}th item: {out['median_score_gap_1_to_top']:.3f})"
     )
     print(json.dumps(out, separators=(",", ":")))
     return out

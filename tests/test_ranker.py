@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 
 from ray_app.model.history import make_history
-from ray_app.model.ranker import Candidate, Event, Query, Ranker, UnknownEventType
+from ray_app.model.ranker import (
+    Candidate,
+    Event,
+    Query,
+    Ranker,
+    UnknownEventType,
+    attention_by_item,
+)
 from ray_app.protocol.data import load_prepared
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -88,6 +97,40 @@ def test_scores_equal_the_batch_path(scorer, users):
     got = dict(r.items)
     for c, s in zip(cand_idx[0], offline.numpy(), strict=True):
         assert got[str(ids[c])] == pytest.approx(float(s), abs=1e-5)
+
+
+def test_explanations_are_the_models_attention_and_leave_other_rows_alone(scorer, users):
+    """Both forward passes explain (ONNX from the graph's attention output); a batch
+    mixing explained and plain queries gives the plain ones their scores byte for byte."""
+    ranker = scorer
+    art = ranker.artifact
+    ids = art.items["item_id"].to_numpy()
+    now = max(max(u[1]) for u in users) + 3600
+    cands = [str(i) for i in ids[1:21]]
+    plain = [_query(u, cands, now, k=5) for u in users[:3]]
+    asked = [dataclasses.replace(q, explain=2) for q in plain]
+    alone = ranker.score(plain)
+    mixed = ranker.score([plain[0], asked[0], plain[1], asked[1], asked[2]])
+    assert mixed[0].items == alone[0].items and mixed[2].items == alone[1].items
+    assert mixed[0].because is None and mixed[0].as_dicts() == alone[0].as_dicts()
+    for j, r in enumerate([mixed[1], mixed[3], mixed[4]]):
+        assert [i for i, _ in r.items] == [i for i, _ in alone[j].items]
+        assert [s for _, s in r.items] == pytest.approx([s for _, s in alone[j].items], abs=1e-5)
+        items, times, kinds = users[j]
+        hist = make_history(
+            [np.array([art.item_index[i] for i in items])],
+            [np.array([art.event_index[e] for e in kinds])],
+            [np.array(times)],
+            np.array([now]),
+            art.model.cfg.max_history,
+        )
+        listed = torch.as_tensor([art.item_index[i] for i, _ in r.items])
+        _, att = art.model.explain(hist, art.item_vectors[listed])
+        want = attention_by_item(hist.items[0].numpy(), att[0].numpy(), 2)
+        assert len(r.because) == len(r.items)
+        for got, ref in zip(r.because, want, strict=True):
+            assert [h for h, _ in got] == [str(ids[i]) for i, _ in ref]
+            assert [w for _, w in got] == pytest.approx([w for _, w in ref], abs=1e-4)
 
 
 def test_k_cuts_and_unknown_items(ranker, users):

@@ -24,12 +24,14 @@ from ray_app.model.net import RerankerNet
 FILE = "scorer.onnx"
 """The artifact's file of the graph."""
 INPUTS = ("items", "events", "gaps", "history_vectors", "candidates")
+OUTPUTS = ("scores", "attention")
 
 
 class ScorerGraph(nn.Module):
     """(history item_idx, event_idx, gaps, history item vectors, candidate vectors per
-    user) -> (B, C) scores: `RerankerNet.predict` for per-user candidates, with the
-    history's vectors read from the item table by the caller."""
+    user) -> (B, C) scores and (B, C, L) attention: `RerankerNet.explain` for per-user
+    candidates, with the history's vectors read from the item table by the caller.
+    The attention is computed for the scores in any case; returning it costs one copy."""
 
     def __init__(self, net: RerankerNet) -> None:
         super().__init__()
@@ -42,10 +44,10 @@ class ScorerGraph(nn.Module):
         gaps: torch.Tensor,
         history_vectors: torch.Tensor,
         candidates: torch.Tensor,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         hist = History(items, events, gaps)
         user, states = self.user(hist, history_vectors)
-        return self.scorer(user, states, items > 0, candidates)
+        return self.scorer(user, states, items > 0, candidates, return_attention=True)
 
 
 def export(net: RerankerNet, path: str | os.PathLike[str]) -> Path:
@@ -74,7 +76,7 @@ def export(net: RerankerNet, path: str | os.PathLike[str]) -> Path:
             example,
             str(path),
             input_names=list(INPUTS),
-            output_names=["scores"],
+            output_names=list(OUTPUTS),
             dynamic_shapes=(seq, seq, seq, seq, {0: users, 1: cands}),
             dynamo=True,
             verbose=False,
@@ -85,14 +87,23 @@ def export(net: RerankerNet, path: str | os.PathLike[str]) -> Path:
 
 class OnnxScorer:
     """The graph in ONNX Runtime, called like `RerankerNet.predict` on per-user
-    candidate vectors, with the item table the history's vectors come from."""
+    candidate vectors, with the item table the history's vectors come from; with
+    `attention`, like `RerankerNet.explain`."""
 
     def __init__(self, graph: str | os.PathLike[str] | bytes, threads: int = 1) -> None:
         from ray_app.model.onnx_text import session
 
         self.session = session(graph, threads)
+        # A graph exported before explanations has the scores only.
+        self.explains = [o.name for o in self.session.get_outputs()] == list(OUTPUTS)
 
-    def __call__(self, hist: History, table: torch.Tensor, candidates: torch.Tensor) -> np.ndarray:
+    def __call__(
+        self,
+        hist: History,
+        table: torch.Tensor,
+        candidates: torch.Tensor,
+        attention: bool = False,
+    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         feed = {
             "items": hist.items.numpy(),
             "events": hist.events.numpy(),
@@ -100,4 +111,9 @@ class OnnxScorer:
             "history_vectors": table[hist.items].numpy(),
             "candidates": candidates.numpy(),
         }
-        return self.session.run(None, feed)[0]
+        if attention:
+            if not self.explains:
+                raise ValueError("this scorer graph has no attention output")
+            scores, att = self.session.run(list(OUTPUTS), feed)
+            return scores, att
+        return self.session.run(["scores"], feed)[0]

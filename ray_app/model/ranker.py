@@ -482,7 +482,10 @@ class Ranker:
         att = None
         if not asks.any():
             scores = self._scores(hist, cand)
+        elif self._onnx_scorer is not None and self._onnx_scorer.explains:
+            scores, att = self._onnx_scorer(hist, self.vectors, cand, attention=True)
         else:
+            # The rows that did not ask keep the scores they get alone, byte for byte.
             scores = np.zeros(rows.shape, np.float32)
             if not asks.all():
                 plain = torch.from_numpy(np.flatnonzero(~asks)).to(self.device)
@@ -522,25 +525,39 @@ class Ranker:
     def explanations(
         self, hist_items: np.ndarray, att: np.ndarray, top: int
     ) -> list[list[tuple[str, float]]]:
-        """`attention_by_item` with item_ids."""
-        return [
-            [(str(self.item_ids[i]), w) for i, w in row]
-            for row in attention_by_item(hist_items, att, top)
-        ]
+        """`attention_by_item` with item_ids (built from whole arrays: a request explains
+        up to every candidate, and per-pair Python would cost more than the scoring)."""
+        items, weights = top_by_item(hist_items, att, top)
+        names = self.item_ids[items].tolist()
+        shares = np.round(weights.astype(np.float64), WEIGHT_DECIMALS).tolist()
+        return [list(zip(n, w, strict=True)) for n, w in zip(names, shares, strict=True)]
+
+
+WEIGHT_DECIMALS = 4
+"""Explanations' weights are shares of attention: 4 decimals say all they can, and a
+response of 100 explained items serialises about a fifth faster than with the 17
+digits of a float32 printed as a double."""
+
+
+def top_by_item(hist_items: np.ndarray, att: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per candidate, the `top` history items its attention weighs most, the weights of
+    an item met more than once summed: item_idx (C, k) and weights (C, k), largest
+    first, k = min(top, distinct items). hist_items (L,) item_idx per history position
+    (0 = padding); att (C, L)."""
+    valid = hist_items > 0
+    uniq, inverse = np.unique(hist_items[valid], return_inverse=True)
+    onehot = np.zeros((len(inverse), len(uniq)), np.float32)
+    onehot[np.arange(len(inverse)), inverse] = 1.0
+    per_item = att[:, valid].astype(np.float32) @ onehot  # (C, U)
+    best = np.argsort(-per_item, axis=1, kind="stable")[:, : min(top, len(uniq))]
+    return uniq[best], np.take_along_axis(per_item, best, 1)
 
 
 def attention_by_item(
     hist_items: np.ndarray, att: np.ndarray, top: int
 ) -> list[list[tuple[int, float]]]:
-    """Per candidate, the `top` history items its attention weighs most: (item_idx,
-    weight), largest first, the weights of an item met more than once summed.
-    hist_items (L,) item_idx per history position (0 = padding); att (C, L)."""
-    valid = hist_items > 0
-    if not valid.any():
-        return [[] for _ in range(len(att))]
-    uniq, inverse = np.unique(hist_items[valid], return_inverse=True)
-    onehot = np.zeros((int(valid.sum()), len(uniq)), np.float32)
-    onehot[np.arange(len(inverse)), inverse] = 1.0
-    per_item = att[:, valid] @ onehot  # (C, U)
-    best = np.argsort(-per_item, axis=1, kind="stable")[:, : min(top, len(uniq))]
-    return [[(int(uniq[j]), float(per_item[c, j])) for j in best[c]] for c in range(len(att))]
+    """`top_by_item` as (item_idx, weight) lists, one per candidate."""
+    items, weights = top_by_item(hist_items, att, top)
+    return [
+        list(zip(i, w, strict=True)) for i, w in zip(items.tolist(), weights.tolist(), strict=True)
+    ]
