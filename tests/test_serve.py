@@ -297,6 +297,9 @@ def test_explanations_name_only_the_users_history_with_sorted_weights(service, c
     assert base.content == off.content and b"because" not in base.content
     r = post(url, "/v1/rerank", {**plain, "explain": True, "explain_top": 11})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "explain_top"
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()["components"]["schemas"]
+    assert "explain" in spec["RankedItem"]["properties"]["because"]["description"]
+    assert {"explain", "explain_top"} <= set(spec["RerankRequest"]["properties"])
 
 
 def test_unknown_items_get_a_per_item_error_or_are_encoded_from_text(service, catalogue):
