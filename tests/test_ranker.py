@@ -61,6 +61,18 @@ def _query(user, cands, now, k=None):
     return Query(hist, [Candidate(c) for c in cands], k=k, now=now)
 
 
+def _offline_history(art, user, now: int):
+    """The user's history as the batch path (`make_history`) reads it."""
+    items, times, kinds = user
+    return make_history(
+        [np.array([art.item_index[i] for i in items])],
+        [np.array([art.event_index[e] for e in kinds])],
+        [np.array(times)],
+        np.array([now]),
+        art.model.cfg.max_history,
+    )
+
+
 def test_scores_equal_the_batch_path(scorer, users):
     ranker = scorer
     art = ranker.artifact
@@ -74,14 +86,7 @@ def test_scores_equal_the_batch_path(scorer, users):
     got = ranker.score(queries)
     for j, (q, r) in enumerate(zip(queries, got, strict=True)):
         idx = torch.as_tensor(cand_idx[j % 3])
-        items, times, kinds = users[j]
-        hist = make_history(
-            [np.array([art.item_index[i] for i in items])],
-            [np.array([art.event_index[e] for e in kinds])],
-            [np.array(times)],
-            np.array([now]),
-            art.model.cfg.max_history,
-        )
+        hist = _offline_history(art, users[j], now)
         offline = art.model.predict(hist, art.item_vectors[idx])[0].numpy()
         want = {str(ids[c]): float(s) for c, s in zip(cand_idx[j % 3], offline, strict=True)}
         assert len(r.items) == len(q.candidates) and not r.errors
@@ -116,14 +121,7 @@ def test_explanations_are_the_models_attention_and_leave_other_rows_alone(scorer
     for j, r in enumerate([mixed[1], mixed[3], mixed[4]]):
         assert [i for i, _ in r.items] == [i for i, _ in alone[j].items]
         assert [s for _, s in r.items] == pytest.approx([s for _, s in alone[j].items], abs=1e-5)
-        items, times, kinds = users[j]
-        hist = make_history(
-            [np.array([art.item_index[i] for i in items])],
-            [np.array([art.event_index[e] for e in kinds])],
-            [np.array(times)],
-            np.array([now]),
-            art.model.cfg.max_history,
-        )
+        hist = _offline_history(art, users[j], now)
         listed = torch.as_tensor([art.item_index[i] for i, _ in r.items])
         _, att = art.model.explain(hist, art.item_vectors[listed])
         want = attention_by_item(hist.items[0].numpy(), att[0].numpy(), 2)
