@@ -495,7 +495,7 @@ class Ranker:
             scores[asks] = s.float().cpu().numpy()
             att = np.zeros((*rows.shape, hist.items.shape[1]), np.float32)
             att[asks] = a.float().cpu().numpy()
-        hist_items = hist.items.cpu().numpy()
+        hist_items = hist.items.cpu().numpy() if att is not None else None
         out = []
         for b, (q, (cols, ids, errors)) in enumerate(zip(queries, plans, strict=True)):
             s = scores[b, cols]
