@@ -17,6 +17,7 @@ from ray_app.training.batches import (
     ExampleBatch,
     ItemText,
     new_at_moment,
+    not_yet_seen,
     step_candidates,
     to_examples,
 )
@@ -169,6 +170,36 @@ def test_items_new_at_an_examples_moment_are_scored_as_unknown_items():
     per_example = torch.where(new.unsqueeze(-1), unseen, known)
     torch.testing.assert_close(scores, model.predict(hist, per_example))
     assert not torch.allclose(scores, model.predict(hist, known))
+
+
+@pytest.mark.parametrize("loss", ["softmax", "bce"])
+def test_items_not_yet_seen_at_an_examples_moment_are_no_negatives(loss):
+    """An item whose first event comes after the example could not have been picked then:
+    counted as passed over, it taught the model that new items are rarely picked."""
+    model = _model(use_text=False).eval()
+    day = 86_400
+    first_seen = torch.zeros(21, dtype=torch.int64)
+    first_seen[9] = 200 * day
+    items, times = torch.tensor([7, 8, 9]), torch.tensor([100 * day, 300 * day])
+    later = not_yet_seen(items, times, first_seen)
+    # Item 9 is not out at the first moment, and is at the second.
+    assert later.tolist() == [[False, False, True], [False, False, False]]
+    assert not_yet_seen(items, None, first_seen) is None
+    hist = History(torch.tensor([[1, 2]]), torch.ones(1, 2, dtype=torch.long), torch.ones(1, 2))
+
+    def loss_of(score_of_9: float, mask: torch.Tensor | None) -> float:
+        with torch.no_grad():
+            model.items.ids.weight[9].fill_(score_of_9)
+        _, out = model(
+            hist, items, torch.tensor([0]), torch.zeros(3), loss=loss,
+            negatives=torch.tensor([[1, 2]]), cand_later=mask,
+        )  # fmt: skip
+        return float(out)
+
+    # The first example's loss does not depend on how item 9 scores, and without the
+    # mask it does (item 9 counted as passed over).
+    assert loss_of(-3.0, later[:1]) == pytest.approx(loss_of(3.0, later[:1]))
+    assert loss_of(-3.0, None) != pytest.approx(loss_of(3.0, None))
 
 
 def test_held_out_items_vanish_from_training_histories():

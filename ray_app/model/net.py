@@ -255,6 +255,7 @@ class RerankerNet(nn.Module):
         loss: str = "softmax",
         negatives: torch.Tensor | None = None,
         cand_new: torch.Tensor | None = None,
+        cand_later: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores of every example against the shared candidates, and the loss.
 
@@ -264,11 +265,15 @@ class RerankerNet(nn.Module):
         negatives (B, n) indices into `cand_items` of each example's own sampled
         negatives (for `bce`); cand_text the text encoder's inputs for every
         candidate when it is being fine-tuned (else the text table serves);
-        cand_new (B, C) the candidates each example scores as new items.
+        cand_new (B, C) the candidates each example scores as new items; cand_later (B, C)
+        those whose first training event is after the example's moment.
         All candidates must go through the same path: a model that sees some
         candidates' vectors fresh and others' from the table learns to tell
         them apart instead of ranking.
-        Candidates the user already has are masked.
+        Candidates the user already has are masked, and so are those not yet seen at the
+        example's moment: counted as items passed over, they taught the model that items
+        scored as new (every not-yet-seen candidate is) are rarely picked, where at
+        scoring time every new item in the catalogue is one a user can pick.
         """
         user, states = self.encode_user(hist)
         text = cand_text.encode(self.text) if cand_text is not None else None
@@ -282,6 +287,8 @@ class RerankerNet(nn.Module):
         seen = (hist.items.unsqueeze(-1) == cand_items.view(1, 1, -1)).any(1)
         target = F.one_hot(labels, len(cand_items)).bool()
         seen = seen & ~target
+        if cand_later is not None:
+            seen = seen | (cand_later & ~target)
         if loss == "softmax":
             logits = (scores - cand_logq).masked_fill(seen, NEG_INF)
             out = F.cross_entropy(logits, labels)

@@ -147,6 +147,18 @@ def step_candidates(
     )
 
 
+def not_yet_seen(
+    items: torch.Tensor, times: torch.Tensor | None, first_seen: torch.Tensor
+) -> torch.Tensor | None:
+    """(B, C) which of `items` have their first training event after each example's moment:
+    items the user could not have met then (released later, as far as the logs tell), which
+    the loss must not count as items the user passed over. None when the batch has no
+    moments."""
+    if times is None:
+        return None
+    return first_seen[items][None, :] > times[:, None]
+
+
 def new_at_moment(
     items: torch.Tensor, times: torch.Tensor | None, first_seen: torch.Tensor, days: float
 ) -> torch.Tensor | None:

@@ -20,7 +20,13 @@ from ray_app.protocol import metrics
 from ray_app.protocol.data import SplitTargets
 from ray_app.protocol.scorer import NetScorer
 from ray_app.protocol.scoring import score_split
-from ray_app.training.batches import ExampleBatch, ItemText, new_at_moment, step_candidates
+from ray_app.training.batches import (
+    ExampleBatch,
+    ItemText,
+    new_at_moment,
+    not_yet_seen,
+    step_candidates,
+)
 from ray_app.training.config import TrainConfig
 from ray_app.training.inputs import RETURNING, TrainData
 
@@ -121,6 +127,7 @@ def train_step(
     core = unwrap(model)
     shared = step_candidates(ex, data.pos_prob, data.neg_prob)
     new = new_at_moment(shared.items, ex.times, data.first_seen, core.cfg.new_item_days)
+    later = not_yet_seen(shared.items, ex.times, data.first_seen)
     cand_text = None
     if text is not None:
         cand_text = text.chunked_inputs(shared.items, device, cfg.text_chunks)
@@ -134,6 +141,7 @@ def train_step(
             cfg.loss,
             shared.negatives.to(device),
             None if new is None else new.to(device),
+            None if later is None else later.to(device),
         )
     opt.zero_grad(set_to_none=True)
     if precision.scaler is not None:
