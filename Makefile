@@ -31,7 +31,7 @@ demo: install
 	$(BIN)/rerank demo --workdir $(WORKDIR)
 
 test: install
-	$(BIN)/python -m pytest -q --durations=20
+	$(BIN)/python -m pytest -q -n 2 --durations=20
 
 # ruff; the layering contract in pyproject.toml (import-linter); copied blocks in
 # ray_app/ (pylint's duplicate-code check, nothing else of pylint).

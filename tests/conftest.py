@@ -17,6 +17,28 @@ TEST_TOKEN_ENV = "RERANK_TEST_TOKEN"
 os.environ[TEST_TOKEN_ENV] = "s3cret-test-token"
 
 
+# `make test` runs two pytest-xdist workers, each with one group of modules: the
+# cluster tests (Ray nodes of their own, mostly waiting for jobs and nodes) and the
+# notebooks (a kernel and a Ray of their own each) beside everything else, which shares
+# one local Ray and the session's trained model. Spread over both workers, the modules
+# would make each start that Ray and train that model. (A scheduler of our own rather
+# than xdist_group marks: `--dist loadgroup` ignores them with pytest 9.2,
+# pytest-dev/pytest-xdist#1386.)
+OWN_WORKER = {"test_cluster", "test_notebooks"}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    from xdist.scheduler import LoadScopeScheduling
+
+    class TwoGroups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
+            return "own-ray" if module in OWN_WORKER else "shared-ray"
+
+    return TwoGroups(config, log)
+
+
 # The session's S3-compatible server (moto, started by the `s3` fixture) is named
 # before Ray starts, so every Ray worker inherits the endpoint and the dummy keys,
 # as it would inherit a cluster's real settings.

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 
 from ray_app import storage
 from tests.conftest import cluster_ports, swap_under_load
@@ -79,11 +80,24 @@ class Cluster:
             list(cmd), cwd=ROOT, env=self.cli_env(), capture_output=True, text=True, timeout=timeout
         )
 
-    def submit(self, job_id: str, *entrypoint: str, wait: bool = True) -> subprocess.Popen:
-        """`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- ...`."""
+    def submit(
+        self, job_id: str, *entrypoint: str, wait: bool = True, install: bool = True
+    ) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- ...`.
+
+        `install` False ships the working dir without the runtime env's pip step, for
+        the jobs whose point is a node's death, not how the package got there: a node
+        that comes back has a new session, which would spend most of a minute here
+        installing the package again into a new virtualenv (the nodes' own venv has it).
+        """
+        env = ["--runtime-env", "cluster/runtime_env.yaml"]
+        if not install:
+            light = yaml.safe_load((ROOT / "cluster" / "runtime_env.yaml").read_text())
+            light.pop("pip")
+            light.pop("working_dir")
+            env = ["--runtime-env-json", json.dumps(light)]
         cmd = [
-            "ray", "job", "submit", "--submission-id", job_id, "--working-dir", ".",
-            "--runtime-env", "cluster/runtime_env.yaml",
+            "ray", "job", "submit", "--submission-id", job_id, "--working-dir", ".", *env,
             *([] if wait else ["--no-wait"]), "--", *entrypoint,
         ]  # fmt: skip
         return self.run(*cmd, timeout=900)
@@ -311,7 +325,7 @@ def test_training_resumes_from_its_s3_checkpoint_after_the_worker_node_dies(clus
     cluster.submit(
         "train-kill", "python", "jobs/train.py", "--set", f"prepared={wd}/prepared",
         "--set", f"output={out}", *TINY, "--set", f"epochs={epochs}", "--set", "patience=10",
-        "--set", "shuffle_seed=1", "--set", "batch_size=64", wait=False,
+        "--set", "shuffle_seed=1", "--set", "batch_size=64", wait=False, install=False,
     )  # fmt: skip
     first = _wait_for("the first checkpoint on S3", lambda: _checkpoints(f"{out}.runs"), 400)
     cluster.script("kill-worker")
@@ -347,7 +361,7 @@ def test_a_nightly_run_that_loses_its_worker_node_keeps_latest_and_a_rerun_succe
         "--set", f"prepared={wd}/prepared", "--set", f"output={wd}/topk",
         "--set", "k=10", "--set", "num_candidates=50", "--set", "date=2026-11-25",
     ]  # fmt: skip
-    cluster.submit("nightly-kill", *nightly, wait=False)
+    cluster.submit("nightly-kill", *nightly, wait=False, install=False)
     _wait_for("the ranking stage", lambda: _started(cluster, "TopKActor"), 300, every=0.5)
     cluster.script("kill-worker")
     assert cluster.job_status("nightly-kill") == "RUNNING"  # no CPUs left: it cannot be done
@@ -360,7 +374,7 @@ def test_a_nightly_run_that_loses_its_worker_node_keeps_latest_and_a_rerun_succe
     if status != "SUCCEEDED":
         assert status == "FAILED", logs[-3000:]
         assert "nightly dt=2026-11-25" in logs and "LATEST and published lists unchanged" in logs
-        rerun = cluster.submit("nightly-rerun", *nightly)
+        rerun = cluster.submit("nightly-rerun", *nightly, install=False)
         assert rerun.returncode == 0, (rerun.stdout + rerun.stderr)[-4000:]
         assert storage.read_text(f"{wd}/topk/LATEST").strip() == "dt=2026-11-25"
     lists = storage.read_parquet(storage.live(f"{wd}/topk/dt=2026-11-25"))
