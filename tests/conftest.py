@@ -18,13 +18,14 @@ os.environ[TEST_TOKEN_ENV] = "s3cret-test-token"
 
 
 # `make test` runs two pytest-xdist workers, each with one group of modules: the
-# cluster tests (Ray nodes of their own, mostly waiting for jobs and nodes) and the
-# notebooks (a kernel and a Ray of their own each) beside everything else, which shares
-# one local Ray and the session's trained model. Spread over both workers, the modules
-# would make each start that Ray and train that model. (A scheduler of our own rather
+# cluster tests (Ray nodes of their own, mostly waiting for jobs and nodes), the
+# notebooks (a kernel and a Ray of their own each) and the returning-user model (data and
+# a model of its own) beside everything else, which shares one local Ray and the
+# session's trained model. Spread over both workers, the modules would make each start
+# that Ray and train that model. (A scheduler of our own rather
 # than xdist_group marks: `--dist loadgroup` ignores them with pytest 9.2,
 # pytest-dev/pytest-xdist#1386.)
-OWN_WORKER = {"test_cluster", "test_notebooks"}
+OWN_WORKER = {"test_cluster", "test_notebooks", "test_returning"}
 
 
 @pytest.hookimpl(optionalhook=True)
