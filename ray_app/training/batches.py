@@ -167,7 +167,7 @@ def new_at_moment(
     anyway). None when off or when the batch has no moments."""
     if days <= 0 or times is None:
         return None
-    return first_seen[items][None, :] > times[:, None] - int(days * 86_400)
+    return not_yet_seen(items, times - int(days * 86_400), first_seen)
 
 
 class ItemText:
