@@ -89,6 +89,14 @@ def ensure_ray(cfg: RayConfig) -> None:
     ctx.enable_progress_bars = cfg.show_progress
 
 
+def local_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which a container's cpuset
+    narrows), not the host's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def cluster_cpus() -> int:
     import ray
 

@@ -90,6 +90,33 @@ def test_evaluate_writes_metrics_report_plots_and_baselines_beat_random(prepared
     assert set(text["valid_ndcg_search"]) == {"1", "3", "10", "30"}
 
 
+def test_sasrecs_fitted_side_by_side_are_the_models_fitted_in_turn(prepared, tmp_path):
+    """Each variant fits in a process of its own and comes back whole: the same epoch
+    chosen and the same scores as the same fit in this process, on as many threads."""
+    import torch
+
+    from ray_app.evaluation.evaluate import _token_bags, fit_sasrec, sasrec_fits
+
+    data = load_prepared(prepared)
+    cands = sampled_candidates(data, "valid", 20, seed=0)
+    bags = _token_bags(data)
+    names = ["sasrec", "sasrec_ce"]
+    overrides = [f"prepared={prepared}", f"output={tmp_path}", "sasrec_epochs=6"]
+    side = load_config(EvaluateConfig, None, [*overrides, "fit_processes=2"])
+    with sasrec_fits(side, data, cands, bags, names) as futures:
+        apart = {name: f.result()[0] for name, f in futures.items()}
+    threads = torch.get_num_threads()
+    try:
+        for name in names:
+            here, _ = fit_sasrec(name, side, data, cands, bags, threads=1)
+            there = apart[name]
+            assert there.params == here.params
+            hist = data.splits["test"].histories[:50]
+            np.testing.assert_allclose(there.score_all(hist), here.score_all(hist), rtol=1e-5)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_text_baseline_ranks_by_shared_words_even_items_no_one_has_met():
     """Items 1 and 2 share words, 3 shares none; 4 is in no training event but shares
     item 1's words: the text-only baseline ranks 2 and 4 above 3."""

@@ -55,6 +55,11 @@ class EvaluateConfig(StrictModel):
     """Fit-time cap of each SASRec variant, validation included (then the best epoch so far is
     kept); null = none.
     """
+    fit_processes: int | None = Field(default=None, ge=1)
+    """Processes the SASRec variants fit in, side by side, each with an equal share of this
+    machine's CPUs; null = one per variant, at most one per CPU; 1 = one after the other in the
+    driver. Two small models on one thread each finish sooner than in turn on two threads.
+    """
     deltas: list[int | str] = Field(default_factory=lambda: list(DEFAULT_DELTAS))
     """Returning users: every target is also scored at its history's last event + each of these
     (seconds, or a number with s/m/h/d/w), the gaps a user who comes back later has; methods

@@ -10,9 +10,14 @@ scored once with the chosen values.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
+import logging.handlers
+import multiprocessing
 import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +51,7 @@ from ray_app.protocol.scoring import (
     versus_best,
     versus_pairs,
 )
+from ray_app.runtime import local_cpus
 from ray_app.storage import StagedOutput, resolve, write_json
 
 logger = logging.getLogger(__name__)
@@ -155,6 +161,90 @@ def breakdowns(res: dict[str, Any], data: EvalData, split: str, k: int) -> dict[
 PROTOCOLS = ("sampled", "full")
 
 
+def fit_sasrec(
+    name: str,
+    cfg: EvaluateConfig,
+    data: EvalData,
+    valid_candidates: np.ndarray,
+    bags: sp.csr_matrix,
+    threads: int | None = None,
+) -> tuple[SASRec, float]:
+    """One SASRec variant, the epoch best on valid full NDCG@k kept; (model, seconds)."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    t = time.time()
+
+    def valid_full(m: Scorer) -> float:
+        return valid_ndcg(m, data, valid_candidates, bags, cfg.k)["full"]
+
+    sc = SASRecConfig(
+        epochs=cfg.sasrec_epochs,
+        seed=cfg.seed,
+        loss="bce" if name == "sasrec" else "ce",
+        max_minutes=cfg.sasrec_max_minutes,
+    )
+    model = SASRec(sc).fit(data.train, data.num_items, validate=valid_full)
+    return model, time.time() - t
+
+
+def _child_logging(queue: Any, level: int) -> None:
+    """A fit process's records go to the driver's handlers (text or JSON alike)."""
+    root = logging.getLogger()
+    root.handlers = [logging.handlers.QueueHandler(queue)]
+    root.setLevel(level)
+
+
+@contextlib.contextmanager
+def sasrec_fits(
+    cfg: EvaluateConfig,
+    data: EvalData,
+    valid_candidates: np.ndarray,
+    bags: sp.csr_matrix,
+    names: list[str],
+) -> Iterator[dict[str, Future]]:
+    """The SASRec fits, started side by side in processes of their own when there are
+    CPUs for it (`fit_processes`): name -> future (model, seconds). The other baselines
+    fit meanwhile; leaving the block waits for the fits still running."""
+    cpus = local_cpus()
+    n = min(len(names), cfg.fit_processes or cpus)
+    if n <= 1:
+        out: dict[str, Future] = {}
+        for name in names:
+            out[name] = Future()
+            out[name].set_result(fit_sasrec(name, cfg, data, valid_candidates, bags))
+        yield out
+        return
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    listener = logging.handlers.QueueListener(
+        queue, *logging.getLogger().handlers, respect_handler_level=True
+    )
+    threads = max(1, cpus // n)
+    logger.info("fitting %s in %d processes of %d thread(s) each", ", ".join(names), n, threads)
+    listener.start()
+    try:
+        with ProcessPoolExecutor(
+            n, mp_context=ctx, initializer=_child_logging,
+            initargs=(queue, logging.getLogger().getEffectiveLevel()),
+        ) as pool:  # fmt: skip
+            yield {
+                name: pool.submit(fit_sasrec, name, cfg, data, valid_candidates, bags, threads)
+                for name in names
+            }
+    finally:
+        listener.stop()
+
+
+def valid_ndcg(
+    m: Scorer, data: EvalData, valid_candidates: np.ndarray, bags: sp.csr_matrix, k: int
+) -> dict[str, float]:
+    """NDCG@k on valid, per protocol: what every baseline is tuned on."""
+    summary = summarize(score_split(m, data.splits["valid"], valid_candidates, k), data, k, bags)
+    return {p: summary[p][f"ndcg@{k}"] for p in PROTOCOLS}
+
+
 def fit_baselines(
     cfg: EvaluateConfig, data: EvalData, candidates: dict[str, np.ndarray], bags: sp.csr_matrix
 ) -> tuple[dict[str, dict[str, Scorer]], dict[str, Any]]:
@@ -165,59 +255,56 @@ def fit_baselines(
     ties, for instance). Both SASRec variants keep the epoch best on valid full NDCG@k,
     within their fit-time cap.
     """
-    k = cfg.k
     models: dict[str, dict[str, Scorer]] = {}
     info: dict[str, Any] = {}
+    sasrecs = [n for n in cfg.baselines if n in ("sasrec", "sasrec_ce")]
+    with sasrec_fits(cfg, data, candidates["valid"], bags, sasrecs) as fitted:
+        for name in cfg.baselines:
+            t = time.time()
+            if name in fitted:
+                model, seconds = fitted[name].result()
+                chosen, tried = dict.fromkeys(PROTOCOLS, model), {}
+            else:
+                chosen, tried = _fit_tuned(name, cfg, data, candidates["valid"], bags)
+                seconds = time.time() - t
+            models[name] = chosen
+            info[name] = {
+                "fit_seconds": round(seconds, 2),
+                "params": {p: chosen[p].params for p in PROTOCOLS},
+                "valid_ndcg_search": tried,
+            }
+            logger.info("fitted %s in %.1fs (%s)", name, seconds, info[name]["params"])
+    return models, info
 
-    def valid_ndcg(m: Scorer) -> dict[str, float]:
-        summary = summarize(
-            score_split(m, data.splits["valid"], candidates["valid"], k), data, k, bags
-        )
-        return {p: summary[p][f"ndcg@{k}"] for p in PROTOCOLS}
+
+def _fit_tuned(
+    name: str,
+    cfg: EvaluateConfig,
+    data: EvalData,
+    valid_candidates: np.ndarray,
+    bags: sp.csr_matrix,
+) -> tuple[dict[str, Scorer], dict[str, Any]]:
+    """A baseline fitted on train and, per protocol, its value searched on valid."""
 
     def search(candidates: dict[str, Scorer]) -> tuple[dict[str, Scorer], dict]:
-        tried = {key: valid_ndcg(m) for key, m in candidates.items()}
+        tried = {
+            key: valid_ndcg(m, data, valid_candidates, bags, cfg.k) for key, m in candidates.items()
+        }
         chosen = {p: candidates[max(tried, key=lambda key: tried[key][p])] for p in PROTOCOLS}
         return chosen, tried
 
-    for name in cfg.baselines:
-        t = time.time()
-        tried: dict[str, Any] = {}
-        if name == "popularity":
-            pop = Popularity().fit(data.train, data.num_items)
-            chosen = dict.fromkeys(PROTOCOLS, pop)
-        elif name == "item_knn":
-            base = ItemKNN(k=cfg.knn_neighbours[0]).fit(data.train, data.num_items)
-            chosen, tried = search({str(kk): base.with_k(kk) for kk in cfg.knn_neighbours})
-        elif name == "ease":
-            base = EASE(lam=cfg.ease_lambdas[0]).fit(data.train, data.num_items)
-            chosen, tried = search({str(lam): base.with_lambda(lam) for lam in cfg.ease_lambdas})
-        elif name == "text_tfidf":
-            base = TextSimilarity(bags=bags, recent=cfg.text_recent[0]).fit(
-                data.train, data.num_items
-            )
-            chosen, tried = search({str(r): base.with_recent(r) for r in cfg.text_recent})
-        elif name in ("sasrec", "sasrec_ce"):
-            sc = SASRecConfig(
-                epochs=cfg.sasrec_epochs,
-                seed=cfg.seed,
-                loss="bce" if name == "sasrec" else "ce",
-                max_minutes=cfg.sasrec_max_minutes,
-            )
-            model = SASRec(sc).fit(
-                data.train, data.num_items, validate=lambda m: valid_ndcg(m)["full"]
-            )
-            chosen = dict.fromkeys(PROTOCOLS, model)
-        else:  # config validation makes this unreachable
-            raise ValueError(f"unknown baseline {name!r}")
-        models[name] = chosen
-        info[name] = {
-            "fit_seconds": round(time.time() - t, 2),
-            "params": {p: chosen[p].params for p in PROTOCOLS},
-            "valid_ndcg_search": tried,
-        }
-        logger.info("fitted %s in %.1fs (%s)", name, time.time() - t, info[name]["params"])
-    return models, info
+    if name == "popularity":
+        return dict.fromkeys(PROTOCOLS, Popularity().fit(data.train, data.num_items)), {}
+    if name == "item_knn":
+        base = ItemKNN(k=cfg.knn_neighbours[0]).fit(data.train, data.num_items)
+        return search({str(kk): base.with_k(kk) for kk in cfg.knn_neighbours})
+    if name == "ease":
+        base = EASE(lam=cfg.ease_lambdas[0]).fit(data.train, data.num_items)
+        return search({str(lam): base.with_lambda(lam) for lam in cfg.ease_lambdas})
+    if name == "text_tfidf":
+        base = TextSimilarity(bags=bags, recent=cfg.text_recent[0]).fit(data.train, data.num_items)
+        return search({str(r): base.with_recent(r) for r in cfg.text_recent})
+    raise ValueError(f"unknown baseline {name!r}")  # config validation makes this unreachable
 
 
 def load_models(

@@ -12,6 +12,7 @@ baselines the text model must beat on sequences alone.
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from collections.abc import Callable
@@ -130,6 +131,23 @@ class SASRec(Scorer):
             "stopped_by_time": self.stopped_by_time,
         }
 
+    def __getstate__(self) -> dict:
+        """The module's weights as plain bytes, so a fit can come back from another
+        process (torch would otherwise pass tensors through shared memory that dies with it)."""
+        state = dict(self.__dict__)
+        if "model" in state:
+            buf = io.BytesIO()
+            torch.save(state.pop("model").state_dict(), buf)
+            state["_weights"] = buf.getvalue()
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        weights = state.pop("_weights", None)
+        self.__dict__.update(state)
+        if weights is not None:
+            self.model = SASRecModule(self.num_items, self.cfg)
+            self.model.load_state_dict(torch.load(io.BytesIO(weights)))
+
     def fit(
         self,
         train: pd.DataFrame,
@@ -180,7 +198,7 @@ class SASRec(Scorer):
             if validate is not None and due:
                 score = validate(self)
                 logger.info(
-                    "%s epoch %d loss %.4f valid %.4f", self.name, epoch, float(loss), score
+                    "%s epoch %d loss %.4f valid %.4f", self.name, epoch, loss.item(), score
                 )
                 if score > best:
                     best, bad, self.epochs_trained = score, 0, epoch
