@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--events", type=int, default=150_000, help="events to generate")
     p.add_argument("--sasrec-epochs", type=int, default=40, help="epochs for the SASRec baseline")
     p.add_argument(
-        "--train-minutes", type=float, default=4.5, help="training time budget of the re-ranker"
+        "--train-minutes", type=float, default=4.0, help="training time budget of the re-ranker"
     )
     p.add_argument(
         "--encoder",

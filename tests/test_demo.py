@@ -24,6 +24,8 @@ def test_demo_runs_every_stage_on_generated_data_with_the_bundled_encoder():
     assert stages["prepare"].input.interactions == "/w/raw/interactions"
     assert stages["train"].model.encoder == "default" and stages["train"].prepared == "/w/prepared"
     assert stages["evaluate"].models == {"reranker": "/w/model"}
+    # The light evaluate keeps the strongest ID-only baselines and the text-only one.
+    assert {"ease", "sasrec_ce", "text_tfidf"} <= set(stages["evaluate"].baselines)
     assert stages["nightly"].model == "/w/model" and stages["nightly"].output == "/w/topk"
 
 
