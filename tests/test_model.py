@@ -283,3 +283,28 @@ def test_attention_is_summed_per_history_item_and_sorted():
     # Fewer items than asked for: every item once; an empty history names nothing.
     assert len(attention_by_item(hist, att, top=10)[0]) == 3
     assert attention_by_item(np.zeros(3, np.int64), att[:, :3], top=3) == [[], []]
+
+
+def test_cheap_dropout_keeps_the_stock_distribution_scaling_and_gradient():
+    """The CPU dropout draws its mask differently, not a different mask: each unit kept
+    with probability 1 - p and scaled by 1 / (1 - p), the gradient through the same mask,
+    and nothing dropped in eval mode."""
+    import torch
+    from torch import nn
+
+    from ray_app.model.dropout import Dropout, cheap_dropout
+
+    torch.manual_seed(0)
+    drop = Dropout(0.2)
+    x = torch.ones(200_000, requires_grad=True)
+    y = drop(x)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.8) < 0.005
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / 0.8))
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    drop.eval()
+    assert torch.equal(drop(x), x)
+    layer = cheap_dropout(nn.TransformerEncoderLayer(8, 2, 16, 0.1, batch_first=True))
+    assert all(type(m) is not nn.Dropout for m in layer.modules())
+    assert {m.p for m in layer.modules() if isinstance(m, Dropout)} == {0.1}

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ray_app.data import schema
+from ray_app.model.dropout import cheap_dropout
 from ray_app.protocol.scorer import Scorer
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,7 @@ class SASRecModule(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
+        cheap_dropout(self)
         # Small initial embeddings: N(0, 1) times sqrt(dim) saturates the BCE at the start.
         nn.init.xavier_normal_(self.item_emb.weight)
         nn.init.xavier_normal_(self.pos_emb.weight)

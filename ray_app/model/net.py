@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ray_app.model.config import ModelConfig
+from ray_app.model.dropout import cheap_dropout
 from ray_app.model.encoder import TextBatch, TextEncoder
 from ray_app.model.history import History, recency_bucket
 
@@ -123,6 +124,7 @@ class UserTower(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, cfg.user_layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
+        cheap_dropout(self)
 
     def _bucket(self, gaps: torch.Tensor) -> torch.Tensor:
         return recency_bucket(gaps, self.cfg.recency_buckets, self.cfg.time_resolution_s)
