@@ -17,27 +17,33 @@ TEST_TOKEN_ENV = "RERANK_TEST_TOKEN"
 os.environ[TEST_TOKEN_ENV] = "s3cret-test-token"
 
 
-# `make test` runs two pytest-xdist workers, each with one group of modules: the
-# cluster tests (Ray nodes of their own, mostly waiting for jobs and nodes), the
-# notebooks (a kernel and a Ray of their own each) and the returning-user model (data and
-# a model of its own) beside everything else, which shares one local Ray and the
-# session's trained model. Spread over both workers, the modules would make each start
-# that Ray and train that model. (A scheduler of our own rather
-# than xdist_group marks: `--dist loadgroup` ignores them with pytest 9.2,
-# pytest-dev/pytest-xdist#1386.)
-OWN_WORKER = {"test_cluster", "test_notebooks", "test_returning"}
+# `make test` runs two pytest-xdist workers. Each module that shares the session's local
+# Ray and trained model runs on one worker (spread over both, each worker would start that
+# Ray and train that model); the cluster tests (Ray nodes of their own) run on the other.
+# The rest is self-contained, one unit per test: each notebook (a kernel and a Ray of its
+# own) and the returning-user module (data and a model of its own). xdist hands those to
+# whichever worker runs short of work first, so neither group waits on the other: pinned
+# to the cluster's worker they kept the suite running 500 s after the shared worker was
+# done. (A scheduler of our own rather than xdist_group marks: `--dist loadgroup` ignores
+# them with pytest 9.2, pytest-dev/pytest-xdist#1386.)
+CLUSTER = {"test_cluster"}
+FLOATING = {"test_notebooks", "test_returning"}
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     from xdist.scheduler import LoadScopeScheduling
 
-    class TwoGroups(LoadScopeScheduling):
+    class Groups(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0].rsplit("/", 1)[-1].removesuffix(".py")
-            return "own-ray" if module in OWN_WORKER else "shared-ray"
+            if module in CLUSTER:
+                return "cluster"
+            if module in FLOATING:
+                return nodeid.split("[", 1)[0]
+            return "shared-ray"
 
-    return TwoGroups(config, log)
+    return Groups(config, log)
 
 
 # The session's S3-compatible server (moto, started by the `s3` fixture) is named
