@@ -22,10 +22,10 @@ os.environ[TEST_TOKEN_ENV] = "s3cret-test-token"
 # Ray and train that model); the cluster tests (Ray nodes of their own) run on the other.
 # The rest is self-contained, one unit per test: each notebook (a kernel and a Ray of its
 # own) and the returning-user module (data and a model of its own). xdist hands those to
-# whichever worker runs short of work first, so neither group waits on the other: pinned
-# to the cluster's worker they kept the suite running 500 s after the shared worker was
-# done. (A scheduler of our own rather than xdist_group marks: `--dist loadgroup` ignores
-# them with pytest 9.2, pytest-dev/pytest-xdist#1386.)
+# whichever worker runs short of work first: pinned beside the cluster tests they made
+# that worker the suite's critical path (README, Development). (A scheduler of our own
+# rather than xdist_group marks: `--dist loadgroup` ignores them with pytest 9.2,
+# pytest-dev/pytest-xdist#1386.)
 CLUSTER = {"test_cluster"}
 FLOATING = {"test_notebooks", "test_returning"}
 
