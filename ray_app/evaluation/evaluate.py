@@ -204,9 +204,10 @@ def sasrec_fits(
     bags: sp.csr_matrix,
     names: list[str],
 ) -> Iterator[dict[str, Future]]:
-    """The SASRec fits, started side by side in processes of their own when there are
-    CPUs for it (`fit_processes`): name -> future (model, seconds). The other baselines
-    fit meanwhile; leaving the block waits for the fits still running."""
+    """The SASRec fits: name -> future (model, seconds). With CPUs for it
+    (`fit_processes`) they start side by side in processes of their own and the other
+    baselines fit meanwhile, leaving the block waits for those still running; otherwise
+    they fit here, one after the other, before the block is entered."""
     cpus = local_cpus()
     n = min(len(names), cfg.fit_processes or cpus)
     if n <= 1:
