@@ -77,7 +77,7 @@ start_head() {
     --object-store-memory=$((HEAD_OBJECT_STORE_MB << 20)) \
     "${cpus[@]}" --temp-dir="$CLUSTER_DIR/head" >"$CLUSTER_DIR/head.log" 2>&1 &
   echo $! >"$CLUSTER_DIR/head.pid"
-  wait_for 120 "$(cat "$CLUSTER_DIR/head.pid")" head ray job list --address "$ADDRESS" || return 3
+  wait_for 120 "$(cat "$CLUSTER_DIR/head.pid")" head api /api/jobs/ || return 3
   log "Ray head up at $ADDRESS (GCS 127.0.0.1:$GCS_PORT)"
 }
 
@@ -99,10 +99,24 @@ start_worker() {
   log "worker node up (temp dir $CLUSTER_DIR/worker)"
 }
 
+# The dashboard's REST API with the cluster's token, for the polls here: `ray job list`
+# or `ray list nodes` would start a Python that imports Ray (about 2 s of CPU) each time.
+api() {  # api PATH: print the JSON body of GET PATH; fails until the dashboard answers
+  python - "$ADDRESS$1" <<'EOF'
+import os, sys, urllib.request
+
+req = urllib.request.Request(sys.argv[1])
+token = os.environ.get("RAY_AUTH_TOKEN_PATH", "")
+if os.path.exists(token):
+    req.add_header("Authorization", "Bearer " + open(token).read().strip())
+sys.stdout.write(urllib.request.urlopen(req, timeout=10).read().decode())
+EOF
+}
+
 worker_alive() {
-  ray list nodes --address "$ADDRESS" --format json 2>/dev/null | python -c "
+  api "/api/v0/nodes?limit=1000&detail=true" | python -c "
 import json, sys
-nodes = json.load(sys.stdin)
+nodes = json.load(sys.stdin)['data']['result']['result']
 sys.exit(not any(n['state'] == 'ALIVE' and 'worker' in n['resources_total'] for n in nodes))"
 }
 
