@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# As `ensure_ray` sets it for the local Ray a stage starts (the session's Ray below is
+# started here, and its workers inherit this process's environment): idle OpenMP threads
+# sleep instead of spinning on cores that the other xdist worker needs.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Set before Ray starts so that Serve replicas (forked by Ray) see it too.
 TEST_TOKEN_ENV = "RERANK_TEST_TOKEN"
 os.environ[TEST_TOKEN_ENV] = "s3cret-test-token"

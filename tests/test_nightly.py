@@ -185,16 +185,33 @@ def test_a_run_for_a_past_date_sees_only_the_events_up_to_that_day(prepared, tra
     assert not set(full[S.USER_ID]) & later_users
 
 
-def test_a_backtest_list_is_what_the_night_before_the_target_published(prepared, trained, tmp_path):
+@pytest.fixture(scope="module")
+def backtests(prepared, trained, tmp_path_factory) -> Path:
+    """Three backtests of the session's model (lists as of the night before each user's test
+    target) under one folder: `exact` (the whole catalogue re-ranked), `retrieved` (200
+    candidates) and `diverse` (the same candidates, MMR 0.5)."""
+    root = tmp_path_factory.mktemp("backtests")
+    model = trained[0].output
+    for name, kw in (
+        ("exact", {"num_candidates": 0}),
+        ("retrieved", {"num_candidates": 200}),
+        ("diverse", {"num_candidates": 200, "diversity": 0.5}),
+    ):
+        run_nightly(_config(prepared, model, root / name, as_of="test", **kw))
+    return root
+
+
+def test_a_backtest_list_is_what_the_night_before_the_target_published(
+    prepared, trained, backtests, tmp_path
+):
     model = trained[0].output
     targets = load_prepared(prepared).splits["test"]
     days, counts = np.unique(day_start(targets.target_times), return_counts=True)
     day = int(days[np.argmax(counts)])
     users = set(targets.user_ids[day_start(targets.target_times) == day])
     before = dt.datetime.fromtimestamp(day - 1, dt.timezone.utc).date().isoformat()
-    run_nightly(_config(prepared, model, tmp_path / "backtest", as_of="test"))
-    run_nightly(_config(prepared, model, tmp_path / "night", date=before))
-    backtest = _lists(tmp_path / "backtest" / "dt=2026-11-23")
+    run_nightly(_config(prepared, model, tmp_path / "night", date=before, num_candidates=200))
+    backtest = _lists(backtests / "retrieved" / "dt=2026-11-23")
     night = _lists(tmp_path / "night" / f"dt={before}")
     mine = backtest[backtest[S.USER_ID].isin(users)].reset_index(drop=True)
     theirs = night[night[S.USER_ID].isin(users)].reset_index(drop=True)
@@ -204,20 +221,12 @@ def test_a_backtest_list_is_what_the_night_before_the_target_published(prepared,
 
 
 def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
-    prepared, trained, tmp_path
+    prepared, trained, backtests, tmp_path
 ):
     model = trained[0].output
     # As of the night before each user's test target, the whole catalogue re-ranked:
     # the lists are the model's top-k that the evaluation's backtest ranks with.
-    exact = _config(prepared, model, tmp_path / "exact", as_of="test", num_candidates=0)
-    run_nightly(exact)
-    retrieved = _config(prepared, model, tmp_path / "retrieved", as_of="test", num_candidates=200)
-    run_nightly(retrieved)
-    diverse = _config(
-        prepared, model, tmp_path / "diverse", as_of="test", num_candidates=200, diversity=0.5
-    )
-    run_nightly(diverse)
-    assert not (tmp_path / "exact" / "LATEST").exists()  # a backtest never moves LATEST
+    assert not (backtests / "exact" / "LATEST").exists()  # a backtest never moves LATEST
     ev = EvaluateConfig(
         prepared=prepared,
         output=str(tmp_path / "eval"),
@@ -225,9 +234,8 @@ def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
         models={"model": model},
         deltas=[],
         lists={
-            "exact": str(tmp_path / "exact" / "dt=2026-11-23"),
-            "retrieved": str(tmp_path / "retrieved" / "dt=2026-11-23"),
-            "diverse": str(tmp_path / "diverse" / "dt=2026-11-23"),
+            name: str(backtests / name / "dt=2026-11-23")
+            for name in ("exact", "retrieved", "diverse")
         },
     )
     metrics = run_evaluate(ev)
@@ -248,7 +256,7 @@ def test_backtest_lists_score_what_the_evaluation_computes_for_the_model(
     assert backtest["retrieved"]["all"]["ndcg@10"] >= 0.8 * backtest["exact"]["all"]["ndcg@10"] > 0
     # MMR on the same candidates: top-10 lists less alike in the item vectors it
     # spreads over, an effect the evaluation's metrics show.
-    similarity = {name: _intra_list_similarity(tmp_path / name, model) for name in lists}
+    similarity = {name: _intra_list_similarity(backtests / name, model) for name in lists}
     assert similarity["diverse"] < similarity["retrieved"] - 0.1, similarity
     diverse_full, plain = lists["diverse"]["full"], lists["retrieved"]["full"]
     assert diverse_full["diversity@10"] > plain["diversity@10"]
