@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -126,7 +125,7 @@ def main() -> int:
     from ray_app.batch.config import NightlyConfig
     from ray_app.batch.nightly import ListOptions, end_of_day, run_nightly
     from ray_app.model.ranker import Ranker
-    from ray_app.runtime import ensure_ray
+    from ray_app.runtime import ensure_ray, local_cpus
     from ray_app.storage import read_parquet
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -175,7 +174,7 @@ def main() -> int:
         result = run_nightly(cfg)
         ray_s = time.perf_counter() - t
 
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(local_cpus())
         t = time.perf_counter()
         ranker = Ranker.from_path(str(model))
         tables = [
@@ -209,7 +208,7 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     print(
-        f"\nmodel={model} cores={os.cpu_count()} k={args.k} "
+        f"\nmodel={model} cores={local_cpus()} k={args.k} "
         f"num_candidates={args.num_candidates} items={args.items}\n"
     )
     print("| users | events | Ray users/s | single-process users/s | Ray / single | same lists |")

@@ -139,11 +139,13 @@ def pandas_reference(raw: str, out: str) -> None:
 
 
 def main() -> None:
+    from ray_app.runtime import local_cpus
+
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 5_000_000])
-    ap.add_argument("--cpus", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--cpus", type=int, default=local_cpus())
     ap.add_argument(
         "--reference-max-events",
         type=int,

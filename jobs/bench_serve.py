@@ -124,8 +124,17 @@ def summarize(case: str, concurrency: int, runs: list[dict]) -> dict:
     }
 
 
+def _last_cpu() -> int:
+    """The highest-numbered CPU this process may run on (its affinity mask, which a
+    container's cpuset narrows): the clients' core, away from Serve's."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(os.sched_getaffinity(0))
+    return (os.cpu_count() or 1) - 1
+
+
 def main() -> int:
     from ray_app.model.artifact import load_artifact
+    from ray_app.runtime import local_cpus
     from ray_app.serving.config import ServeConfig
     from ray_app.serving.run import start
 
@@ -168,7 +177,7 @@ def main() -> int:
     )
     url = start(cfg)
     serve.run(Noop.bind(), name="noop", route_prefix="/noop")
-    cpus = [os.cpu_count() - 1] if args.client_cpus is None else args.client_cpus
+    cpus = [_last_cpu()] if args.client_cpus is None else args.client_cpus
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)  # threads started from now on inherit it
     base = f"http://{cfg.host}:{cfg.port}"
@@ -255,7 +264,7 @@ def main() -> int:
         summarize(case, c, runs_by[case, c]) for case in args.cases for c in args.concurrency
     ]
     print(
-        f"\nmodel={args.model} cores={os.cpu_count()} torch_threads={cfg.torch_threads} "
+        f"\nmodel={args.model} cores={local_cpus()} torch_threads={cfg.torch_threads} "
         f"max_batch_size={cfg.max_batch_size} batch_wait_timeout_s={cfg.batch_wait_timeout_s} "
         f"{args.seconds}s per measurement, {args.repeats} repeats, clients on cores {cpus}; "
         "medians over the repeats\n"

@@ -110,7 +110,7 @@ def ray_train(cfg, workers: int, threads: int, minutes: float, workdir: str) -> 
 
 def main() -> int:
     from ray_app.config import load_config
-    from ray_app.runtime import ensure_ray
+    from ray_app.runtime import ensure_ray, local_cpus
     from ray_app.training.config import TrainConfig
     from ray_app.training.meters import STEADY_AFTER
 
@@ -133,7 +133,7 @@ def main() -> int:
     p.add_argument("--json", help="also write the figures here")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    cores = os.cpu_count() or 2
+    cores = local_cpus()
     cfg = load_config(
         TrainConfig, None, [f"prepared={args.prepared}", "output=unused", *args.overrides]
     )
