@@ -42,6 +42,7 @@ from ray_app.storage import (
     join,
     parquet_dataset,
     published,
+    ray_parquet,
     read_text,
     resolve,
     write_text_atomic,
@@ -366,7 +367,6 @@ def _write_lists(
     one) held them, and the next run in the same process (a retry, a
     notebook, the tests) found the cluster short of CPUs and waited forever.
     """
-    import ray.data
 
     fs, path = resolve(join(prepared, "interactions"))
     cols = [
@@ -378,7 +378,7 @@ def _write_lists(
         schema.SOURCE_FILE,
         schema.SOURCE_ROW,
     ]
-    events = ray.data.read_parquet(path, filesystem=fs).select_columns(cols)
+    events = ray_parquet(path, fs, cols)
     boost = None
     if cfg.long_tail_boost > 0:
         boost = popularity_boost(events, num_items, cfg.long_tail_boost)

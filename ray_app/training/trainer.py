@@ -24,6 +24,7 @@ from ray_app.storage import (
     expand_paths,
     join,
     live,
+    ray_parquet,
     remove,
     require_complete,
     upload_dir,
@@ -75,7 +76,6 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
     reading and shuffling from storage again, time in which the workers wait for
     their first batch (the README's training benchmark has the figures).
     """
-    import ray.data
 
     examples = join(live(cfg.prepared), "examples", "train")
     fs, files = expand_paths(examples)
@@ -87,7 +87,7 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
         schema.TARGET_TIMESTAMP,
         schema.NEGATIVES,
     ]
-    ds = ray.data.read_parquet([f.path for f in files], filesystem=fs).select_columns(cols)
+    ds = ray_parquet([f.path for f in files], fs, cols)
     if cfg.shuffle_seed is not None:
         # A seeded shuffle permutes the blocks in the order it gets them, and a
         # materialized set otherwise holds them in the order its read tasks finished.
