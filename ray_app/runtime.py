@@ -71,6 +71,9 @@ def ensure_ray(cfg: RayConfig) -> None:
         # processes that feed it (Ray Data) on a machine with few cores; the
         # workers of a local Ray inherit this process's environment.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Ray Train's preemption watcher (an actor per training run, observability
+        # only) watches for nodes a cloud takes back; one machine has none.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
         logger.info("starting a local Ray instance (num_cpus=%s)", cfg.num_cpus or "all")
         ray.init(
             # "local": a new instance even when `ray start` left one running here,

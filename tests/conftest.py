@@ -12,10 +12,12 @@ import pytest
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# As `ensure_ray` sets it for the local Ray a stage starts (the session's Ray below is
+# As `ensure_ray` sets them for the local Ray a stage starts (the session's Ray below is
 # started here, and its workers inherit this process's environment): idle OpenMP threads
-# sleep instead of spinning on cores that the other xdist worker needs.
+# sleep instead of spinning on cores that the other xdist worker needs, and no training
+# run starts a preemption watcher.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # Set before Ray starts so that Serve replicas (forked by Ray) see it too.
 TEST_TOKEN_ENV = "RERANK_TEST_TOKEN"
 os.environ[TEST_TOKEN_ENV] = "s3cret-test-token"

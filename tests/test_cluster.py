@@ -47,6 +47,8 @@ class Cluster:
             **cluster_ports(),
         }
         self.env.pop("RAY_ADDRESS", None)
+        # A cluster keeps Ray Train's preemption watcher, which only a local Ray goes without.
+        self.env.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)
         self.settings: dict[str, str] = {}
 
     def script(self, *args: str, timeout: float = 240) -> str:
