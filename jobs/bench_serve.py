@@ -124,17 +124,9 @@ def summarize(case: str, concurrency: int, runs: list[dict]) -> dict:
     }
 
 
-def _last_cpu() -> int:
-    """The highest-numbered CPU this process may run on (its affinity mask, which a
-    container's cpuset narrows): the clients' core, away from Serve's."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(os.sched_getaffinity(0))
-    return (os.cpu_count() or 1) - 1
-
-
 def main() -> int:
     from ray_app.model.artifact import load_artifact
-    from ray_app.runtime import local_cpus
+    from ray_app.runtime import local_cpus, usable_cpus
     from ray_app.serving.config import ServeConfig
     from ray_app.serving.run import start
 
@@ -177,7 +169,8 @@ def main() -> int:
     )
     url = start(cfg)
     serve.run(Noop.bind(), name="noop", route_prefix="/noop")
-    cpus = [_last_cpu()] if args.client_cpus is None else args.client_cpus
+    # the clients' core: the highest this process may use, away from Serve's
+    cpus = usable_cpus()[-1:] if args.client_cpus is None else args.client_cpus
     if cpus and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, cpus)  # threads started from now on inherit it
     base = f"http://{cfg.host}:{cfg.port}"

@@ -92,12 +92,17 @@ def ensure_ray(cfg: RayConfig) -> None:
     ctx.enable_progress_bars = cfg.show_progress
 
 
-def local_cpus() -> int:
-    """The CPUs this process may run on (its affinity mask, which a container's cpuset
-    narrows), not the host's count."""
+def usable_cpus() -> list[int]:
+    """The CPUs this process may run on, in order: its affinity mask, which a
+    container's cpuset narrows, not the host's count."""
     if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def local_cpus() -> int:
+    """How many CPUs this process may run on (`usable_cpus`)."""
+    return max(1, len(usable_cpus()))
 
 
 def cluster_cpus() -> int:
