@@ -319,29 +319,30 @@ def _wait_for(what: str, check, timeout: float, every: float = 1.0):
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def _checkpoints(runs: str) -> list[str]:
+def _listing(runs: str):
     import pyarrow.fs as pafs
 
     fs, path = storage.resolve(runs)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return fs, fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+
+
+def _checkpoints(runs: str, infos=None) -> list[str]:
+    infos = _listing(runs)[1] if infos is None else infos
     return sorted({i.path.split("/")[-2] for i in infos if i.path.endswith("/best.safetensors")})
 
 
-def _registered(runs: str) -> bool:
-    """Ray Train's controller has registered a checkpoint, so a worker group it restarts
-    gets it: it rewrites `checkpoint_manager_snapshot.json` in the run's folder when it
-    does. A checkpoint's files on S3 alone are not that: a kill between their upload and
-    the report reaching the controller restarts training from scratch."""
-    import pyarrow.fs as pafs
-
-    fs, path = storage.resolve(runs)
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+def _registered_checkpoints(runs: str) -> list[str]:
+    """The checkpoints on S3, once Ray Train's controller has registered one, so a worker
+    group it restarts gets it: it rewrites `checkpoint_manager_snapshot.json` in the run's
+    folder when it does. A checkpoint's files on S3 alone are not that: a kill between
+    their upload and the report reaching the controller restarts training from scratch."""
+    fs, infos = _listing(runs)
     for i in infos:
         if i.path.endswith("/checkpoint_manager_snapshot.json"):
             with fs.open_input_stream(i.path) as f:
                 if json.loads(f.read()).get("latest_checkpoint_result"):
-                    return True
-    return False
+                    return _checkpoints(runs, infos)
+    return []
 
 
 def test_training_resumes_from_its_s3_checkpoint_after_the_worker_node_dies(cluster, pipeline):
@@ -358,9 +359,7 @@ def test_training_resumes_from_its_s3_checkpoint_after_the_worker_node_dies(clus
         wait=False, install=False,
     )  # fmt: skip
     first = _wait_for(
-        "the first registered checkpoint",
-        lambda: _registered(f"{out}.runs") and _checkpoints(f"{out}.runs"),
-        400,
+        "the first registered checkpoint", lambda: _registered_checkpoints(f"{out}.runs"), 400
     )
     cluster.script("kill-worker")
     killed_after = len(_checkpoints(f"{out}.runs"))

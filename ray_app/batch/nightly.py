@@ -367,7 +367,6 @@ def _write_lists(
     one) held them, and the next run in the same process (a retry, a
     notebook, the tests) found the cluster short of CPUs and waited forever.
     """
-
     fs, path = resolve(join(prepared, "interactions"))
     cols = [
         schema.USER_ID,

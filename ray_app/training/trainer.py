@@ -76,7 +76,6 @@ def train_dataset(cfg: TrainConfig, hidden: np.ndarray | None):
     reading and shuffling from storage again, time in which the workers wait for
     their first batch (the README's training benchmark has the figures).
     """
-
     examples = join(live(cfg.prepared), "examples", "train")
     fs, files = expand_paths(examples)
     cols = [
